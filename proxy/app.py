@@ -1,0 +1,84 @@
+"""Composition only: settings in, a Starlette app out. No logic lives here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+from proxy.errors import ApiError, handle_api_error
+from proxy.middleware.csrf import CsrfMiddleware
+from proxy.middleware.request_id import RequestIdMiddleware
+from proxy.middleware.security_headers import SecurityHeadersMiddleware
+from proxy.routes.auth import auth_routes
+from proxy.routes.ops import ops_routes
+from proxy.routes.workflows import workflow_routes
+from proxy.services import Services
+from proxy.sessions import SessionManager
+from proxy.settings import Settings
+from proxy.storage import open_storage
+from proxy.upstream import UpstreamClient, build_http_client
+from proxy.workflows import parse_workflows
+
+
+def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = None) -> Starlette:
+    if settings.api_key is None:
+        raise ValueError("BFF_API_KEY is required")
+    api_key = settings.api_key
+    workflows = parse_workflows(settings.workflows, settings.workflows_file)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
+        http = build_http_client(settings.max_stream_seconds)
+        storage = open_storage(settings.storage_url)
+        sessions = SessionManager(
+            storage,
+            [secret.get_secret_value() for secret in settings.session_secrets],
+            idle_seconds=settings.session_idle_seconds,
+            max_seconds=settings.session_max_seconds,
+            cookie_secure=settings.cookie_secure,
+            samesite=settings.cookie_samesite,
+        )
+        services = Services(
+            settings=settings,
+            http=http,
+            upstream=UpstreamClient(http, settings.upstream_url, api_key),
+            storage=storage,
+            sessions=sessions,
+            workflows=workflows,
+        )
+        try:
+            yield {"services": services}
+        finally:
+            services.draining = True
+            await http.aclose()
+            await storage.close()
+
+    routes: list[BaseRoute] = [
+        *ops_routes(),
+        *auth_routes(settings.auth),
+        *workflow_routes(settings.modes),
+        *(extra_routes or []),
+    ]
+    # Listed outermost first. Forwarded headers are believed only from BFF_TRUSTED_PROXIES, so the
+    # CSRF check sees the scheme the browser used.
+    middleware = [
+        Middleware(RequestIdMiddleware),
+        Middleware(SecurityHeadersMiddleware, hsts=settings.cookie_secure),
+        *(
+            [Middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)]
+            if settings.trusted_proxies
+            else []
+        ),
+        Middleware(CsrfMiddleware, allowed_origins=settings.allowed_origins),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={ApiError: handle_api_error},
+    )

@@ -1,0 +1,165 @@
+"""`python -m proxy serve | demo | check | emulator` (CONTRACT B9)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import secrets
+import socket
+import sys
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+from starlette.routing import Mount
+from starlette.types import ASGIApp
+
+from proxy.app import create_app
+from proxy.emulator import create_emulator
+from proxy.errors import ApiError
+from proxy.logging import configure_logging
+from proxy.routes.demo import demo_routes
+from proxy.settings import Settings, describe_errors
+from proxy.upstream import UpstreamClient, build_http_client
+from proxy.workflows import WorkflowConfigError, parse_workflows
+
+logger = logging.getLogger("proxy")
+# Longer than the usual load-balancer idle timeout (60 s), or the balancer sees spurious 502s.
+KEEP_ALIVE_SECONDS = 75
+GRACEFUL_SHUTDOWN_SECONDS = 30
+
+
+class ConfigError(Exception):
+    pass
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(describe_errors(exc))) from None
+
+
+def checked_settings() -> Settings:
+    settings = load_settings()
+    missing = settings.missing_for_serve()
+    if missing:
+        raise ConfigError("\n".join(f"{name}: required" for name in missing))
+    try:
+        parse_workflows(settings.workflows, settings.workflows_file)
+    except WorkflowConfigError as exc:
+        raise ConfigError(f"BFF_WORKFLOWS: {exc}") from None
+    return settings
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def run_server(app: ASGIApp, sock: socket.socket, name: str) -> None:
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,  # the relay writes its own summary line; uvicorn's costs ~35 us a request
+        proxy_headers=False,  # forwarded headers are believed only via BFF_TRUSTED_PROXIES
+        server_header=False,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
+    logger.info("listening", extra={"service": name, "url": f"http://{host}:{port}"})
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def serve(args: argparse.Namespace) -> None:
+    settings = checked_settings()
+    configure_logging(settings.secret_values())
+    run_server(create_app(settings), bind(args.host, args.port), "workflow-bff")
+
+
+def demo(args: argparse.Namespace) -> None:
+    sock = bind(args.host, args.port)
+    port = sock.getsockname()[1]
+    local_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host  # noqa: S104
+    api_key = "sk_demo_" + secrets.token_urlsafe(24)
+    settings = load_settings(
+        _env_file=None,
+        upstream_url=f"http://{local_host}:{port}/_emulator",
+        api_key=api_key,
+        session_secrets=secrets.token_urlsafe(48),  # ephemeral: sessions end with the process
+        workflows="tutor=wf_demo_tutor",
+        auth="guest",
+        cookie_secure=False,
+    )
+    configure_logging(settings.secret_values())
+    emulator = Mount("/_emulator", app=create_emulator(api_key, chunk_delay=0.05))
+    app = create_app(settings, extra_routes=[*demo_routes(), emulator])
+    print(f"workflow-bff demo: open http://{local_host}:{port}/  (Ctrl+C to stop)", file=sys.stderr)
+    run_server(app, sock, "workflow-bff demo")
+
+
+def check(args: argparse.Namespace) -> None:
+    settings = checked_settings()
+    configure_logging(settings.secret_values(), level="WARNING")
+    api_key = settings.api_key
+    assert api_key is not None
+
+    async def mint_once() -> None:
+        async with build_http_client(30.0) as http:
+            await UpstreamClient(http, settings.upstream_url, api_key).mint_token(ttl=1)
+
+    try:
+        asyncio.run(mint_once())
+    except ApiError as exc:
+        raise ConfigError(
+            f"the upstream at {settings.upstream_url} refused a test mint: {exc.code}: {exc.message}"
+        ) from None
+    print(f"ok: configuration valid; {settings.upstream_url} minted a test token with the API key")
+
+
+def emulator(args: argparse.Namespace) -> None:
+    settings = load_settings()
+    if settings.api_key is None:
+        raise ConfigError("BFF_API_KEY: required (the key the emulator accepts)")
+    configure_logging(settings.secret_values())
+    app = create_emulator(
+        settings.api_key.get_secret_value(),
+        chunk_delay=args.chunk_delay,
+        max_stream_seconds=args.max_stream_seconds,
+    )
+    run_server(app, bind(args.host, args.port), "emulated upstream")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m proxy", description="workflow-bff")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, handler, help_text in (
+        ("serve", serve, "run the service (production)"),
+        ("demo", demo, "run with an emulated upstream and a demo page; no API key needed"),
+        ("emulator", emulator, "run only the emulated upstream API, for local development"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--host", default="127.0.0.1")
+        command.add_argument("--port", type=int, default=9000 if name == "emulator" else 8000)
+        command.set_defaults(handler=handler)
+        if name == "emulator":
+            command.add_argument("--chunk-delay", type=float, default=0.05, help="seconds between chunks")
+            command.add_argument("--max-stream-seconds", type=float, default=300.0)
+    commands.add_parser("check", help="validate configuration and mint one test token").set_defaults(
+        handler=check
+    )
+    args = parser.parse_args(argv)
+    try:
+        args.handler(args)
+    except ConfigError as exc:
+        print(f"configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0

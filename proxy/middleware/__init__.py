@@ -1,0 +1,1 @@
+"""Pure-ASGI middleware: each wraps `send`/`receive` and never buffers a streaming body."""

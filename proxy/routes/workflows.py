@@ -1,0 +1,86 @@
+"""`/api/token` (token-mediating mode, CONTRACT B2) and `/api/workflows/*` (relay mode, B3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy.body import read_json
+from proxy.errors import invalid_input
+from proxy.middleware.request_id import current_request_id
+from proxy.protocols import TextEncoder
+from proxy.relay import RelayResponse
+from proxy.routes.auth import iso
+from proxy.services import Services, services
+from proxy.workflows import Workflow
+
+
+async def mint(request: Request) -> Response:
+    bff = services(request)
+    await bff.sessions.require(request)
+    body = await read_json(request, bff.settings.max_body_bytes)
+    if not isinstance(body, dict) or not isinstance(body.get("workflow"), str):
+        raise invalid_input('Send {"workflow": "<name>"} with an optional "ttl" in seconds.')
+    unknown = sorted(set(body) - {"workflow", "ttl"})
+    if unknown:
+        raise invalid_input(f"Unknown field: {unknown[0][:64]!r}.")
+    workflow = bff.workflows.get(body["workflow"])
+    ttl = body.get("ttl", bff.settings.token_ttl)
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
+        raise invalid_input('"ttl" must be a whole number of seconds, at least 1.')
+    minted = await bff.upstream.mint_token(min(ttl, bff.settings.token_ttl), request_id=current_request_id())
+    return JSONResponse(
+        {
+            "token": minted.token,
+            "ttl": minted.ttl,
+            "expires_at": iso(minted.expires_at),
+            "stream_url": bff.upstream.stream_url(workflow.id, minted.token),
+        },
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def _workflow_and_inputs(request: Request) -> tuple[Services, Workflow, dict[str, str]]:
+    bff = services(request)
+    await bff.sessions.require(request)
+    workflow = bff.workflows.get(request.path_params["alias"])
+    body = await read_json(request, bff.settings.max_body_bytes)
+    return bff, workflow, workflow.build_inputs(body, bff.settings.max_input_chars)
+
+
+async def stream(request: Request) -> Response:
+    bff, workflow, inputs = await _workflow_and_inputs(request)
+    request_id = current_request_id()
+
+    async def open_upstream() -> httpx.Response:
+        minted = await bff.upstream.mint_token(bff.settings.token_ttl, request_id=request_id)
+        return await bff.upstream.open_stream(workflow.id, minted.token, inputs, request_id=request_id)
+
+    return RelayResponse(
+        open_upstream,
+        TextEncoder(),
+        deadline=bff.settings.max_stream_seconds,
+        description=f"stream:{workflow.alias}",
+    )
+
+
+async def run(request: Request) -> Response:
+    bff, workflow, inputs = await _workflow_and_inputs(request)
+    result = await bff.upstream.run(workflow.id, inputs, request_id=current_request_id())
+    return JSONResponse({"result": result.result, "citations": result.citations})
+
+
+def workflow_routes(modes: Sequence[str]) -> list[Route]:
+    routes = []
+    if "token" in modes:
+        routes.append(Route("/api/token", mint, methods=["POST"]))
+    if "relay" in modes:
+        routes += [
+            Route("/api/workflows/{alias}/stream", stream, methods=["POST"]),
+            Route("/api/workflows/{alias}/run", run, methods=["POST"]),
+        ]
+    return routes

@@ -1,0 +1,31 @@
+"""The per-process objects every route needs, created in the lifespan and reached via the request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+from starlette.requests import HTTPConnection
+
+from proxy.sessions import SessionManager
+from proxy.settings import Settings
+from proxy.storage import Storage
+from proxy.upstream import UpstreamClient
+from proxy.workflows import WorkflowRegistry
+
+
+@dataclass
+class Services:
+    settings: Settings
+    http: httpx.AsyncClient
+    upstream: UpstreamClient
+    storage: Storage
+    sessions: SessionManager
+    workflows: WorkflowRegistry
+    draining: bool = False
+
+
+def services(connection: HTTPConnection) -> Services:
+    found = connection.state.services
+    assert isinstance(found, Services)
+    return found

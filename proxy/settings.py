@@ -1,0 +1,141 @@
+"""Configuration: every `BFF_*` environment variable (CONTRACT B8), also read from `.env`.
+
+Validation runs when the settings are built, so a bad value stops the process at start-up with the
+name of the variable at fault (see `describe_errors`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+AuthMethod = Literal["guest", "jwt", "password"]
+Mode = Literal["token", "relay"]
+
+MIN_SECRET_CHARS = 32
+SUPPORTED_AUTH: frozenset[str] = frozenset({"guest"})
+
+
+def _split_commas(value: object) -> object:
+    """Comma-separated env values become lists (pydantic-settings would expect JSON)."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BFF_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    upstream_url: str = "https://aitutor-api.vercel.app"
+    api_key: SecretStr | None = None
+    session_secrets: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    workflows: str = ""
+    workflows_file: Path | None = None
+    auth: Annotated[list[AuthMethod], NoDecode] = Field(default_factory=list)
+    modes: Annotated[list[Mode], NoDecode] = Field(default_factory=lambda: list[Mode](["token", "relay"]))
+
+    storage_url: str = "memory://"
+    max_body_bytes: int = Field(default=65536, ge=256, le=16 * 1024 * 1024)
+    max_input_chars: int = Field(default=16000, ge=1, le=1_000_000)
+    token_ttl: int = Field(default=60, ge=1, le=300)
+    max_stream_seconds: float = Field(default=300.0, gt=0, le=3600)
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    cookie_secure: bool = True
+    cookie_samesite: Literal["strict", "lax"] = "strict"
+    session_idle_seconds: int = Field(default=1800, ge=1)
+    session_max_seconds: int = Field(default=86400, ge=1)
+
+    _split = field_validator(
+        "session_secrets", "auth", "modes", "allowed_origins", "trusted_proxies", mode="before"
+    )(_split_commas)
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _strip_trailing_slash(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("session_secrets")
+    @classmethod
+    def _secrets_long_enough(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for position, secret in enumerate(value, start=1):
+            if len(secret.get_secret_value()) < MIN_SECRET_CHARS:
+                raise ValueError(f"key {position} is shorter than {MIN_SECRET_CHARS} characters")
+        return value
+
+    @field_validator("auth")
+    @classmethod
+    def _auth_supported(cls, value: list[str]) -> list[str]:
+        unsupported = sorted(set(value) - SUPPORTED_AUTH)
+        if unsupported:
+            raise ValueError(f"not available in this version: {', '.join(unsupported)}")
+        return value
+
+    @field_validator("modes")
+    @classmethod
+    def _modes_not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one of: token, relay")
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _exact_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin == "*" or not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
+                raise ValueError(f"{origin!r} is not an exact origin like https://app.example.com")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR") from None
+        return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_supported(cls, value: str) -> str:
+        if value != "memory://":
+            raise ValueError("only memory:// is available in this version")
+        return value
+
+    def missing_for_serve(self) -> list[str]:
+        """The settings `serve` cannot run without, by environment-variable name."""
+        missing = []
+        if self.api_key is None or not self.api_key.get_secret_value():
+            missing.append("BFF_API_KEY")
+        if not self.session_secrets:
+            missing.append("BFF_SESSION_SECRETS")
+        if not self.workflows and self.workflows_file is None:
+            missing.append("BFF_WORKFLOWS or BFF_WORKFLOWS_FILE")
+        if not self.auth:
+            missing.append("BFF_AUTH")
+        return missing
+
+    def secret_values(self) -> list[str]:
+        """Every secret this process holds, for the log redaction filter."""
+        secrets = [s.get_secret_value() for s in self.session_secrets]
+        if self.api_key is not None:
+            secrets.append(self.api_key.get_secret_value())
+        return [s for s in secrets if s]
+
+
+def describe_errors(error: ValidationError) -> list[str]:
+    """One line per invalid setting, named as the user set it (`BFF_TOKEN_TTL: ...`)."""
+    lines = []
+    for item in error.errors():
+        name = "BFF_" + "_".join(str(part) for part in item["loc"][:1]).upper()
+        lines.append(f"{name}: {item['msg']}")
+    return lines

@@ -1,0 +1,136 @@
+"""The workflow allowlist (CONTRACT B4) and the input policy applied before anything goes upstream."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from proxy.errors import ApiError, invalid_input
+
+ALIAS_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# Workflow ids end up in an upstream URL path, so they are held to a strict shape.
+WORKFLOW_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+INPUT_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+class WorkflowConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Workflow:
+    alias: str
+    id: str
+    chat_input: str = "message"
+    history_input: str | None = None
+    image_input: str | None = None
+    inputs: frozenset[str] | None = None  # None: any well-formed name
+    fixed: Mapping[str, str] = field(default_factory=dict)
+    rate_limit: str | None = None
+
+    def build_inputs(self, submitted: object, max_chars: int) -> dict[str, str]:
+        """Validate what the browser sent and merge the fixed inputs; never trusts the browser."""
+        if not isinstance(submitted, dict):
+            raise invalid_input("The body must be a JSON object of input names to text values.")
+        inputs: dict[str, str] = {}
+        for name, value in submitted.items():
+            if not INPUT_NAME_PATTERN.fullmatch(name):
+                raise invalid_input(f"{name[:64]!r} is not a valid input name.")
+            if name in self.fixed:
+                raise invalid_input(f"The input {name!r} is set by the server and cannot be changed.")
+            if self.inputs is not None and name not in self.inputs:
+                raise invalid_input(f"The input {name!r} is not accepted by this workflow.")
+            if not isinstance(value, str):
+                raise invalid_input(f"The input {name!r} must be a string.")
+            if len(value) > max_chars:
+                raise invalid_input(f"The input {name!r} is longer than {max_chars} characters.")
+            inputs[name] = value
+        return {**inputs, **self.fixed}
+
+
+class WorkflowRegistry:
+    def __init__(self, workflows: list[Workflow]) -> None:
+        self._by_alias = {workflow.alias: workflow for workflow in workflows}
+
+    def __len__(self) -> int:
+        return len(self._by_alias)
+
+    def aliases(self) -> list[str]:
+        return sorted(self._by_alias)
+
+    def get(self, alias: str) -> Workflow:
+        workflow = self._by_alias.get(alias)
+        if workflow is None:
+            raise ApiError(404, "unknown_workflow", "No workflow is configured under that name.")
+        return workflow
+
+
+def parse_workflows(simple: str, file: Path | None) -> WorkflowRegistry:
+    """Build the registry from `BFF_WORKFLOWS` ("alias=id,...") and/or `BFF_WORKFLOWS_FILE` (TOML)."""
+    workflows: list[Workflow] = []
+    for entry in (item.strip() for item in simple.split(",")):
+        if not entry:
+            continue
+        alias, sep, workflow_id = entry.partition("=")
+        if not sep:
+            raise WorkflowConfigError(f"{entry!r} is not of the form alias=workflow_id")
+        workflows.append(_checked(Workflow(alias=alias.strip(), id=workflow_id.strip())))
+    if file is not None:
+        workflows.extend(_from_toml(file))
+    aliases = [workflow.alias for workflow in workflows]
+    duplicates = sorted({alias for alias in aliases if aliases.count(alias) > 1})
+    if duplicates:
+        raise WorkflowConfigError(f"alias defined twice: {', '.join(duplicates)}")
+    return WorkflowRegistry(workflows)
+
+
+def _from_toml(path: Path) -> list[Workflow]:
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise WorkflowConfigError(f"cannot read {path}: {exc}") from exc
+    tables = document.get("workflows", {})
+    if not isinstance(tables, dict):
+        raise WorkflowConfigError("[workflows] must be a table of tables")
+    workflows = []
+    known = {"id", "chat_input", "history_input", "image_input", "inputs", "fixed", "rate_limit"}
+    for alias, table in tables.items():
+        if not isinstance(table, dict):
+            raise WorkflowConfigError(f"[workflows.{alias}] must be a table")
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise WorkflowConfigError(f"[workflows.{alias}] has unknown keys: {', '.join(unknown)}")
+        inputs = table.get("inputs")
+        fixed = table.get("fixed", {})
+        if inputs is not None and not (isinstance(inputs, list) and all(isinstance(i, str) for i in inputs)):
+            raise WorkflowConfigError(f"[workflows.{alias}] inputs must be a list of names")
+        if not (isinstance(fixed, dict) and all(isinstance(v, str) for v in fixed.values())):
+            raise WorkflowConfigError(f"[workflows.{alias}] fixed must map names to strings")
+        workflow = Workflow(
+            alias=alias,
+            id=str(table.get("id", "")),
+            chat_input=str(table.get("chat_input", "message")),
+            history_input=table.get("history_input"),
+            image_input=table.get("image_input"),
+            inputs=frozenset(inputs) if inputs is not None else None,
+            fixed=dict(fixed),
+            rate_limit=table.get("rate_limit"),
+        )
+        workflows.append(_checked(workflow))
+    return workflows
+
+
+def _checked(workflow: Workflow) -> Workflow:
+    where = f"workflow {workflow.alias!r}"
+    if not ALIAS_PATTERN.fullmatch(workflow.alias):
+        raise WorkflowConfigError(f"{where}: the alias may use letters, digits, '_' and '-'")
+    if not WORKFLOW_ID_PATTERN.fullmatch(workflow.id):
+        raise WorkflowConfigError(f"{where}: the id must look like wf_abc123")
+    names = [workflow.chat_input, workflow.history_input, workflow.image_input, *workflow.fixed]
+    for name in [n for n in names if n is not None] + sorted(workflow.inputs or ()):
+        if not INPUT_NAME_PATTERN.fullmatch(name):
+            raise WorkflowConfigError(f"{where}: {name!r} is not a valid input name")
+    return workflow
