@@ -1,0 +1,187 @@
+"""Real servers for tests: `python -m proxy ...` in a child process on an ephemeral loopback port.
+
+Every line a server logs is kept (for the secret scan), and every byte a test client receives is
+recorded through `RecordingTransport`, so `tests/test_zz_secrets.py` can prove nothing leaked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_API_KEY = "sk_test_" + "k3y" * 12
+SESSION_SECRET = "test-session-secret-" + "s" * 40
+START_TIMEOUT = 20.0
+
+# Everything any server logged and any client received in this pytest run.
+SEEN_LOG_LINES: list[str] = []
+SEEN_RESPONSES: list[bytes] = []
+
+
+@dataclass
+class ServerProcess:
+    command: list[str]
+    env: dict[str, str]
+    url: str = ""
+    logs: list[str] = field(default_factory=list)
+    process: subprocess.Popen[str] | None = None
+    _ready: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> ServerProcess:
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", *self.command, "--host", "127.0.0.1", "--port", "0"],
+            cwd=self.env.get("TEST_CWD", str(ROOT)),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(START_TIMEOUT) or not self.url:
+            self.stop()
+            raise RuntimeError(f"{self.command} did not start:\n" + "\n".join(self.logs))
+        return self
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            line = line.rstrip("\n")
+            self.logs.append(line)
+            SEEN_LOG_LINES.append(line)
+            if not self.url:
+                entry = parse_json(line)
+                if entry.get("message") == "listening":
+                    self.url = str(entry["url"])
+                    self._ready.set()
+        self._ready.set()
+
+    def log_entries(self) -> list[dict[str, Any]]:
+        return [entry for entry in map(parse_json, self.logs) if entry]
+
+    def wait_for_log(self, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
+        """The first log entry matching `predicate`, waiting for it to be written."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for entry in self.log_entries():
+                if predicate(entry):
+                    return entry
+            time.sleep(0.02)
+        raise AssertionError("no matching log line:\n" + "\n".join(self.logs[-20:]))
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
+
+
+def parse_json(line: str) -> dict[str, Any]:
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return {}
+    return entry if isinstance(entry, dict) else {}
+
+
+def proxy_env(upstream_url: str, **overrides: str) -> dict[str, str]:
+    env = {
+        "BFF_UPSTREAM_URL": upstream_url,
+        "BFF_API_KEY": TEST_API_KEY,
+        "BFF_SESSION_SECRETS": SESSION_SECRET,
+        "BFF_WORKFLOWS": "tutor=wf_tutor,story=wf_story",
+        "BFF_AUTH": "guest",
+        "BFF_COOKIE_SECURE": "false",
+    }
+    env.update(overrides)
+    return env
+
+
+def start_emulator(**env: str) -> ServerProcess:
+    return ServerProcess(["emulator", "--chunk-delay", "0.01"], {"BFF_API_KEY": TEST_API_KEY, **env}).start()
+
+
+def start_proxy(upstream_url: str, **overrides: str) -> ServerProcess:
+    return ServerProcess(["serve"], proxy_env(upstream_url, **overrides)).start()
+
+
+class _RecordedStream(httpx.SyncByteStream):
+    def __init__(self, stream: httpx.SyncByteStream) -> None:
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._stream:
+            SEEN_RESPONSES.append(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class RecordingTransport(httpx.HTTPTransport):
+    """A real HTTP transport that also keeps every response header and body byte it delivers."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        SEEN_RESPONSES.append(b"\n".join(k + b": " + v for k, v in response.headers.raw))
+        assert isinstance(response.stream, httpx.SyncByteStream)
+        response.stream = _RecordedStream(response.stream)
+        return response
+
+
+def browser(base_url: str, **kwargs: Any) -> httpx.Client:
+    """A client that behaves like our frontend: same-origin, cookie jar, `X-CSRF: 1`."""
+    headers = {"X-CSRF": "1", **kwargs.pop("headers", {})}
+    return httpx.Client(
+        base_url=base_url, headers=headers, transport=RecordingTransport(), timeout=30.0, **kwargs
+    )
+
+
+class EmulatorControl:
+    """Drives the emulated upstream's `/_control` API."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.http = httpx.Client(base_url=url, timeout=30.0)
+
+    def reset(self) -> None:
+        self.http.post("/_control/reset").raise_for_status()
+
+    def fault(self, **rule: Any) -> None:
+        self.http.post("/_control/faults", json=rule).raise_for_status()
+
+    def release(self) -> None:
+        self.http.post("/_control/release").raise_for_status()
+
+    def requests(self, op: str | None = None) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self.http.get("/_control/requests").json()
+        return [r for r in found if op is None or r["op"] == op]
+
+    def events(self, **match: str) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self.http.get("/_control/events", params=match).json()
+        return found
+
+    def wait(self, count: int = 1, timeout: float = 10.0, **match: str) -> list[dict[str, Any]]:
+        """Block until `count` events match; fail the test if they never come."""
+        response = self.http.get("/_control/wait", params={**match, "count": count, "timeout": timeout})
+        assert response.status_code == 200, f"waited for {match}, saw {response.json()}"
+        found: list[dict[str, Any]] = response.json()
+        return found
