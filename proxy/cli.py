@@ -58,6 +58,9 @@ def bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    # Listening before uvicorn starts means a client that connects as soon as we announce the
+    # address waits in the backlog instead of being refused.
+    sock.listen(2048)
     return sock
 
 

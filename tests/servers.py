@@ -150,9 +150,7 @@ class RecordingTransport(httpx.HTTPTransport):
 def browser(base_url: str, **kwargs: Any) -> httpx.Client:
     """A client that behaves like our frontend: same-origin, cookie jar, `X-CSRF: 1`."""
     headers = {"X-CSRF": "1", **kwargs.pop("headers", {})}
-    return httpx.Client(
-        base_url=base_url, headers=headers, transport=RecordingTransport(), timeout=30.0, **kwargs
-    )
+    return httpx.Client(base_url=base_url, headers=headers, transport=RecordingTransport(), timeout=30.0, **kwargs)
 
 
 class EmulatorControl:

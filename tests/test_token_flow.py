@@ -73,8 +73,13 @@ def test_minting_an_unknown_workflow_is_refused_before_the_upstream_is_asked(
 
 
 def test_mint_body_is_validated(guest: httpx.Client) -> None:
-    for body in ({}, {"workflow": 3}, {"workflow": "tutor", "ttl": 0}, {"workflow": "tutor", "ttl": "5"},
-                 {"workflow": "tutor", "extra": 1}):
+    for body in (
+        {},
+        {"workflow": 3},
+        {"workflow": "tutor", "ttl": 0},
+        {"workflow": "tutor", "ttl": "5"},
+        {"workflow": "tutor", "extra": 1},
+    ):
         response = guest.post("/api/token", json=body)
         assert response.status_code == 422, body
         assert response.json()["error"]["code"] == "invalid_input"

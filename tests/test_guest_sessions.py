@@ -1,0 +1,70 @@
+"""Guest sessions (CONTRACT B1): sign-in, session check, logout with server-side revocation."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.servers import ServerProcess, browser
+
+
+def test_a_guest_sign_in_sets_a_session_cookie_and_describes_the_session(anonymous: httpx.Client) -> None:
+    response = anonymous.post("/auth/guest")
+
+    assert response.status_code == 200
+    assert response.headers["cache-control"] == "no-store"
+    body = response.json()
+    assert body["user"]["kind"] == "guest"
+    assert body["user"]["id"].startswith("guest_")
+    assert set(body) == {"user", "expires_at", "limits"}
+    cookie = response.headers["set-cookie"]
+    assert cookie.startswith("bff_session=")
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
+    assert "Domain" not in cookie
+    assert anonymous.get("/auth/session").json() == body
+
+
+def test_without_a_session_the_session_check_is_a_401(anonymous: httpx.Client) -> None:
+    response = anonymous.get("/auth/session")
+
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthenticated"
+
+
+def test_a_cookie_replayed_after_logout_is_refused(proxy: ServerProcess, guest: httpx.Client) -> None:
+    stolen = guest.cookies["bff_session"]
+
+    logout = guest.post("/auth/logout")
+
+    assert logout.status_code == 204
+    assert logout.headers["clear-site-data"] == '"cookies"'
+    with browser(proxy.url, cookies={"bff_session": stolen}) as replay:
+        assert replay.get("/auth/session").status_code == 401
+        assert replay.post("/api/token", json={"workflow": "tutor"}).status_code == 401
+
+
+def test_signing_in_again_issues_a_new_session_id_and_ends_the_old_one(
+    proxy: ServerProcess, guest: httpx.Client
+) -> None:
+    old = guest.cookies["bff_session"]
+
+    guest.post("/auth/guest").raise_for_status()
+
+    assert guest.cookies["bff_session"] != old
+    assert guest.get("/auth/session").status_code == 200
+    with browser(proxy.url, cookies={"bff_session": old}) as replay:
+        assert replay.get("/auth/session").status_code == 401
+
+
+def test_a_tampered_cookie_is_refused(proxy: ServerProcess, guest: httpx.Client) -> None:
+    value = guest.cookies["bff_session"]
+    tampered = value[:-2] + ("AA" if not value.endswith("AA") else "BB")
+
+    with browser(proxy.url, cookies={"bff_session": tampered}) as client:
+        assert client.get("/auth/session").status_code == 401
+
+
+def test_logout_needs_the_csrf_header(guest: httpx.Client) -> None:
+    response = guest.post("/auth/logout", headers={"X-CSRF": ""})
+
+    assert response.status_code == 403
+    assert guest.get("/auth/session").status_code == 200
