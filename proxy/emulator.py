@@ -156,6 +156,12 @@ def injected_error(rule: FaultRule) -> Response:
     return response
 
 
+def rate_limited(headers: dict[str, str]) -> Response:
+    response = error_body(429, "Rate limit exceeded", "rate_limited", "flat")
+    response.headers.update({**headers, "Retry-After": "60"})
+    return response
+
+
 class Emulator:
     def __init__(self, state: EmulatorState) -> None:
         self.state = state
@@ -177,9 +183,7 @@ class Emulator:
             return error_body(401, "Invalid API key", "invalid_api_key", "nested")
         headers, limited = self.state.rate_limit()
         if limited:
-            response = error_body(429, "Rate limit exceeded", "rate_limited", "flat")
-            response.headers.update({**headers, "Retry-After": "60"})
-            return response
+            return rate_limited(headers)
         if rule.status:
             return injected_error(rule)
         raw_ttl = request.query_params.get("ttl", str(DEFAULT_TTL))
@@ -201,7 +205,9 @@ class Emulator:
             return error_body(401, "Invalid API key", "invalid_api_key", "nested")
         if inputs is None:
             return error_body(400, "Body must be a flat JSON object", "invalid_request", "flat")
-        headers, _ = self.state.rate_limit()
+        headers, limited = self.state.rate_limit()
+        if limited:
+            return rate_limited(headers)
         if rule.status:
             return injected_error(rule)
         self.state.record_event("run", workflow=workflow_id)
