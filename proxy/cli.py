@@ -153,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "emulator":
             command.add_argument("--chunk-delay", type=float, default=0.05, help="seconds between chunks")
             command.add_argument("--max-stream-seconds", type=float, default=300.0)
-    commands.add_parser("check", help="validate configuration and mint one test token").set_defaults(
-        handler=check
-    )
+    commands.add_parser("check", help="validate configuration and mint one test token").set_defaults(handler=check)
     args = parser.parse_args(argv)
     try:
         args.handler(args)

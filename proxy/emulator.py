@@ -364,9 +364,7 @@ def _select(events: list[dict[str, Any]], request: Request) -> list[dict[str, An
     return [event for event in events if all(str(event.get(k)) == v for k, v in wanted.items())]
 
 
-def create_emulator(
-    api_key: str, *, chunk_delay: float = 0.02, max_stream_seconds: float = 300.0
-) -> Starlette:
+def create_emulator(api_key: str, *, chunk_delay: float = 0.02, max_stream_seconds: float = 300.0) -> Starlette:
     state = EmulatorState(api_key=api_key, chunk_delay=chunk_delay, max_stream_seconds=max_stream_seconds)
     emulator = Emulator(state)
     handlers: list[tuple[str, Callable[[Request], Awaitable[Response]], str]] = [

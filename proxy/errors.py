@@ -16,9 +16,7 @@ CHAT_PATH_PREFIX = "/api/chat/"
 
 
 class ApiError(Exception):
-    def __init__(
-        self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.status = status
         self.code = code

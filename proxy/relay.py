@@ -60,9 +60,7 @@ class RelayResponse(Response):
                 while (await receive())["type"] != "http.disconnect":
                     pass
                 if self.stats.end == "unknown":
-                    self.stats.end = (
-                        "client_gone_early" if self.stats.first_byte_at is None else "client_gone"
-                    )
+                    self.stats.end = "client_gone_early" if self.stats.first_byte_at is None else "client_gone"
                 group.cancel_scope.cancel()
 
             group.start_soon(watch_disconnect)

@@ -17,7 +17,7 @@ AuthMethod = Literal["guest", "jwt", "password"]
 Mode = Literal["token", "relay"]
 
 MIN_SECRET_CHARS = 32
-SUPPORTED_AUTH: frozenset[str] = frozenset({"guest"})
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
 def _split_commas(value: object) -> object:
@@ -28,9 +28,7 @@ def _split_commas(value: object) -> object:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="BFF_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="BFF_", env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     upstream_url: str = "https://aitutor-api.vercel.app"
     api_key: SecretStr | None = None
@@ -52,9 +50,20 @@ class Settings(BaseSettings):
     session_idle_seconds: int = Field(default=1800, ge=1)
     session_max_seconds: int = Field(default=86400, ge=1)
 
-    _split = field_validator(
-        "session_secrets", "auth", "modes", "allowed_origins", "trusted_proxies", mode="before"
-    )(_split_commas)
+    # Sign-in (CONTRACT B1): `jwt` needs a secret or a JWKS URL, `password` a users file.
+    jwt_secret: SecretStr | None = None
+    jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    users_file: Path | None = None
+    # Failed password sign-ins allowed per username and per client IP within the window, then 429.
+    login_failures_per_user: int = Field(default=5, ge=1, le=1000)
+    login_failures_per_ip: int = Field(default=20, ge=1, le=100_000)
+    login_failure_window_seconds: int = Field(default=900, ge=1, le=86400)
+
+    _split = field_validator("session_secrets", "auth", "modes", "allowed_origins", "trusted_proxies", mode="before")(
+        _split_commas
+    )
 
     @field_validator("upstream_url")
     @classmethod
@@ -71,13 +80,24 @@ class Settings(BaseSettings):
                 raise ValueError(f"key {position} is shorter than {MIN_SECRET_CHARS} characters")
         return value
 
-    @field_validator("auth")
+    @field_validator("jwt_secret")
     @classmethod
-    def _auth_supported(cls, value: list[str]) -> list[str]:
-        unsupported = sorted(set(value) - SUPPORTED_AUTH)
-        if unsupported:
-            raise ValueError(f"not available in this version: {', '.join(unsupported)}")
+    def _jwt_secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        # RFC 7518 §3.2: an HS256 key must be at least as long as the hash (256 bits).
+        if value is not None and len(value.get_secret_value().encode()) < MIN_SECRET_CHARS:
+            raise ValueError(f"must be at least {MIN_SECRET_CHARS} bytes (HS256 needs a 256-bit key)")
         return value
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _jwks_over_https(cls, value: str | None) -> str | None:
+        # Keys fetched over plain http could be swapped in transit; loopback is allowed for development.
+        if value is None or value.startswith("https://"):
+            return value
+        host = value.removeprefix("http://").split("/", 1)[0].rsplit(":", 1)[0]
+        if value.startswith("http://") and host in LOOPBACK_HOSTS:
+            return value
+        raise ValueError("must be an https:// URL (http:// only for localhost)")
 
     @field_validator("modes")
     @classmethod
@@ -122,6 +142,10 @@ class Settings(BaseSettings):
             missing.append("BFF_WORKFLOWS or BFF_WORKFLOWS_FILE")
         if not self.auth:
             missing.append("BFF_AUTH")
+        if "jwt" in self.auth and self.jwt_secret is None and not self.jwks_url:
+            missing.append("BFF_JWT_SECRET or BFF_JWKS_URL (BFF_AUTH includes jwt)")
+        if "password" in self.auth and self.users_file is None:
+            missing.append("BFF_USERS_FILE (BFF_AUTH includes password)")
         return missing
 
     def secret_values(self) -> list[str]:
@@ -129,6 +153,8 @@ class Settings(BaseSettings):
         secrets = [s.get_secret_value() for s in self.session_secrets]
         if self.api_key is not None:
             secrets.append(self.api_key.get_secret_value())
+        if self.jwt_secret is not None:
+            secrets.append(self.jwt_secret.get_secret_value())
         return [s for s in secrets if s]
 
 

@@ -131,9 +131,7 @@ class UpstreamClient:
             raise _status_error(response.status_code, response.headers, body, "stream")
         return response
 
-    async def run(
-        self, workflow_id: str, inputs: dict[str, str], *, request_id: str | None = None
-    ) -> RunResult:
+    async def run(self, workflow_id: str, inputs: dict[str, str], *, request_id: str | None = None) -> RunResult:
         """POST /api/v1/run/{id}: the whole answer at once."""
         try:
             response = await self._http.post(

@@ -32,6 +32,4 @@ def demo_routes() -> list[Route]:
 
         return endpoint  # type: ignore[return-value]
 
-    return [
-        Route(path, serve(name, media_type), methods=["GET"]) for path, (name, media_type) in ASSETS.items()
-    ]
+    return [Route(path, serve(name, media_type), methods=["GET"]) for path, (name, media_type) in ASSETS.items()]
