@@ -11,6 +11,7 @@ from starlette.routing import BaseRoute
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from proxy.errors import ApiError, handle_api_error
+from proxy.metrics import Metrics, MetricsMiddleware, metrics_route
 from proxy.middleware.csrf import CsrfMiddleware
 from proxy.middleware.request_id import RequestIdMiddleware
 from proxy.middleware.security_headers import SecurityHeadersMiddleware
@@ -21,7 +22,7 @@ from proxy.services import Services
 from proxy.sessions import SessionManager
 from proxy.settings import Settings
 from proxy.storage import open_storage
-from proxy.upstream import UpstreamClient, build_http_client
+from proxy.upstream import CircuitBreaker, UpstreamClient, build_http_client
 from proxy.workflows import parse_workflows
 
 
@@ -30,6 +31,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         raise ValueError("BFF_API_KEY is required")
     api_key = settings.api_key
     workflows = parse_workflows(settings.workflows, settings.workflows_file)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
@@ -46,7 +48,14 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         services = Services(
             settings=settings,
             http=http,
-            upstream=UpstreamClient(http, settings.upstream_url, api_key),
+            upstream=UpstreamClient(
+                http,
+                settings.upstream_url,
+                api_key,
+                metrics=metrics,
+                breaker=CircuitBreaker(settings.upstream_failure_threshold, settings.upstream_cooldown_seconds),
+            ),
+            metrics=metrics,
             storage=storage,
             sessions=sessions,
             workflows=workflows,
@@ -60,6 +69,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
 
     routes: list[BaseRoute] = [
         *ops_routes(),
+        metrics_route(metrics),
         *auth_routes(settings.auth),
         *workflow_routes(settings.modes),
         *(extra_routes or []),
@@ -68,6 +78,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
     # CSRF check sees the scheme the browser used.
     middleware = [
         Middleware(RequestIdMiddleware),
+        Middleware(MetricsMiddleware, metrics=metrics),
         Middleware(SecurityHeadersMiddleware, hsts=settings.cookie_secure),
         *(
             [Middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)]

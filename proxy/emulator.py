@@ -69,6 +69,7 @@ class FaultRule:
     delay: float | None = None  # stream: seconds between chunks (slow drip)
     chunks: list[str] | None = None  # stream: send these chunks (latin-1 code points = raw bytes)
     retry_after: int | None = None  # with status 429
+    drop: bool = False  # start a 200 answer, then drop the connection (a transport error for the client)
     times: int | None = 1  # how many requests it applies to; None = until reset
 
     def matches(self, op: Operation, workflow: str | None) -> bool:
@@ -179,6 +180,8 @@ class Emulator:
         self.state.record_request("mint", request, None)
         rule = self.state.take_fault("mint", None)
         await self._stall(rule)
+        if rule.drop:
+            return DroppedReply()
         if not self._authorized(request):
             return error_body(401, "Invalid API key", "invalid_api_key", "nested")
         headers, limited = self.state.rate_limit()
@@ -201,6 +204,8 @@ class Emulator:
         self.state.record_request("run", request, inputs)
         rule = self.state.take_fault("run", workflow_id)
         await self._stall(rule)
+        if rule.drop:
+            return DroppedReply()
         if not self._authorized(request):
             return error_body(401, "Invalid API key", "invalid_api_key", "nested")
         if inputs is None:
@@ -242,6 +247,13 @@ async def _json_inputs(request: Request) -> dict[str, str] | None:
     return body
 
 
+class DroppedReply(Response):
+    """Promises a body and hangs up before sending it: the server then closes the connection."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"100")]})
+
+
 class StreamReply(Response):
     """A streamed run that notices the client leaving at any point, even before its first byte."""
 
@@ -274,6 +286,9 @@ class StreamReply(Response):
     async def _produce(self, send: Send) -> str:
         rule, state = self.rule, self.emulator.state
         await self.emulator._stall(rule)
+        if rule.drop:
+            await DroppedReply()({"type": "http"}, _never, send)
+            return "dropped"
         if rule.status:
             await injected_error(rule)({"type": "http"}, _never, send)
             return f"status_{rule.status}"

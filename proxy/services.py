@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import httpx
 from starlette.requests import HTTPConnection
 
+from proxy.metrics import Metrics
 from proxy.sessions import SessionManager
 from proxy.settings import Settings
 from proxy.storage import Storage
@@ -22,6 +23,7 @@ class Services:
     storage: Storage
     sessions: SessionManager
     workflows: WorkflowRegistry
+    metrics: Metrics
     draining: bool = False
 
 

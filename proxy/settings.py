@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     max_input_chars: int = Field(default=16000, ge=1, le=1_000_000)
     token_ttl: int = Field(default=60, ge=1, le=300)
     max_stream_seconds: float = Field(default=300.0, gt=0, le=3600)
+    upstream_failure_threshold: int = Field(default=5, ge=1, le=1000)
+    upstream_cooldown_seconds: float = Field(default=10.0, gt=0, le=600)
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     cookie_secure: bool = True

@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -19,6 +22,7 @@ import httpx
 from pydantic import SecretStr
 
 from proxy.errors import ApiError
+from proxy.metrics import Metrics
 
 logger = logging.getLogger("proxy.upstream")
 
@@ -27,6 +31,9 @@ MINT_BACKOFF_SECONDS = 0.2
 MINT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 ERROR_BODY_LIMIT = 4096
 DEFAULT_RETRY_AFTER = "5"
+BREAKER_THRESHOLD = 5
+BREAKER_COOLDOWN_SECONDS = 10.0
+GATEWAY_FAILURES = frozenset({502, 503, 504})
 
 
 def build_http_client(max_stream_seconds: float) -> httpx.AsyncClient:
@@ -59,11 +66,73 @@ class RunResult:
     citations: list[str]
 
 
+class CircuitBreaker:
+    """Stops hammering an upstream that is down.
+
+    After `threshold` consecutive failures (connection errors, timeouts, 502-504) every call fails at once
+    with a 503 for `cooldown` seconds, instead of piling up connections that hang. Then a single probe
+    call is let through: success closes the circuit, failure opens it for another cooldown.
+    """
+
+    def __init__(self, threshold: int = BREAKER_THRESHOLD, cooldown: float = BREAKER_COOLDOWN_SECONDS) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._probing = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._opened_at is not None
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """Wrap one upstream call, which reports `success()` or `failure()`."""
+        if self._opened_at is not None:
+            remaining = self._opened_at + self.cooldown - time.monotonic()
+            if remaining > 0 or self._probing:
+                raise ApiError(
+                    503,
+                    "upstream_unavailable",
+                    "The upstream service is unavailable; try again shortly.",
+                    headers={"Retry-After": str(max(1, math.ceil(remaining)))},
+                )
+            self._probing = True
+        try:
+            yield
+        finally:
+            # A probe that was cancelled decided nothing: the next call may probe again.
+            self._probing = False
+
+    def success(self) -> None:
+        self._failures = 0
+        self._opened_at = None
+
+    def failure(self) -> None:
+        self._failures += 1
+        if self._opened_at is not None or self._failures >= self.threshold:
+            if self._opened_at is None:
+                logger.warning("upstream circuit opened after %s consecutive failures", self._failures)
+            self._opened_at = time.monotonic()
+
+
 class UpstreamClient:
-    def __init__(self, http: httpx.AsyncClient, base_url: str, api_key: SecretStr) -> None:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        base_url: str,
+        api_key: SecretStr,
+        *,
+        metrics: Metrics | None = None,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
         self._http = http
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
+        self._metrics = metrics or Metrics()
+        self.breaker = breaker or CircuitBreaker()
+        # After an upstream 429 on minting, mints wait out its Retry-After here instead of adding load.
+        self._mint_paused_until = 0.0
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._api_key.get_secret_value()}"}
@@ -74,35 +143,68 @@ class UpstreamClient:
     def stream_url(self, workflow_id: str, token: str) -> str:
         return f"{self._run_url(workflow_id)}/stream?token={quote(token, safe='')}"
 
+    async def _send(self, request: httpx.Request, operation: str, *, stream: bool = False) -> httpx.Response:
+        """One upstream call, through the circuit breaker; transport failures become ApiErrors."""
+        with self.breaker.guard():
+            try:
+                response = await self._http.send(request, stream=stream)
+            except httpx.TransportError as exc:
+                self.breaker.failure()
+                kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connect"
+                self._metrics.upstream_errors.labels(kind).inc()
+                raise _transport_error(exc, operation) from None
+            status = response.status_code
+            if status >= 400:
+                self._metrics.upstream_errors.labels("5xx" if status >= 500 else "4xx").inc()
+            # Only signs of an upstream that is down count; a 500 from one broken workflow must not
+            # shut every workflow off.
+            if status in GATEWAY_FAILURES:
+                self.breaker.failure()
+            else:
+                self.breaker.success()
+            return response
+
     async def mint_token(self, ttl: int, *, request_id: str | None = None) -> MintedToken:
         """GET /api/v1/token. Retried on connect errors and 5xx: an unused token costs nothing."""
-        headers = {**self._auth(), **_request_id_header(request_id)}
+        paused = self._mint_paused_until - time.monotonic()
+        if paused > 0:
+            self._metrics.mints.labels("paused").inc()
+            raise _rate_limited(str(math.ceil(paused)))
+        request = self._http.build_request(
+            "GET",
+            f"{self._base_url}/api/v1/token",
+            params={"ttl": ttl},
+            headers={**self._auth(), **_request_id_header(request_id)},
+            timeout=MINT_TIMEOUT,
+        )
         for attempt in range(1, MINT_ATTEMPTS + 1):
+            retry = attempt < MINT_ATTEMPTS
             try:
-                response = await self._http.get(
-                    f"{self._base_url}/api/v1/token",
-                    params={"ttl": ttl},
-                    headers=headers,
-                    timeout=MINT_TIMEOUT,
-                )
-            except httpx.TransportError as exc:
-                if attempt == MINT_ATTEMPTS:
-                    raise _transport_error(exc, "mint") from None
+                response = await self._send(request, "mint")
+            except ApiError as error:
+                if not retry or error.code == "upstream_unavailable":
+                    self._metrics.mints.labels("failed").inc()
+                    raise
                 await _backoff(attempt)
                 continue
-            if response.status_code >= 500 and attempt < MINT_ATTEMPTS:
+            if response.status_code >= 500 and retry and not self.breaker.is_open:
                 logger.warning("upstream mint answered %s; retrying", response.status_code)
                 await _backoff(attempt)
                 continue
-            if response.status_code != 200:
-                raise _status_error(response.status_code, response.headers, response.content, "mint")
-            body = _json_object(response.content)
-            token = body.get("token")
-            granted = body.get("ttl", ttl)
-            if not isinstance(token, str) or not token or not isinstance(granted, int):
-                raise ApiError(502, "upstream_error", "The upstream service sent an unexpected answer.")
-            return MintedToken(token=token, ttl=granted, expires_at=time.time() + granted)
-        raise AssertionError("unreachable")  # pragma: no cover
+            break
+        if response.status_code != 200:
+            self._metrics.mints.labels("failed").inc()
+            refusal = _status_error(response.status_code, response.headers, response.content, "mint")
+            if response.status_code == 429:
+                self._mint_paused_until = time.monotonic() + int(refusal.headers["Retry-After"])
+            raise refusal
+        body = _json_object(response.content)
+        token = body.get("token")
+        granted = body.get("ttl", ttl)
+        if not isinstance(token, str) or not token or not isinstance(granted, int):
+            raise ApiError(502, "upstream_error", "The upstream service sent an unexpected answer.")
+        self._metrics.mints.labels("ok").inc()
+        return MintedToken(token=token, ttl=granted, expires_at=time.time() + granted)
 
     async def open_stream(
         self, workflow_id: str, token: str, inputs: dict[str, str], *, request_id: str | None = None
@@ -119,10 +221,7 @@ class UpstreamClient:
             json=inputs,
             headers=_request_id_header(request_id),
         )
-        try:
-            response = await self._http.send(request, stream=True)
-        except httpx.TransportError as exc:
-            raise _transport_error(exc, "stream") from None
+        response = await self._send(request, "stream", stream=True)
         if response.status_code != 200:
             try:
                 body = await _read_limited(response)
@@ -131,16 +230,19 @@ class UpstreamClient:
             raise _status_error(response.status_code, response.headers, body, "stream")
         return response
 
+    def stream_cut(self) -> None:
+        """The relay saw an open upstream stream break off."""
+        self._metrics.upstream_errors.labels("cut").inc()
+
     async def run(self, workflow_id: str, inputs: dict[str, str], *, request_id: str | None = None) -> RunResult:
         """POST /api/v1/run/{id}: the whole answer at once."""
-        try:
-            response = await self._http.post(
-                self._run_url(workflow_id),
-                json=inputs,
-                headers={**self._auth(), **_request_id_header(request_id)},
-            )
-        except httpx.TransportError as exc:
-            raise _transport_error(exc, "run") from None
+        request = self._http.build_request(
+            "POST",
+            self._run_url(workflow_id),
+            json=inputs,
+            headers={**self._auth(), **_request_id_header(request_id)},
+        )
+        response = await self._send(request, "run")
         if response.status_code != 200:
             raise _status_error(response.status_code, response.headers, response.content, "run")
         body = _json_object(response.content)
@@ -202,15 +304,13 @@ def _status_error(status: int, headers: httpx.Headers, content: bytes, operation
         return ApiError(404, "workflow_not_found", "The upstream service does not know this workflow.")
     if status == 429:
         retry_after = headers.get("retry-after", DEFAULT_RETRY_AFTER)
-        if not retry_after.isdigit():
-            retry_after = DEFAULT_RETRY_AFTER
-        return ApiError(
-            503,
-            "upstream_rate_limited",
-            "The upstream service is busy; try again shortly.",
-            headers={"Retry-After": retry_after},
-        )
+        return _rate_limited(retry_after if retry_after.isdigit() else DEFAULT_RETRY_AFTER)
     return ApiError(502, "upstream_error", "The upstream service failed.")
+
+
+def _rate_limited(retry_after: str) -> ApiError:
+    message = "The upstream service is busy; try again shortly."
+    return ApiError(503, "upstream_rate_limited", message, headers={"Retry-After": retry_after})
 
 
 def _transport_error(exc: httpx.TransportError, operation: str) -> ApiError:

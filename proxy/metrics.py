@@ -1,0 +1,101 @@
+"""Prometheus metrics: what the service is doing, never who is doing it (no per-user labels).
+
+Each app gets its own registry, so several apps can run side by side in one process (tests do).
+With several worker processes, set `PROMETHEUS_MULTIPROC_DIR` to an empty directory before start:
+`/metrics` then aggregates every worker's numbers.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "bff_requests",
+            "HTTP requests by route template, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.open_streams = Gauge(
+            "bff_open_streams", "Relayed streams open right now.", registry=r, multiprocess_mode="livesum"
+        )
+        self.first_byte = Histogram(
+            "bff_stream_first_byte_seconds",
+            "Time from request to the first relayed byte.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "bff_stream_duration_seconds", "Duration of relayed streams.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.bytes_relayed = Counter("bff_relayed_bytes", "Bytes relayed to browsers.", registry=r)
+        self.chars_relayed = Counter("bff_relayed_chars", "Characters of generated text relayed.", registry=r)
+        self.stream_ends = Counter("bff_stream_ends", "Relayed streams by how they ended.", ["end"], registry=r)
+        self.disconnects = Counter(
+            "bff_client_disconnects", "Clients that left mid-relay, by stage.", ["stage"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "bff_upstream_errors",
+            "Upstream failures by class (connect, timeout, 4xx, 5xx, cut, circuit_open).",
+            ["kind"],
+            registry=r,
+        )
+        self.mints = Counter("bff_mints", "Upstream stream tokens minted, by outcome.", ["outcome"], registry=r)
+        self.rate_limited = Counter("bff_rate_limited", "Requests refused by a limit, by limit.", ["limit"], registry=r)
+        self.sessions = Counter("bff_session_events", "Session events (created, revoked, ...).", ["event"], registry=r)
+
+    def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts every response by route template (never the raw path: ids would explode cardinality)."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = scope.get("route")
+                template = getattr(route, "path", None) or "unmatched"
+                self.metrics.requests.labels(template, scope["method"], str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def metrics_route(metrics: Metrics) -> Route:
+    async def endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return Route("/metrics", endpoint, methods=["GET"])
