@@ -15,6 +15,7 @@ from proxy.metrics import Metrics, MetricsMiddleware, metrics_route
 from proxy.middleware.csrf import CsrfMiddleware
 from proxy.middleware.request_id import RequestIdMiddleware
 from proxy.middleware.security_headers import SecurityHeadersMiddleware
+from proxy.openapi import openapi_route
 from proxy.routes.auth import auth_routes
 from proxy.routes.ops import ops_routes
 from proxy.routes.workflows import workflow_routes
@@ -70,6 +71,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
     routes: list[BaseRoute] = [
         *ops_routes(),
         metrics_route(metrics),
+        openapi_route(),
         *auth_routes(settings.auth),
         *workflow_routes(settings.modes),
         *(extra_routes or []),
