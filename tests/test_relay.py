@@ -202,3 +202,16 @@ def test_relaying_needs_a_session(anonymous: httpx.Client, upstream: EmulatorCon
         assert response.status_code == 401
         assert response.json()["error"]["code"] == "unauthenticated"
     assert upstream.requests() == []
+
+
+def test_the_request_id_is_echoed_and_forwarded_upstream(guest: httpx.Client, upstream: EmulatorControl) -> None:
+    offered = guest.post(STREAM, json=INPUTS, headers={"X-Request-ID": "trace-123"})
+    generated = guest.post("/api/workflows/story/run", json={"topic": "x"}, headers={"X-Request-ID": "bad id!"})
+
+    assert offered.headers["x-request-id"] == "trace-123"
+    assert generated.headers["x-request-id"] != "bad id!"
+    [mint] = upstream.requests("mint")
+    [stream] = upstream.requests("stream")
+    [run] = upstream.requests("run")
+    assert mint["headers"]["x-request-id"] == stream["headers"]["x-request-id"] == "trace-123"
+    assert run["headers"]["x-request-id"] == generated.headers["x-request-id"]
