@@ -9,9 +9,12 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from proxy.storage import storage_scheme
 
 AuthMethod = Literal["guest", "jwt", "password"]
 Mode = Literal["token", "relay"]
@@ -129,8 +132,7 @@ class Settings(BaseSettings):
     @field_validator("storage_url")
     @classmethod
     def _storage_supported(cls, value: str) -> str:
-        if value != "memory://":
-            raise ValueError("only memory:// is available in this version")
+        storage_scheme(value)  # memory://, redis://host or rediss://host; raises ValueError otherwise
         return value
 
     def missing_for_serve(self) -> list[str]:
@@ -155,6 +157,9 @@ class Settings(BaseSettings):
         secrets = [s.get_secret_value() for s in self.session_secrets]
         if self.api_key is not None:
             secrets.append(self.api_key.get_secret_value())
+        password = urlsplit(self.storage_url).password
+        if password:
+            secrets.append(password)
         if self.jwt_secret is not None:
             secrets.append(self.jwt_secret.get_secret_value())
         return [s for s in secrets if s]

@@ -1,13 +1,78 @@
-"""Where server-side state lives. One interface (`Storage`), one implementation per backend."""
+"""Where server-side state lives. One interface (`Storage`), one implementation per backend.
 
-from proxy.storage.base import SessionRecord, Storage
+`BFF_STORAGE_URL` picks the backend: `memory://` (one process) or `redis://` / `rediss://` (shared by
+every replica). The rate limiter keeps its counters in the same place, through `open_limits_storage`.
+"""
+
+from __future__ import annotations
+
+from limits.aio.storage import Storage as LimitsStorage
+from limits.storage import storage_from_string
+
+from proxy.storage.base import SessionRecord, Storage, StorageUnavailable
 from proxy.storage.memory import MemoryStorage
+from proxy.storage.redis import RedisStorage, client_options
+
+MEMORY_SCHEMES = ("memory",)
+REDIS_SCHEMES = ("redis", "rediss")
+LIMITS_KEY_PREFIX = "bff-limits"
+
+
+def storage_scheme(url: str) -> str:
+    """The backend a storage URL names; ValueError for one we do not support."""
+    scheme, separator, rest = url.partition("://")
+    if not separator or scheme not in MEMORY_SCHEMES + REDIS_SCHEMES:
+        raise ValueError(f"unsupported storage URL scheme {scheme!r}: use memory://, redis:// or rediss://")
+    if scheme in MEMORY_SCHEMES and rest:
+        raise ValueError("memory:// takes nothing after the scheme")
+    if scheme in REDIS_SCHEMES and not rest.rpartition("@")[2].split("/", 1)[0]:
+        raise ValueError(f"{scheme}:// needs a host, as in {scheme}://redis:6379/0")
+    return scheme
 
 
 def open_storage(url: str) -> Storage:
-    if url == "memory://":
-        return MemoryStorage()
-    raise ValueError(f"unsupported storage URL scheme in {url.split(':', 1)[0]!r}")
+    if storage_scheme(url) in REDIS_SCHEMES:
+        return RedisStorage(url)
+    return MemoryStorage()
 
 
-__all__ = ["MemoryStorage", "SessionRecord", "Storage", "open_storage"]
+def limits_storage_uri(url: str) -> str:
+    """The `limits.aio` storage URI for a storage URL: `async+memory://` or `async+redis://...`."""
+    storage_scheme(url)
+    return "async+" + url
+
+
+def open_limits_storage(url: str) -> LimitsStorage:
+    """Async `limits` storage in the same place as ours, for slowapi-syntax limits that never block.
+
+    With Redis it uses redis-py's asyncio client (not coredis) with the same fail-fast options as
+    `RedisStorage`; errors come out as `limits.errors.StorageError` (raise `StorageUnavailable` from it).
+    """
+    uri = limits_storage_uri(url)
+    if storage_scheme(url) in REDIS_SCHEMES:
+        storage = storage_from_string(
+            uri,
+            implementation="redispy",
+            wrap_exceptions=True,
+            key_prefix=LIMITS_KEY_PREFIX,
+            **client_options(),
+        )
+    else:
+        storage = storage_from_string(uri)
+    assert isinstance(storage, LimitsStorage)
+    return storage
+
+
+__all__ = [
+    "MEMORY_SCHEMES",
+    "REDIS_SCHEMES",
+    "MemoryStorage",
+    "RedisStorage",
+    "SessionRecord",
+    "Storage",
+    "StorageUnavailable",
+    "limits_storage_uri",
+    "open_limits_storage",
+    "open_storage",
+    "storage_scheme",
+]

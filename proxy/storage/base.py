@@ -1,9 +1,37 @@
-"""The storage interface shared by every backend (memory now, Redis for many replicas)."""
+"""The storage interface shared by every backend: memory for one process, Redis for many replicas.
+
+Three kinds of state live here, each with its own expiry rule:
+- sessions, forgotten at their absolute `expires_at`;
+- leases (a named pool of at most `limit` holders, each holding for `ttl` seconds unless renewed), for
+  caps such as concurrent streams: a replica that dies without releasing loses its leases when they
+  expire, so a slot can never leak for longer than one ttl;
+- counters, incremented atomically and forgotten `ttl` seconds after their first increment, for budgets.
+
+Every operation is atomic in its backend, so the answers are exact across replicas sharing one Redis.
+A backend that cannot be reached raises `StorageUnavailable`, which answers 503 `storage_unavailable`:
+sign-in and relays fail closed rather than run without the state that enforces sessions and limits.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Protocol
+
+from proxy.errors import ApiError
+
+RETRY_AFTER_SECONDS = 5
+
+
+class StorageUnavailable(ApiError):
+    """The storage backend cannot be reached. An `ApiError`, so any route that meets it answers 503."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            503,
+            "storage_unavailable",
+            "The service cannot reach its storage. Try again shortly.",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
 
 
 @dataclass(frozen=True)
@@ -19,17 +47,54 @@ class SessionRecord:
 
 
 class Storage(Protocol):
-    async def get_session(self, key: str) -> SessionRecord | None: ...
+    # Sessions
+
+    async def get_session(self, key: str) -> SessionRecord | None:
+        """The record, or None when there is none or it is past `expires_at`."""
 
     async def save_session(self, record: SessionRecord) -> None:
-        """Create or replace; a backend may forget the record after `expires_at`."""
+        """Create or replace; the backend forgets the record at `expires_at`."""
+
+    async def touch_session(self, key: str, last_seen: float) -> bool:
+        """Set `last_seen` of an existing session; False (and nothing written) if it has ended.
+
+        Unlike `save_session`, a touch racing a logout on another replica never brings the session back.
+        """
 
     async def delete_session(self, key: str) -> None: ...
 
     async def delete_user_sessions(self, user_id: str) -> list[str]:
-        """End every session of a user; returns the keys that were removed."""
+        """End every session of a user; returns the keys of the live sessions that were removed."""
+
+    # Leases: a pool `name` of at most `limit` holders at a time
+
+    async def acquire_lease(self, name: str, holder: str, limit: int, ttl: float) -> bool:
+        """Take one of the `limit` places in `name` for `ttl` seconds; False if all are held.
+
+        Expired leases free their place first. A holder that already holds a place keeps it (and its
+        ttl restarts), so retrying an acquire never takes two places.
+        """
+
+    async def renew_lease(self, name: str, holder: str, ttl: float) -> bool:
+        """Extend a held lease to `ttl` seconds from now; False if it had expired or was released."""
+
+    async def release_lease(self, name: str, holder: str) -> None: ...
+
+    async def count_leases(self, name: str) -> int:
+        """How many unexpired leases `name` has."""
+
+    # Counters
+
+    async def incr(self, key: str, amount: int, ttl: float) -> int:
+        """Add `amount` and return the new value; a new counter is forgotten `ttl` seconds after
+        its first increment (later increments do not extend it)."""
+
+    async def get_counter(self, key: str) -> int:
+        """The current value; 0 for a counter that does not exist or has expired."""
+
+    # Lifecycle
 
     async def ping(self) -> None:
-        """Raise if the backend cannot be reached."""
+        """Raise `StorageUnavailable` if the backend cannot be reached."""
 
     async def close(self) -> None: ...

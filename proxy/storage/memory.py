@@ -1,7 +1,13 @@
-"""Storage in this process's memory: one process only, lost on restart."""
+"""Storage in this process's memory: one process only, lost on restart.
+
+Every method runs without awaiting anything, so each is atomic on the event loop, as the interface asks.
+Session expiry follows the wall clock (`expires_at` is a timestamp); leases and counters follow the
+monotonic clock, so a clock step can neither free a slot early nor hold it forever.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import defaultdict
 
@@ -10,11 +16,21 @@ from proxy.storage.base import SessionRecord
 PURGE_EVERY = 256
 
 
+@dataclasses.dataclass
+class _Counter:
+    value: int
+    expires_at: float  # monotonic
+
+
 class MemoryStorage:
     def __init__(self) -> None:
         self._sessions: dict[str, SessionRecord] = {}
         self._by_user: defaultdict[str, set[str]] = defaultdict(set)
+        self._leases: dict[str, dict[str, float]] = {}  # name -> holder -> monotonic expiry
+        self._counters: dict[str, _Counter] = {}
         self._writes = 0
+
+    # Sessions
 
     async def get_session(self, key: str) -> SessionRecord | None:
         record = self._sessions.get(key)
@@ -26,24 +42,94 @@ class MemoryStorage:
     async def save_session(self, record: SessionRecord) -> None:
         self._sessions[record.key] = record
         self._by_user[record.user_id].add(record.key)
-        self._writes += 1
-        if self._writes % PURGE_EVERY == 0:
-            self._purge_expired()
+        self._count_write()
+
+    async def touch_session(self, key: str, last_seen: float) -> bool:
+        record = await self.get_session(key)
+        if record is None:
+            return False
+        self._sessions[key] = dataclasses.replace(record, last_seen=last_seen)
+        return True
 
     async def delete_session(self, key: str) -> None:
         self._forget(key)
 
     async def delete_user_sessions(self, user_id: str) -> list[str]:
-        keys = sorted(self._by_user.pop(user_id, set()))
-        for key in keys:
-            self._sessions.pop(key, None)
-        return keys
+        now = time.time()
+        removed = []
+        for key in sorted(self._by_user.pop(user_id, set())):
+            record = self._sessions.pop(key, None)
+            if record is not None and record.expires_at > now:
+                removed.append(key)
+        return removed
+
+    # Leases
+
+    async def acquire_lease(self, name: str, holder: str, limit: int, ttl: float) -> bool:
+        holders = self._live_holders(name)
+        if holder not in holders and len(holders) >= limit:
+            return False
+        holders[holder] = time.monotonic() + ttl
+        self._leases[name] = holders
+        self._count_write()
+        return True
+
+    async def renew_lease(self, name: str, holder: str, ttl: float) -> bool:
+        holders = self._live_holders(name)
+        if holder not in holders:
+            return False
+        holders[holder] = time.monotonic() + ttl
+        return True
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        holders = self._leases.get(name)
+        if holders is not None:
+            holders.pop(holder, None)
+            if not holders:
+                del self._leases[name]
+
+    async def count_leases(self, name: str) -> int:
+        return len(self._live_holders(name))
+
+    # Counters
+
+    async def incr(self, key: str, amount: int, ttl: float) -> int:
+        counter = self._live_counter(key)
+        if counter is None:
+            counter = self._counters[key] = _Counter(0, time.monotonic() + ttl)
+            self._count_write()
+        counter.value += amount
+        return counter.value
+
+    async def get_counter(self, key: str) -> int:
+        counter = self._live_counter(key)
+        return 0 if counter is None else counter.value
+
+    # Lifecycle
 
     async def ping(self) -> None:
         return None
 
     async def close(self) -> None:
         return None
+
+    def _live_holders(self, name: str) -> dict[str, float]:
+        holders = self._leases.get(name)
+        if holders is None:
+            return {}
+        now = time.monotonic()
+        for holder in [h for h, expires_at in holders.items() if expires_at <= now]:
+            del holders[holder]
+        if not holders:
+            del self._leases[name]
+        return holders
+
+    def _live_counter(self, key: str) -> _Counter | None:
+        counter = self._counters.get(key)
+        if counter is not None and counter.expires_at <= time.monotonic():
+            del self._counters[key]
+            return None
+        return counter
 
     def _forget(self, key: str) -> None:
         record = self._sessions.pop(key, None)
@@ -54,7 +140,14 @@ class MemoryStorage:
                 if not keys:
                     del self._by_user[record.user_id]
 
-    def _purge_expired(self) -> None:
-        now = time.time()
-        for key in [k for k, r in self._sessions.items() if r.expires_at <= now]:
-            self._forget(key)
+    def _count_write(self) -> None:
+        """Every so many writes, drop what has expired, so idle keys cannot grow memory without bound."""
+        self._writes += 1
+        if self._writes % PURGE_EVERY == 0:
+            now = time.time()
+            for key in [k for k, r in self._sessions.items() if r.expires_at <= now]:
+                self._forget(key)
+            for name in list(self._leases):
+                self._live_holders(name)
+            for key in list(self._counters):
+                self._live_counter(key)

@@ -1,0 +1,266 @@
+"""Storage in Redis, shared by every replica: the same sessions, leases and counters whichever one answers.
+
+Each operation that reads and writes is one Lua script, so it is atomic in Redis and exact across
+replicas. Leases and counters expire on Redis's clock (`TIME` inside the scripts), never on a replica's,
+so replicas with skewed clocks still agree on when a lease has lapsed.
+
+Keys (all under one prefix, `bff:` by default):
+- `session:<key>`: a hash with the record's fields, expiring at the record's absolute `expires_at`;
+- `user:<user_id>`: a sorted set of that user's session keys scored by their expiry, for logout-all;
+- `lease:<name>`: a sorted set of holders scored by the expiry of their lease (milliseconds);
+- `counter:<key>`: an integer.
+
+Scripts build session keys from the prefix, so Redis Cluster is not supported: use one primary (with
+replicas or Sentinel for failover handled by the URL you give).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis.asyncio
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from proxy.storage.base import SessionRecord, StorageUnavailable
+
+logger = logging.getLogger("proxy.storage")
+
+KEY_PREFIX = "bff:"
+# A request waits at most this long on a Redis that stopped answering before it gets a 503.
+SOCKET_TIMEOUT_SECONDS = 2.0
+
+# Errors that mean "Redis cannot be reached right now", as opposed to a bug in a command.
+# BusyLoadingError (Redis still loading its data after a restart) is a ConnectionError.
+UNREACHABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,  # a primary turned replica during a failover
+    OSError,
+)
+
+SAVE_SESSION = """
+-- KEYS: session, user index. ARGV: user_id, kind, created_at, last_seen, expires_at, expiry ms, member
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'user_id', ARGV[1], 'kind', ARGV[2], 'created_at', ARGV[3],
+           'last_seen', ARGV[4], 'expires_at', ARGV[5])
+redis.call('PEXPIREAT', KEYS[1], ARGV[6])
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZADD', KEYS[2], ARGV[6], ARGV[7])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+if last[2] then redis.call('PEXPIREAT', KEYS[2], last[2]) end
+"""
+
+TOUCH_SESSION = """
+-- KEYS: session. ARGV: last_seen
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'last_seen', ARGV[1])
+return 1
+"""
+
+DELETE_SESSION = """
+-- KEYS: session. ARGV: user index prefix, member
+local user_id = redis.call('HGET', KEYS[1], 'user_id')
+redis.call('DEL', KEYS[1])
+if user_id then redis.call('ZREM', ARGV[1] .. user_id, ARGV[2]) end
+"""
+
+DELETE_USER_SESSIONS = """
+-- KEYS: user index. ARGV: session key prefix. Returns the members whose session was still live.
+local removed = {}
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if redis.call('DEL', ARGV[1] .. member) == 1 then table.insert(removed, member) end
+end
+redis.call('DEL', KEYS[1])
+return removed
+"""
+
+# Every lease script first drops the lapsed holders, so a crashed replica's leases free themselves.
+LEASE_PRELUDE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local function keep_until_last_lease()
+  local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+  if last[2] then redis.call('PEXPIREAT', KEYS[1], last[2]) end
+end
+"""
+
+ACQUIRE_LEASE = (
+    LEASE_PRELUDE
+    + """
+-- KEYS: lease set. ARGV: holder, limit, ttl ms
+if not redis.call('ZSCORE', KEYS[1], ARGV[1])
+   and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+keep_until_last_lease()
+return 1
+"""
+)
+
+RENEW_LEASE = (
+    LEASE_PRELUDE
+    + """
+-- KEYS: lease set. ARGV: holder, ttl ms
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+keep_until_last_lease()
+return 1
+"""
+)
+
+COUNT_LEASES = (
+    LEASE_PRELUDE
+    + """
+return redis.call('ZCARD', KEYS[1])
+"""
+)
+
+INCR = """
+-- KEYS: counter. ARGV: amount, ttl ms. The ttl is set once, when the counter is created.
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return value
+"""
+
+
+def milliseconds(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+@contextmanager
+def reachable() -> Iterator[None]:
+    """Turn "Redis cannot be reached" into `StorageUnavailable`; the client reconnects on its next call."""
+    try:
+        yield
+    except UNREACHABLE as exc:
+        logger.warning("storage unreachable", extra={"error": type(exc).__name__})
+        raise StorageUnavailable() from exc
+
+
+def client_options() -> dict[str, Any]:
+    """Options for a `redis.asyncio` client that fails fast while Redis is down and recovers by itself.
+
+    One immediate retry replaces a pooled connection that died with a Redis restart; more retries with
+    backoff (redis-py's default) would hold every request for seconds before the 503. Options in the
+    URL's query string (`?socket_timeout=5`) take precedence.
+    """
+    return {
+        "socket_timeout": SOCKET_TIMEOUT_SECONDS,
+        "socket_connect_timeout": SOCKET_TIMEOUT_SECONDS,
+        "retry": Retry(NoBackoff(), 1),
+        "health_check_interval": 30,
+    }
+
+
+class RedisStorage:
+    def __init__(self, url: str, *, key_prefix: str = KEY_PREFIX) -> None:
+        self._client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(url, decode_responses=True, **client_options())
+        self._prefix = key_prefix
+        register = self._client.register_script
+        self._save_session = register(SAVE_SESSION)
+        self._touch_session = register(TOUCH_SESSION)
+        self._delete_session = register(DELETE_SESSION)
+        self._delete_user_sessions = register(DELETE_USER_SESSIONS)
+        self._acquire_lease = register(ACQUIRE_LEASE)
+        self._renew_lease = register(RENEW_LEASE)
+        self._count_leases = register(COUNT_LEASES)
+        self._incr = register(INCR)
+
+    # Sessions
+
+    async def get_session(self, key: str) -> SessionRecord | None:
+        with reachable():
+            fields = await self._client.hgetall(self._key("session", key))
+        try:
+            record = SessionRecord(
+                key=key,
+                user_id=str(fields["user_id"]),
+                kind=str(fields["kind"]),
+                created_at=float(fields["created_at"]),
+                last_seen=float(fields["last_seen"]),
+                expires_at=float(fields["expires_at"]),
+            )
+        except (KeyError, ValueError):  # missing, or not written by us: no session either way
+            return None
+        # Redis expires the key on its own clock; this replica's clock decides too, as with memory.
+        return record if record.expires_at > time.time() else None
+
+    async def save_session(self, record: SessionRecord) -> None:
+        keys = [self._key("session", record.key), self._key("user", record.user_id)]
+        times = (record.created_at, record.last_seen, record.expires_at)
+        # Floats as `repr`, which round-trips exactly; the expiry also in milliseconds, for PEXPIREAT.
+        values: list[str | int] = [
+            record.user_id,
+            record.kind,
+            *map(repr, times),
+            math.ceil(record.expires_at * 1000),
+            record.key,
+        ]
+        with reachable():
+            await self._save_session(keys, values)
+
+    async def touch_session(self, key: str, last_seen: float) -> bool:
+        with reachable():
+            return bool(await self._touch_session([self._key("session", key)], [repr(last_seen)]))
+
+    async def delete_session(self, key: str) -> None:
+        with reachable():
+            await self._delete_session([self._key("session", key)], [self._key("user", ""), key])
+
+    async def delete_user_sessions(self, user_id: str) -> list[str]:
+        with reachable():
+            removed = await self._delete_user_sessions([self._key("user", user_id)], [self._key("session", "")])
+        return sorted(str(member) for member in removed)
+
+    # Leases
+
+    async def acquire_lease(self, name: str, holder: str, limit: int, ttl: float) -> bool:
+        with reachable():
+            taken = await self._acquire_lease([self._key("lease", name)], [holder, limit, milliseconds(ttl)])
+        return bool(taken)
+
+    async def renew_lease(self, name: str, holder: str, ttl: float) -> bool:
+        with reachable():
+            return bool(await self._renew_lease([self._key("lease", name)], [holder, milliseconds(ttl)]))
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        with reachable():
+            await self._client.zrem(self._key("lease", name), holder)
+
+    async def count_leases(self, name: str) -> int:
+        with reachable():
+            return int(await self._count_leases([self._key("lease", name)]))
+
+    # Counters
+
+    async def incr(self, key: str, amount: int, ttl: float) -> int:
+        with reachable():
+            return int(await self._incr([self._key("counter", key)], [amount, milliseconds(ttl)]))
+
+    async def get_counter(self, key: str) -> int:
+        with reachable():
+            value = await self._client.get(self._key("counter", key))
+        return int(value) if value is not None else 0
+
+    # Lifecycle
+
+    async def ping(self) -> None:
+        with reachable():
+            await self._client.ping()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self._prefix}{kind}:{name}"

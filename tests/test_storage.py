@@ -1,0 +1,495 @@
+"""The storage contract: one suite, run against memory and against Redis on a real `redis-server`.
+
+`replicas` gives two handles on one store: the same object for memory (one process), two separate
+clients of one Redis for Redis, so every "across replicas" claim is checked where it can hold.
+The end of the file runs real proxy processes sharing one Redis, and stops Redis under them.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import httpx
+import limits
+import limits.errors
+import pytest
+from limits.aio.strategies import MovingWindowRateLimiter
+
+from proxy.cli import ConfigError, load_settings
+from proxy.storage import (
+    MemoryStorage,
+    RedisStorage,
+    SessionRecord,
+    Storage,
+    StorageUnavailable,
+    limits_storage_uri,
+    open_limits_storage,
+    open_storage,
+)
+from tests.conftest import require_tool
+from tests.servers import ServerProcess, browser, start_proxy
+
+pytestmark = pytest.mark.anyio
+
+REDIS_START_SECONDS = 10.0
+EVENTUALLY_SECONDS = 10.0
+# Loopback only; every write appended and synced to disk before the reply, no snapshots.
+REDIS_OPTIONS = ["--bind", "127.0.0.1", "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+
+
+@dataclass
+class RedisServer:
+    """A `redis-server` on a free loopback port, persisting every write (AOF) so a restart loses nothing."""
+
+    executable: str
+    data_dir: Path
+    port: int = 0
+    logs: list[str] = field(default_factory=list)
+    process: subprocess.Popen[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.port = self.port or free_port()
+        self.process = subprocess.Popen(
+            [self.executable, "--port", str(self.port), "--dir", str(self.data_dir), *REDIS_OPTIONS],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        ready = threading.Event()
+        threading.Thread(target=self._read, args=(self.process, ready), daemon=True).start()
+        if not ready.wait(REDIS_START_SECONDS) or self.process.poll() is not None:
+            self.stop()
+            raise RuntimeError("redis-server did not start:\n" + "\n".join(self.logs[-20:]))
+        return self
+
+    def _read(self, process: subprocess.Popen[str], ready: threading.Event) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            self.logs.append(line.rstrip("\n"))
+            if "Ready to accept connections" in line:
+                ready.set()
+        ready.set()  # exited: start() sees poll() is not None
+
+    def stop(self) -> None:
+        """A clean shutdown (SIGTERM), as an orchestrator would do; the AOF already holds every write."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process = None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_redis(data_dir: Path) -> RedisServer:
+    return RedisServer(require_tool("redis-server"), data_dir).start()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def replicas(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Storage, Storage]]:
+    if request.param == "memory":
+        memory = MemoryStorage()
+        yield memory, memory
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    prefix = f"test-{uuid.uuid4().hex}:"  # each test its own keys, so tests never see each other's state
+    first, second = RedisStorage(server.url, key_prefix=prefix), RedisStorage(server.url, key_prefix=prefix)
+    yield first, second
+    await first.close()
+    await second.close()
+
+
+@pytest.fixture
+def storage(replicas: tuple[Storage, Storage]) -> Storage:
+    return replicas[0]
+
+
+def record(key: str = "k1", user_id: str = "u1", *, lifetime: float = 3600.0) -> SessionRecord:
+    now = time.time()
+    return SessionRecord(key, user_id, "guest", created_at=now, last_seen=now, expires_at=now + lifetime)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Wait for something that must happen on its own (an expiry); fail if it has not within a bound."""
+    deadline = time.monotonic() + EVENTUALLY_SECONDS
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await anyio.sleep(0.02)
+
+
+# Sessions
+
+
+async def test_a_saved_session_reads_back_exactly_on_every_replica(replicas: tuple[Storage, Storage]) -> None:
+    first, second = replicas
+    saved = record()
+
+    await first.save_session(saved)
+
+    assert await first.get_session("k1") == saved
+    assert await second.get_session("k1") == saved
+    assert await second.get_session("other") is None
+
+
+async def test_saving_again_replaces_the_record(storage: Storage) -> None:
+    await storage.save_session(record())
+    replacement = SessionRecord("k1", "u1", "guest", created_at=1.0, last_seen=2.0, expires_at=time.time() + 60)
+
+    await storage.save_session(replacement)
+
+    assert await storage.get_session("k1") == replacement
+
+
+async def test_a_session_is_gone_at_its_absolute_expiry(storage: Storage) -> None:
+    await storage.save_session(record("over", lifetime=-1.0))
+    await storage.save_session(record("short", lifetime=0.2))
+    await storage.save_session(record("long"))
+
+    assert await storage.get_session("over") is None
+    await eventually(lambda: is_none(storage.get_session("short")), "a session outliving its expires_at")
+    assert await storage.get_session("long") is not None
+    assert await storage.delete_user_sessions("u1") == ["long"]
+
+
+async def is_none(lookup: Awaitable[SessionRecord | None]) -> bool:
+    return await lookup is None
+
+
+async def test_touch_moves_last_seen_and_nothing_else(replicas: tuple[Storage, Storage]) -> None:
+    first, second = replicas
+    saved = record()
+    await first.save_session(saved)
+
+    assert await second.touch_session("k1", saved.last_seen + 42.5) is True
+
+    assert await first.get_session("k1") == SessionRecord(
+        "k1", "u1", "guest", saved.created_at, saved.last_seen + 42.5, saved.expires_at
+    )
+
+
+async def test_a_touch_never_brings_back_an_ended_session(replicas: tuple[Storage, Storage]) -> None:
+    first, second = replicas
+    await first.save_session(record())
+    await first.delete_session("k1")
+
+    assert await second.touch_session("k1", time.time()) is False
+    assert await second.get_session("k1") is None
+
+
+async def test_deleting_a_session_on_one_replica_ends_it_on_the_other(replicas: tuple[Storage, Storage]) -> None:
+    first, second = replicas
+    await first.save_session(record("k1"))
+    await first.save_session(record("k2"))
+
+    await second.delete_session("k1")
+    await second.delete_session("never-existed")
+
+    assert await first.get_session("k1") is None
+    assert await first.get_session("k2") is not None
+    assert await first.delete_user_sessions("u1") == ["k2"]
+
+
+async def test_logout_all_ends_every_session_of_the_user_and_no_other(replicas: tuple[Storage, Storage]) -> None:
+    first, second = replicas
+    for key, user in (("a2", "alice"), ("a1", "alice"), ("b1", "bob")):
+        await first.save_session(record(key, user))
+
+    assert await second.delete_user_sessions("alice") == ["a1", "a2"]
+
+    assert await first.get_session("a1") is None
+    assert await first.get_session("a2") is None
+    assert await first.get_session("b1") is not None
+    assert await first.delete_user_sessions("alice") == []
+    assert await first.delete_user_sessions("nobody") == []
+
+
+# Leases
+
+
+async def test_a_lease_pool_admits_at_most_its_limit_across_replicas(replicas: tuple[Storage, Storage]) -> None:
+    first, second = replicas
+
+    taken = [await (first, second)[n % 2].acquire_lease("streams:u1", f"s{n}", 3, 60) for n in range(5)]
+
+    assert taken == [True, True, True, False, False]
+    assert await first.count_leases("streams:u1") == 3
+    assert await second.count_leases("streams:u1") == 3
+
+
+async def test_concurrent_acquires_never_exceed_the_limit(replicas: tuple[Storage, Storage]) -> None:
+    first, second = replicas
+    results: list[bool] = []
+
+    async def acquire(replica: Storage, holder: str) -> None:
+        results.append(await replica.acquire_lease("streams:u1", holder, 3, 60))
+
+    async with anyio.create_task_group() as group:
+        for n in range(20):
+            group.start_soon(acquire, (first, second)[n % 2], f"s{n}")
+
+    assert sorted(results) == [False] * 17 + [True] * 3
+    assert await first.count_leases("streams:u1") == 3
+
+
+async def test_acquiring_again_keeps_one_place(storage: Storage) -> None:
+    assert await storage.acquire_lease("streams:u1", "s1", 2, 60)
+    assert await storage.acquire_lease("streams:u1", "s1", 2, 60)
+
+    assert await storage.count_leases("streams:u1") == 1
+    assert await storage.acquire_lease("streams:u1", "s2", 2, 60)
+
+
+async def test_a_released_lease_frees_its_place_on_every_replica(replicas: tuple[Storage, Storage]) -> None:
+    first, second = replicas
+    await first.acquire_lease("streams:u1", "s1", 1, 60)
+
+    await second.release_lease("streams:u1", "s1")
+    await second.release_lease("streams:u1", "never-held")
+    await second.release_lease("no-such-pool", "s1")
+
+    assert await first.count_leases("streams:u1") == 0
+    assert await first.acquire_lease("streams:u1", "s2", 1, 60)
+
+
+async def test_a_lapsed_lease_frees_its_place_without_a_release(storage: Storage) -> None:
+    """What happens to the stream slots of a replica that crashed mid-stream."""
+    assert await storage.acquire_lease("streams:u1", "crashed", 1, 0.2)
+    assert await storage.acquire_lease("streams:u1", "alive", 2, 60)
+
+    await eventually(lambda: has_count(storage, "streams:u1", 1), "the crashed holder's lease lapsing")
+    assert await storage.acquire_lease("streams:u1", "next", 2, 60)
+    assert await storage.renew_lease("streams:u1", "crashed", 60) is False
+
+
+async def has_count(storage: Storage, name: str, count: int) -> bool:
+    return await storage.count_leases(name) == count
+
+
+async def test_renewing_keeps_a_held_lease_and_refuses_a_released_one(replicas: tuple[Storage, Storage]) -> None:
+    first, second = replicas
+    await first.acquire_lease("streams:u1", "s1", 1, 60)
+
+    assert await second.renew_lease("streams:u1", "s1", 120) is True
+    assert await second.renew_lease("streams:u1", "stranger", 120) is False
+    assert await first.count_leases("streams:u1") == 1  # a failed renew takes no place
+
+    await first.release_lease("streams:u1", "s1")
+    assert await second.renew_lease("streams:u1", "s1", 120) is False
+
+
+async def test_lease_pools_are_independent(storage: Storage) -> None:
+    assert await storage.acquire_lease("streams:u1", "s", 1, 60)
+    assert await storage.acquire_lease("streams:u2", "s", 1, 60)
+    assert await storage.count_leases("streams:u3") == 0
+
+
+# Counters
+
+
+async def test_counters_add_exactly_across_replicas(replicas: tuple[Storage, Storage]) -> None:
+    first, second = replicas
+
+    async def charge(replica: Storage) -> None:
+        await replica.incr("output:u1", 7, 3600)
+
+    async with anyio.create_task_group() as group:
+        for n in range(30):
+            group.start_soon(charge, (first, second)[n % 2])
+
+    assert await first.get_counter("output:u1") == 210
+    assert await second.incr("output:u1", -10, 3600) == 200  # a refund
+    assert await first.get_counter("output:u2") == 0
+
+
+async def test_a_counter_expires_its_ttl_after_creation_not_after_each_increment(storage: Storage) -> None:
+    assert await storage.incr("budget:u1", 5, 0.5) == 5
+    assert await storage.incr("budget:u1", 5, 3600) == 10  # does not push the expiry back
+
+    await eventually(lambda: counter_is(storage, "budget:u1", 0), "the counter expiring")
+    assert await storage.incr("budget:u1", 1, 3600) == 1
+
+
+async def counter_is(storage: Storage, key: str, value: int) -> bool:
+    return await storage.get_counter(key) == value
+
+
+async def test_ping_answers_while_the_backend_is_up(storage: Storage) -> None:
+    await storage.ping()
+
+
+# Redis going away and coming back
+
+
+async def test_redis_down_raises_storage_unavailable_then_recovers_with_nothing_lost(tmp_path: Path) -> None:
+    server = start_redis(tmp_path)
+    storage = RedisStorage(server.url)
+    kept = record("kept")
+    try:
+        await storage.save_session(kept)
+        await storage.acquire_lease("streams:u1", "s1", 1, 600)
+        await storage.incr("output:u1", 11, 3600)
+
+        server.stop()
+        calls: list[Callable[[], Awaitable[object]]] = [
+            storage.ping,
+            lambda: storage.get_session("kept"),
+            lambda: storage.save_session(record("new")),
+            lambda: storage.delete_user_sessions("u1"),
+            lambda: storage.acquire_lease("streams:u1", "s2", 1, 60),
+            lambda: storage.incr("output:u1", 1, 3600),
+        ]
+        for call in calls:
+            with pytest.raises(StorageUnavailable) as raised:
+                await call()
+            assert (raised.value.status, raised.value.code) == (503, "storage_unavailable")
+            assert raised.value.headers["Retry-After"].isdigit()
+
+        server.start()  # same port, same data directory
+        await storage.ping()
+        assert await storage.get_session("kept") == kept
+        assert await storage.acquire_lease("streams:u1", "s2", 1, 60) is False  # s1's lease survived
+        assert await storage.get_counter("output:u1") == 11
+    finally:
+        await storage.close()
+        server.stop()
+
+
+# Choosing a backend, and the rate limiter's storage
+
+
+def test_the_storage_url_picks_the_backend() -> None:
+    assert isinstance(open_storage("memory://"), MemoryStorage)
+    assert isinstance(open_storage("redis://redis.internal:6379/0"), RedisStorage)
+    assert isinstance(open_storage("rediss://:pw@redis.internal:6380/2"), RedisStorage)
+    assert limits_storage_uri("memory://") == "async+memory://"
+    assert limits_storage_uri("redis://redis.internal:6379/0") == "async+redis://redis.internal:6379/0"
+
+
+@pytest.mark.parametrize(
+    "url", ["", "memory", "memory://x", "redis://", "redis:///0", "redis+cluster://h:1", "http://h", "mongodb://h"]
+)
+def test_an_unsupported_storage_url_stops_start_up_naming_the_variable(url: str) -> None:
+    with pytest.raises(ConfigError, match="BFF_STORAGE_URL"):
+        load_settings(_env_file=None, storage_url=url)
+
+
+async def test_rate_limit_counts_are_shared_by_replicas_through_redis(redis_server: RedisServer) -> None:
+    """The same `limits` syntax the rate limits use, counted in our Redis by two independent clients."""
+    first, second = open_limits_storage(redis_server.url), open_limits_storage(redis_server.url)
+    item = limits.parse("3/minute")
+    user = f"user-{uuid.uuid4().hex}"
+
+    hits = [await MovingWindowRateLimiter((first, second)[n % 2]).hit(item, user) for n in range(5)]
+
+    assert hits == [True, True, True, False, False]
+    assert await first.check()
+
+
+async def test_rate_limit_storage_errors_while_redis_is_down(tmp_path: Path) -> None:
+    server = start_redis(tmp_path)
+    limiter = MovingWindowRateLimiter(open_limits_storage(server.url))
+    item = limits.parse("3/minute")
+    assert await limiter.hit(item, "u1")
+
+    try:
+        server.stop()
+        with pytest.raises(limits.errors.StorageError):
+            await limiter.hit(item, "u1")
+
+        server.start()
+        assert await limiter.hit(item, "u1")
+    finally:
+        server.stop()
+
+
+# Live: proxy processes sharing one Redis
+
+
+@pytest.fixture(scope="module")
+def two_replicas(emulator: ServerProcess, redis_server: RedisServer) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    first = start_proxy(emulator.url, BFF_STORAGE_URL=redis_server.url)
+    try:
+        second = start_proxy(emulator.url, BFF_STORAGE_URL=redis_server.url)
+    except Exception:
+        first.stop()
+        raise
+    yield first, second
+    first.stop()
+    second.stop()
+
+
+def test_a_session_from_one_replica_works_on_the_other_until_a_logout_on_either(
+    two_replicas: tuple[ServerProcess, ServerProcess],
+) -> None:
+    first, second = two_replicas
+    with browser(first.url) as on_first:
+        user = on_first.post("/auth/guest").json()["user"]
+        with browser(second.url, cookies=on_first.cookies) as on_second:
+            assert on_second.get("/auth/session").json()["user"] == user
+
+            assert on_first.post("/auth/logout").status_code == 204
+
+            refused = on_second.get("/auth/session")
+            assert refused.status_code == 401
+            assert refused.json()["error"]["code"] == "unauthenticated"
+
+
+def test_replicas_fail_closed_while_redis_is_down_and_recover_by_themselves(
+    two_replicas: tuple[ServerProcess, ServerProcess], redis_server: RedisServer
+) -> None:
+    first, second = two_replicas
+    with browser(first.url) as signed_in, browser(second.url) as newcomer:
+        user = signed_in.post("/auth/guest").json()["user"]
+        redis_server.stop()
+        try:
+            refused = newcomer.post("/auth/guest")
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "storage_unavailable"
+            assert refused.headers["retry-after"].isdigit()
+            assert "set-cookie" not in refused.headers
+            assert signed_in.get("/auth/session").status_code == 503  # never "signed out", never "fine"
+            for replica in (first, second):
+                assert httpx.get(f"{replica.url}/readyz").status_code == 503
+                assert httpx.get(f"{replica.url}/healthz").status_code == 200
+        finally:
+            redis_server.start()
+
+        for replica in (first, second):
+            assert httpx.get(f"{replica.url}/readyz").status_code == 200
+        assert signed_in.get("/auth/session").json()["user"] == user  # the session survived the restart
+        with browser(second.url, cookies=signed_in.cookies) as elsewhere:
+            assert elsewhere.get("/auth/session").json()["user"] == user
+        assert newcomer.post("/auth/guest").status_code == 200
