@@ -11,7 +11,7 @@ from limits.storage import storage_from_string
 
 from proxy.storage.base import SessionRecord, Storage, StorageUnavailable
 from proxy.storage.memory import MemoryStorage
-from proxy.storage.redis import RedisStorage, client_options
+from proxy.storage.redis import RedisStorage, connection_pool
 
 MEMORY_SCHEMES = ("memory",)
 REDIS_SCHEMES = ("redis", "rediss")
@@ -55,7 +55,7 @@ def open_limits_storage(url: str) -> LimitsStorage:
             implementation="redispy",
             wrap_exceptions=True,
             key_prefix=LIMITS_KEY_PREFIX,
-            **client_options(),
+            connection_pool=connection_pool(url),  # type: ignore[arg-type]
         )
     else:
         storage = storage_from_string(uri)

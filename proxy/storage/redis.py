@@ -35,6 +35,8 @@ logger = logging.getLogger("proxy.storage")
 KEY_PREFIX = "bff:"
 # A request waits at most this long on a Redis that stopped answering before it gets a 503.
 SOCKET_TIMEOUT_SECONDS = 2.0
+# Connections per process to Redis; commands beyond that wait (see connection_pool).
+POOL_MAX_CONNECTIONS = 200
 
 # Errors that mean "Redis cannot be reached right now", as opposed to a bug in a command.
 # BusyLoadingError (Redis still loading its data after a restart) is a ConnectionError.
@@ -148,24 +150,30 @@ def reachable() -> Iterator[None]:
         raise StorageUnavailable() from exc
 
 
-def client_options() -> dict[str, Any]:
-    """Options for a `redis.asyncio` client that fails fast while Redis is down and recovers by itself.
+def connection_pool(url: str, **options: Any) -> redis.asyncio.BlockingConnectionPool:
+    """A pool for a `redis.asyncio` client that fails fast while Redis is down and recovers by itself.
 
-    One immediate retry replaces a pooled connection that died with a Redis restart; more retries with
-    backoff (redis-py's default) would hold every request for seconds before the 503. Options in the
-    URL's query string (`?socket_timeout=5`) take precedence.
+    redis-py's default asyncio pool refuses the 101st concurrent command outright ("Too many
+    connections"), which under load would turn limit checks into 503s; a blocking pool makes a command
+    wait for a free connection instead, up to the socket timeout. One immediate retry replaces a pooled
+    connection that died with a Redis restart; more retries with backoff (redis-py's default) would hold
+    every request for seconds before the 503. Options in the URL's query string take precedence.
     """
-    return {
-        "socket_timeout": SOCKET_TIMEOUT_SECONDS,
-        "socket_connect_timeout": SOCKET_TIMEOUT_SECONDS,
-        "retry": Retry(NoBackoff(), 1),
-        "health_check_interval": 30,
-    }
+    return redis.asyncio.BlockingConnectionPool.from_url(
+        url,
+        max_connections=POOL_MAX_CONNECTIONS,
+        timeout=SOCKET_TIMEOUT_SECONDS,
+        socket_timeout=SOCKET_TIMEOUT_SECONDS,
+        socket_connect_timeout=SOCKET_TIMEOUT_SECONDS,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=30,
+        **options,
+    )
 
 
 class RedisStorage:
     def __init__(self, url: str, *, key_prefix: str = KEY_PREFIX) -> None:
-        self._client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(url, decode_responses=True, **client_options())
+        self._client = redis.asyncio.Redis(connection_pool=connection_pool(url, decode_responses=True))
         self._prefix = key_prefix
         register = self._client.register_script
         self._save_session = register(SAVE_SESSION)
