@@ -10,13 +10,17 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from proxy.auth import build_authenticators
 from proxy.errors import ApiError, handle_api_error
 from proxy.metrics import Metrics, MetricsMiddleware, metrics_route
+from proxy.middleware.body_policy import BodyPolicyMiddleware
+from proxy.middleware.cors import CorsMiddleware
 from proxy.middleware.csrf import CsrfMiddleware
 from proxy.middleware.request_id import RequestIdMiddleware
 from proxy.middleware.security_headers import SecurityHeadersMiddleware
 from proxy.openapi import openapi_route
 from proxy.routes.auth import auth_routes
+from proxy.routes.chat import chat_routes
 from proxy.routes.ops import ops_routes
 from proxy.routes.workflows import workflow_routes
 from proxy.services import Services
@@ -72,12 +76,14 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         *ops_routes(),
         metrics_route(metrics),
         openapi_route(),
-        *auth_routes(settings.auth),
+        *auth_routes(build_authenticators(settings)),
         *workflow_routes(settings.modes),
+        *chat_routes(settings.modes),
         *(extra_routes or []),
     ]
     # Listed outermost first. Forwarded headers are believed only from BFF_TRUSTED_PROXIES, so the
-    # CSRF check sees the scheme the browser used.
+    # CSRF check sees the scheme the browser used. CORS answers preflights before the CSRF check, and
+    # wraps it so an allowed origin can read a refusal.
     middleware = [
         Middleware(RequestIdMiddleware),
         Middleware(MetricsMiddleware, metrics=metrics),
@@ -87,7 +93,9 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
             if settings.trusted_proxies
             else []
         ),
+        Middleware(CorsMiddleware, allowed_origins=settings.allowed_origins),
         Middleware(CsrfMiddleware, allowed_origins=settings.allowed_origins),
+        Middleware(BodyPolicyMiddleware, max_bytes=settings.max_body_bytes),
     ]
     return Starlette(
         routes=routes,

@@ -16,6 +16,8 @@ from starlette.routing import Mount
 from starlette.types import ASGIApp
 
 from proxy.app import create_app
+from proxy.auth import AuthConfigError, build_authenticators
+from proxy.auth.users_cli import add_users_command
 from proxy.emulator import create_emulator
 from proxy.errors import ApiError
 from proxy.logging import configure_logging
@@ -50,6 +52,10 @@ def checked_settings() -> Settings:
         parse_workflows(settings.workflows, settings.workflows_file)
     except WorkflowConfigError as exc:
         raise ConfigError(f"BFF_WORKFLOWS: {exc}") from None
+    try:
+        build_authenticators(settings)  # reads the users file: a bad one stops start-up, named
+    except AuthConfigError as exc:
+        raise ConfigError(str(exc)) from None
     return settings
 
 
@@ -154,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument("--chunk-delay", type=float, default=0.05, help="seconds between chunks")
             command.add_argument("--max-stream-seconds", type=float, default=300.0)
     commands.add_parser("check", help="validate configuration and mint one test token").set_defaults(handler=check)
+    add_users_command(commands)
     args = parser.parse_args(argv)
     try:
         args.handler(args)

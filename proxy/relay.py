@@ -4,6 +4,10 @@ Starlette's StreamingResponse only notices a client that left once the response 
 model can take minutes to its first token. So this response watches `receive()` for `http.disconnect`
 from the very start, and cancels everything, including the pending upstream request, the moment the
 browser goes away. The whole relay runs under one deadline (`BFF_MAX_STREAM_SECONDS`).
+
+Until the upstream's first byte, protocols that can say nothing (SSE comments, blank lines) send
+keep-alives, so proxies with an idle timeout do not cut a long wait. The 200 is committed when the
+upstream answers, or at the first keep-alive if it has not yet; errors after that go in-band.
 """
 
 from __future__ import annotations
@@ -12,17 +16,20 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio
 import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from proxy.errors import ApiError, send_error
+from proxy.errors import ApiError, send_error, unauthenticated
 from proxy.protocols import StreamEncoder
+from proxy.streams import StreamOwner
 
 logger = logging.getLogger("proxy.relay")
 
+T = TypeVar("T")
 OpenUpstream = Callable[[], Awaitable[httpx.Response]]
 STREAM_HEADERS = {
     # No buffering anywhere between the upstream and the browser: nginx honours X-Accel-Buffering,
@@ -32,6 +39,10 @@ STREAM_HEADERS = {
 }
 INTERRUPTED = "The answer was interrupted. Please try again."
 TOO_LONG = "The answer took too long and was stopped."
+FAILED = "An error occurred."
+SESSION_ENDED = "The session ended."
+# Below the usual proxy idle timeouts (nginx and AWS ALB: 60 s).
+KEEPALIVE_SECONDS = 15.0
 
 
 @dataclass
@@ -44,7 +55,13 @@ class RelayStats:
 
 class RelayResponse(Response):
     def __init__(
-        self, open_upstream: OpenUpstream, encoder: StreamEncoder, *, deadline: float, description: str
+        self,
+        open_upstream: OpenUpstream,
+        encoder: StreamEncoder,
+        *,
+        deadline: float,
+        description: str,
+        owner: StreamOwner | None = None,
     ) -> None:
         super().__init__()
         self.open_upstream = open_upstream
@@ -52,8 +69,29 @@ class RelayResponse(Response):
         self.deadline = deadline
         self.description = description
         self.stats = RelayStats()
+        # A quarter of the deadline when that is shorter, so even a short deadline sees keep-alives.
+        self.keepalive_seconds = min(KEEPALIVE_SECONDS, deadline / 4)
+        self.started = False
+        self.upstream: httpx.Response | None = None
+        # Whose relay this is: registered while it runs, so logout can stop it (proxy/streams.py).
+        self.owner = owner
+        self.revoked = False
+        self._window: anyio.CancelScope | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.owner is None:
+            await self._watched(scope, receive, send)
+            return
+        with self.owner.running(self.stop, lambda: self.stats.end):
+            await self._watched(scope, receive, send)
+
+    def stop(self) -> None:
+        """End this relay because its session ended; it answers 401, or an in-band error once started."""
+        self.revoked = True
+        if self._window is not None:
+            self._window.cancel()
+
+    async def _watched(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with anyio.create_task_group() as group:
 
             async def watch_disconnect() -> None:
@@ -71,29 +109,43 @@ class RelayResponse(Response):
                 self._log()
 
     async def _relay(self, path: str, send: Send) -> None:
-        upstream: httpx.Response | None = None
-        started = False
         try:
-            with anyio.move_on_after(self.deadline):
+            with anyio.move_on_after(self.deadline) as self._window:
+                if self.revoked:
+                    self._window.cancel()
                 try:
-                    upstream = await self.open_upstream()
+                    upstream = await self._keeping_alive(send, self._open)
                 except ApiError as error:
                     self.stats.end = f"refused:{error.code}"
-                    await send_error(error, path, send)
+                    if self.started:
+                        await self._fail(send, error.message)
+                    else:
+                        await send_error(error, path, send)
                     return
-                await send({"type": "http.response.start", "status": 200, "headers": self._start_headers()})
-                started = True
+                await self._start(send)
+                chunks = upstream.aiter_raw()
+                data = await self._keeping_alive(send, lambda: anext(chunks, None))
                 prefix = self.encoder.open()
-                async for data in upstream.aiter_raw():
+                while data is not None:
                     if self.stats.first_byte_at is None:
                         self.stats.first_byte_at = time.monotonic()
-                    await self._send(send, prefix + self.encoder.chunk(data))
-                    prefix = b""
+                    framed = prefix + self.encoder.chunk(data)
+                    if framed:  # empty while a split UTF-8 character waits for its other bytes
+                        await self._send(send, framed)
+                        prefix = b""
+                    data = await anext(chunks, None)
                 await self._send(send, prefix + self.encoder.close(), more=False)
                 self.stats.end = "complete"
                 return
+            if self.revoked:
+                self.stats.end = "revoked"
+                if not self.started:
+                    await send_error(unauthenticated(), path, send)
+                else:
+                    await self._fail(send, SESSION_ENDED)
+                return
             self.stats.end = "deadline"
-            if not started:
+            if not self.started:
                 await send_error(ApiError(504, "upstream_timeout", TOO_LONG), path, send)
             else:
                 await self._fail(send, TOO_LONG)
@@ -101,11 +153,62 @@ class RelayResponse(Response):
             logger.warning("upstream stream broke off: %s", type(exc).__name__)
             self.stats.end = "upstream_cut"
             await self._fail(send, INTERRUPTED)
+        except Exception:
+            # Nothing may escape a started stream: the client would only see an opaque network error.
+            logger.exception("relay failed")
+            self.stats.end = "failed"
+            if self.started:
+                await self._fail(send, FAILED)
+            else:
+                await send_error(ApiError(502, "upstream_error", FAILED), path, send)
         finally:
-            if upstream is not None:
+            if self.upstream is not None:
                 # Closing must finish even when we are being cancelled, or the connection leaks.
                 with anyio.CancelScope(shield=True):
-                    await upstream.aclose()
+                    await self.upstream.aclose()
+
+    async def _open(self) -> httpx.Response:
+        # Kept on self at once, so the finally above closes it even if we are cancelled right after.
+        self.upstream = await self.open_upstream()
+        return self.upstream
+
+    async def _keeping_alive(self, send: Send, work: Callable[[], Awaitable[T]]) -> T:
+        """Await `work`, sending the encoder's keep-alive each interval until it is done.
+
+        `work` runs in a task of its own and is never interrupted by a keep-alive: cancelling a
+        pending upstream request or read would lose it. The first keep-alive commits the 200.
+        """
+        keepalive = self.encoder.keepalive
+        if keepalive is None:
+            return await work()
+        done = anyio.Event()
+        outcome: list[T] = []
+        failure: list[Exception] = []
+
+        async def run() -> None:
+            try:
+                outcome.append(await work())
+            except Exception as exc:  # re-raised below, in the caller's task
+                failure.append(exc)
+            finally:
+                done.set()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(run)
+            while not done.is_set():
+                with anyio.move_on_after(self.keepalive_seconds):
+                    await done.wait()
+                if not done.is_set():
+                    await self._start(send)
+                    await self._send(send, keepalive)
+        if failure:
+            raise failure[0]
+        return outcome[0]
+
+    async def _start(self, send: Send) -> None:
+        if not self.started:
+            self.started = True
+            await send({"type": "http.response.start", "status": 200, "headers": self._start_headers()})
 
     async def _send(self, send: Send, body: bytes, *, more: bool = True) -> None:
         self.stats.bytes_out += len(body)

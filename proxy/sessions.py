@@ -3,36 +3,46 @@
 The cookie proves nothing by itself: it is only a pointer, signed so that ids cannot be guessed or
 forged. The record (user, created, last seen, absolute expiry) decides, so logout, idle and absolute
 timeouts are enforced here on the server and a copied cookie stops working the moment it is revoked.
+
+Signing keys are a list (`BFF_SESSION_SECRETS`, newest first): the newest signs, every one verifies,
+so a rotation logs nobody out. Ending a session also ends the relays it is running (proxy/streams.py),
+and every lifecycle event is written to the audit log (proxy/audit.py) under a hash, never the id.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
 import time
-from dataclasses import dataclass
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from proxy.errors import unauthenticated
+from proxy.audit import AuditLog
+from proxy.errors import ApiError, unauthenticated
 from proxy.storage import SessionRecord, Storage
+from proxy.streams import StreamOwner, StreamRegistry
 
 # A separate salt per purpose: a value signed for one use can never be replayed as another.
 COOKIE_SALT = "workflow-bff.session-cookie"
 # Writing last_seen on every request would cost a storage write per request; a coarse grain is enough
 # for an idle timeout measured in minutes.
 TOUCH_GRAIN_SECONDS = 15.0
+MAX_COOKIE_BYTES = 1024
+# Sent when a session ends, by logout or by expiry (bff-security R8). "cookies" is the one directive
+# that matters to us; clearing the cache as well would slow every logout down in some browsers.
+CLEAR_SITE_DATA = '"cookies"'
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class User:
     id: str
     kind: str
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Session:
     record: SessionRecord
     idle_seconds: int
@@ -52,6 +62,7 @@ class Session:
 
 
 def session_key(session_id: str) -> str:
+    """The storage key: a hash, so a leaked storage dump holds no usable session id."""
     return hashlib.sha256(session_id.encode()).hexdigest()
 
 
@@ -66,9 +77,13 @@ class SessionManager:
         cookie_secure: bool,
         samesite: str = "strict",
     ) -> None:
+        if not secrets_newest_first:
+            raise ValueError("at least one session secret is required")
         self._storage = storage
         # itsdangerous signs with the last key and verifies with all of them.
         self._serializer = URLSafeTimedSerializer(list(reversed(secrets_newest_first)), salt=COOKIE_SALT)
+        self.audit = AuditLog(secrets_newest_first[0])
+        self.streams = StreamRegistry(self.audit)
         self.idle_seconds = idle_seconds
         self.max_seconds = max_seconds
         self.cookie_secure = cookie_secure
@@ -77,13 +92,27 @@ class SessionManager:
         # Domain; plain-http development cannot meet that, so it gets the plain name.
         self.cookie_name = "__Host-bff_session" if cookie_secure else "bff_session"
 
-    async def start(self, user: User) -> tuple[Session, str]:
-        """A new session with a new id, every time: a cookie planted before sign-in never survives it.
+    async def sign_in(self, connection: HTTPConnection, user: User) -> tuple[Session, str]:
+        """End whatever session the browser had, then start a new one with a new id, every time: a
+        cookie planted before sign-in never survives it (no session fixation).
 
         Returns the session and the signed cookie value to hand to `set_cookie`.
         """
+        previous = await self._end(connection, reason="replaced")
+        session, cookie = await self.start(user)
+        self.audit.record(
+            "session.renewed" if previous is not None else "session.created",
+            session.key,
+            user_id=user.id,
+            connection=connection,
+            kind=user.kind,
+            **({"previous_sid_hash": self.audit.sid_hash(previous.key)} if previous is not None else {}),
+        )
+        return session, cookie
+
+    async def start(self, user: User) -> tuple[Session, str]:
         now = time.time()
-        session_id = secrets.token_urlsafe(32)
+        session_id = secrets.token_urlsafe(32)  # 256 bits from the OS CSPRNG
         record = SessionRecord(
             key=session_key(session_id),
             user_id=user.id,
@@ -95,6 +124,56 @@ class SessionManager:
         await self._storage.save_session(record)
         return Session(record, self.idle_seconds), self._serializer.dumps(session_id)
 
+    async def current(self, connection: HTTPConnection, *, touch: bool = True) -> Session | None:
+        """The valid session this request carries, or None. `touch=False` leaves the idle timer alone."""
+        session_id = self._session_id(connection)
+        if session_id is None:
+            return None
+        record = await self._storage.get_session(session_key(session_id))
+        if record is None:
+            return None
+        now = time.time()
+        expired = self._expiry(record, now)
+        if expired is not None:
+            await self._revoke(record, reason=expired, connection=connection)
+            return None
+        if touch and now - record.last_seen >= min(TOUCH_GRAIN_SECONDS, self.idle_seconds / 4):
+            # A touch never recreates a session that a logout (perhaps on another replica) just ended.
+            if not await self._storage.touch_session(record.key, now):
+                return None
+            record = dataclasses.replace(record, last_seen=now)
+        return Session(record, self.idle_seconds)
+
+    async def require(self, connection: HTTPConnection, *, touch: bool = True) -> Session:
+        session = await self.current(connection, touch=touch)
+        if session is None:
+            raise self.unauthenticated(connection)
+        return session
+
+    def unauthenticated(self, connection: HTTPConnection) -> ApiError:
+        """401; when the browser still holds a cookie that no longer opens a session (expired, revoked,
+        signed with a retired key), the answer also clears it."""
+        error = unauthenticated()
+        if connection.cookies.get(self.cookie_name):
+            error.headers.update(self.clear_headers())
+        return error
+
+    async def end(self, connection: HTTPConnection) -> Session | None:
+        """Logout: revoke this browser's session and stop its relays."""
+        return await self._end(connection, reason="logout")
+
+    async def end_all(self, connection: HTTPConnection, session: Session) -> int:
+        """Logout everywhere: revoke every session of the user and stop all their relays."""
+        user = session.user
+        keys = await self._storage.delete_user_sessions(user.id)
+        stopped = self.streams.stop_user(user.id)
+        for key in keys:
+            self.audit.record("session.revoked", key, user_id=user.id, connection=connection, reason="logout_all")
+        return stopped + len(keys)
+
+    def stream_owner(self, session: Session, what: str) -> StreamOwner:
+        return StreamOwner(self.streams, session.key, session.user.id, what)
+
     def set_cookie(self, response: Response, value: str) -> None:
         response.set_cookie(
             self.cookie_name,
@@ -105,51 +184,55 @@ class SessionManager:
             httponly=True,
             samesite=self.samesite,  # type: ignore[arg-type]
         )
-
-    async def current(self, connection: HTTPConnection, *, touch: bool = True) -> Session | None:
-        """The valid session this request carries, or None. `touch=False` leaves the idle timer alone."""
-        session_id = self._session_id(connection)
-        if session_id is None:
-            return None
-        record = await self._storage.get_session(session_key(session_id))
-        if record is None:
-            return None
-        now = time.time()
-        if now >= record.expires_at or now >= record.last_seen + self.idle_seconds:
-            await self._storage.delete_session(record.key)
-            return None
-        if touch and now - record.last_seen >= min(TOUCH_GRAIN_SECONDS, self.idle_seconds / 4):
-            record = SessionRecord(**{**record.__dict__, "last_seen": now})
-            await self._storage.save_session(record)
-        return Session(record, self.idle_seconds)
-
-    async def require(self, connection: HTTPConnection) -> Session:
-        session = await self.current(connection)
-        if session is None:
-            raise unauthenticated()
-        return session
-
-    async def end(self, connection: HTTPConnection) -> Session | None:
-        session = await self.current(connection, touch=False)
-        if session is not None:
-            await self._storage.delete_session(session.key)
-        return session
-
-    async def end_all(self, user: User) -> list[str]:
-        return await self._storage.delete_user_sessions(user.id)
+        written = response.headers["set-cookie"]
+        if len(written.encode()) > MAX_COOKIE_BYTES:  # pragma: no cover - an id and a timestamp never are
+            raise RuntimeError("session cookie larger than 1 KB")
 
     def clear_cookie(self, response: Response) -> None:
-        response.delete_cookie(
+        headers = self.clear_headers()
+        response.headers.append("Set-Cookie", headers.pop("Set-Cookie"))
+        response.headers.update(headers)
+
+    def clear_headers(self) -> dict[str, str]:
+        """The headers that end the session in the browser: an expired cookie and Clear-Site-Data."""
+        expired = Response()
+        expired.delete_cookie(
             self.cookie_name,
             path="/",
             secure=self.cookie_secure,
             httponly=True,
             samesite=self.samesite,  # type: ignore[arg-type]
         )
+        return {
+            "Set-Cookie": expired.headers["set-cookie"],
+            "Clear-Site-Data": CLEAR_SITE_DATA,
+            "Cache-Control": "no-store",
+        }
+
+    def _expiry(self, record: SessionRecord, now: float) -> str | None:
+        """Why the record has ended, if it has: the absolute end first, whatever the activity."""
+        if now >= record.expires_at:
+            return "expired_absolute"
+        if now >= record.last_seen + self.idle_seconds:
+            return "expired_idle"
+        return None
+
+    async def _end(self, connection: HTTPConnection, *, reason: str) -> Session | None:
+        session = await self.current(connection, touch=False)
+        if session is not None:
+            await self._revoke(session.record, reason=reason, connection=connection)
+        return session
+
+    async def _revoke(self, record: SessionRecord, *, reason: str, connection: HTTPConnection) -> None:
+        await self._storage.delete_session(record.key)
+        stopped = self.streams.stop_session(record.key)
+        self.audit.record(
+            "session.revoked", record.key, user_id=record.user_id, connection=connection, reason=reason, relays=stopped
+        )
 
     def _session_id(self, connection: HTTPConnection) -> str | None:
         value = connection.cookies.get(self.cookie_name)
-        if not value or len(value) > 1024:
+        if not value or len(value) > MAX_COOKIE_BYTES:
             return None
         try:
             session_id = self._serializer.loads(value, max_age=self.max_seconds)

@@ -20,7 +20,7 @@ AuthMethod = Literal["guest", "jwt", "password"]
 Mode = Literal["token", "relay"]
 
 MIN_SECRET_CHARS = 32
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def _split_commas(value: object) -> object:
@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     max_input_chars: int = Field(default=16000, ge=1, le=1_000_000)
     token_ttl: int = Field(default=60, ge=1, le=300)
     max_stream_seconds: float = Field(default=300.0, gt=0, le=3600)
+    # Circuit breaker: after this many consecutive connection failures, timeouts or 502-504 answers,
+    # upstream calls fail fast with 503 upstream_unavailable for the cooldown.
     upstream_failure_threshold: int = Field(default=5, ge=1, le=1000)
     upstream_cooldown_seconds: float = Field(default=10.0, gt=0, le=600)
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -97,10 +99,10 @@ class Settings(BaseSettings):
     @classmethod
     def _jwks_over_https(cls, value: str | None) -> str | None:
         # Keys fetched over plain http could be swapped in transit; loopback is allowed for development.
-        if value is None or value.startswith("https://"):
+        parts = urlsplit(value or "")
+        if value is None or (parts.scheme == "https" and parts.hostname):
             return value
-        host = value.removeprefix("http://").split("/", 1)[0].rsplit(":", 1)[0]
-        if value.startswith("http://") and host in LOOPBACK_HOSTS:
+        if parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS:
             return value
         raise ValueError("must be an https:// URL (http:// only for localhost)")
 

@@ -7,6 +7,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from proxy.errors import ApiError, invalid_input
 
@@ -18,6 +19,17 @@ INPUT_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 class WorkflowConfigError(ValueError):
     pass
+
+
+def is_https_url(url: str) -> bool:
+    """An absolute https: URL with a host, and nothing a URL parser could read two ways."""
+    if any(character.isspace() or not character.isprintable() for character in url):
+        return False
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme == "https" and bool(parts.hostname)
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,10 @@ class Workflow:
                 raise invalid_input(f"The input {name!r} must be a string.")
             if len(value) > max_chars:
                 raise invalid_input(f"The input {name!r} is longer than {max_chars} characters.")
+            if name == self.image_input and not all(is_https_url(url) for url in value.split("\n") if url):
+                # The upstream fetches image inputs itself: http: could be read or changed on the way,
+                # and javascript:/data:/file: URLs are no images it should be asked to fetch.
+                raise invalid_input(f"The input {name!r} takes https: image URLs, one per line.")
             inputs[name] = value
         return {**inputs, **self.fixed}
 

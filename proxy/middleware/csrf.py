@@ -1,8 +1,10 @@
-"""CSRF and origin policy for every state-changing route (CONTRACT B5).
+"""CSRF and origin policy for every state-changing route (CONTRACT B5, bff-security R10-R12).
 
 Three checks, all required: the static `X-CSRF: 1` header (a cross-origin page cannot send it without
-a CORS preflight we would refuse); `Sec-Fetch-Site: cross-site` only from an allowed origin; and an
-`Origin`, when the browser sends one, that is this service's own origin or an allowed one.
+a CORS preflight, which only `BFF_ALLOWED_ORIGINS` pass); `Sec-Fetch-Site: cross-site` or `same-site`
+only from an allowed origin; and an `Origin`, when the browser sends one, that is this service's own
+origin or an allowed one. A request with neither `Origin` nor `Sec-Fetch-Site` (curl, a server) is
+let through on the header alone: browsers send at least one of them on every cross-origin POST.
 """
 
 from __future__ import annotations
@@ -14,6 +16,16 @@ from proxy.errors import ApiError, send_error
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PROTECTED_PREFIXES = ("/auth/", "/api/")
+# `same-site` is another origin on our registrable domain, such as a sibling subdomain that someone
+# else may run; it is treated like `cross-site` (OWASP: same-site is not same-origin).
+FOREIGN_FETCH_SITES = frozenset({"cross-site", "same-site"})
+
+
+def is_protected(scope: Scope) -> bool:
+    """A state-changing request to our API: the requests every policy in this package guards."""
+    return (
+        scope["type"] == "http" and scope["method"] not in SAFE_METHODS and scope["path"].startswith(PROTECTED_PREFIXES)
+    )
 
 
 class CsrfMiddleware:
@@ -22,11 +34,7 @@ class CsrfMiddleware:
         self.allowed_origins = frozenset(allowed_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["method"] not in SAFE_METHODS
-            and scope["path"].startswith(PROTECTED_PREFIXES)
-        ):
+        if is_protected(scope):
             problem = self.problem(scope)
             if problem is not None:
                 await send_error(ApiError(403, "csrf_failed", problem), scope["path"], send)
@@ -39,7 +47,7 @@ class CsrfMiddleware:
             return "The X-CSRF: 1 header is required."
         origin = headers.get("origin")
         allowed = origin is not None and origin in self.allowed_origins
-        if headers.get("sec-fetch-site") == "cross-site" and not allowed:
+        if headers.get("sec-fetch-site") in FOREIGN_FETCH_SITES and not allowed:
             return "Cross-site requests are not allowed."
         if origin is not None and not allowed and origin != own_origin(scope, headers):
             return "This origin is not allowed."

@@ -1,18 +1,21 @@
-"""`/auth/*`: signing in, checking and ending browser sessions (CONTRACT B1)."""
+"""`/auth/*`: signing in, checking and ending browser sessions (CONTRACT B1).
+
+Every sign-in route is one authenticator (proxy/auth/) plus the same session handling, so whichever
+method proved who the browser is, the old session ends and a new session id is issued.
+"""
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.errors import unauthenticated
+from proxy.auth import Authenticator
 from proxy.services import services
-from proxy.sessions import Session, User
+from proxy.sessions import Session
 
 NO_STORE = {"Cache-Control": "no-store"}
 
@@ -26,40 +29,50 @@ def session_body(session: Session) -> dict[str, object]:
     return {"user": {"id": user.id, "kind": user.kind}, "expires_at": iso(session.expires_at), "limits": {}}
 
 
-async def start_session(request: Request, user: User) -> Response:
-    """Sign `user` in: end whatever session the browser had, then issue a new id."""
-    sessions = services(request).sessions
-    await sessions.end(request)
-    session, cookie = await sessions.start(user)
-    response = JSONResponse(session_body(session), headers=NO_STORE)
-    sessions.set_cookie(response, cookie)
-    return response
+def sign_in_endpoint(authenticator: Authenticator) -> Callable[[Request], Awaitable[Response]]:
+    async def sign_in(request: Request) -> Response:
+        user = await authenticator.authenticate(request)
+        sessions = services(request).sessions
+        session, cookie = await sessions.sign_in(request, user)
+        response = JSONResponse(session_body(session), headers=NO_STORE)
+        sessions.set_cookie(response, cookie)
+        return response
 
-
-async def guest(request: Request) -> Response:
-    return await start_session(request, User(id=f"guest_{secrets.token_hex(8)}", kind="guest"))
+    return sign_in
 
 
 async def current_session(request: Request) -> Response:
-    session = await services(request).sessions.current(request, touch=False)
-    if session is None:
-        raise unauthenticated()
+    # touch=False: polling the session must not keep it alive (bff-security R6, Duende's slide=false).
+    session = await services(request).sessions.require(request, touch=False)
     return JSONResponse(session_body(session), headers=NO_STORE)
 
 
 async def logout(request: Request) -> Response:
+    """Ends this session server-side and its running relays. 204 even without a session: the browser
+    wants to be signed out, and it is."""
     sessions = services(request).sessions
     await sessions.end(request)
-    response = Response(status_code=204, headers={**NO_STORE, "Clear-Site-Data": '"cookies"'})
+    response = Response(status_code=204)
     sessions.clear_cookie(response)
     return response
 
 
-def auth_routes(methods: Sequence[str]) -> list[Route]:
+async def logout_all(request: Request) -> Response:
+    """Ends every session of this user, on every device, and all their running relays."""
+    sessions = services(request).sessions
+    session = await sessions.require(request, touch=False)
+    await sessions.end_all(request, session)
+    response = Response(status_code=204)
+    sessions.clear_cookie(response)
+    return response
+
+
+def auth_routes(authenticators: Sequence[Authenticator]) -> list[Route]:
     routes = [
         Route("/auth/session", current_session, methods=["GET"]),
         Route("/auth/logout", logout, methods=["POST"]),
+        Route("/auth/logout-all", logout_all, methods=["POST"]),
     ]
-    if "guest" in methods:
-        routes.append(Route("/auth/guest", guest, methods=["POST"]))
+    for authenticator in authenticators:
+        routes.append(Route(authenticator.path, sign_in_endpoint(authenticator), methods=["POST"]))
     return routes

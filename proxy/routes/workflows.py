@@ -16,12 +16,13 @@ from proxy.protocols import TextEncoder
 from proxy.relay import RelayResponse
 from proxy.routes.auth import iso
 from proxy.services import Services, services
+from proxy.sessions import Session
 from proxy.workflows import Workflow
 
 
 async def mint(request: Request) -> Response:
     bff = services(request)
-    await bff.sessions.require(request)
+    session = await bff.sessions.require(request)
     body = await read_json(request, bff.settings.max_body_bytes)
     if not isinstance(body, dict) or not isinstance(body.get("workflow"), str):
         raise invalid_input('Send {"workflow": "<name>"} with an optional "ttl" in seconds.')
@@ -33,6 +34,14 @@ async def mint(request: Request) -> Response:
     if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
         raise invalid_input('"ttl" must be a whole number of seconds, at least 1.')
     minted = await bff.upstream.mint_token(min(ttl, bff.settings.token_ttl), request_id=current_request_id())
+    bff.sessions.audit.record(
+        "token.minted",
+        session.key,
+        user_id=session.user.id,
+        connection=request,
+        workflow=workflow.alias,
+        ttl=minted.ttl,
+    )
     return JSONResponse(
         {
             "token": minted.token,
@@ -44,16 +53,16 @@ async def mint(request: Request) -> Response:
     )
 
 
-async def _workflow_and_inputs(request: Request) -> tuple[Services, Workflow, dict[str, str]]:
+async def _workflow_and_inputs(request: Request) -> tuple[Services, Session, Workflow, dict[str, str]]:
     bff = services(request)
-    await bff.sessions.require(request)
+    session = await bff.sessions.require(request)
     workflow = bff.workflows.get(request.path_params["alias"])
     body = await read_json(request, bff.settings.max_body_bytes)
-    return bff, workflow, workflow.build_inputs(body, bff.settings.max_input_chars)
+    return bff, session, workflow, workflow.build_inputs(body, bff.settings.max_input_chars)
 
 
 async def stream(request: Request) -> Response:
-    bff, workflow, inputs = await _workflow_and_inputs(request)
+    bff, session, workflow, inputs = await _workflow_and_inputs(request)
     request_id = current_request_id()
 
     async def open_upstream() -> httpx.Response:
@@ -65,12 +74,16 @@ async def stream(request: Request) -> Response:
         TextEncoder(),
         deadline=bff.settings.max_stream_seconds,
         description=f"stream:{workflow.alias}",
+        owner=bff.sessions.stream_owner(session, f"stream:{workflow.alias}"),
     )
 
 
 async def run(request: Request) -> Response:
-    bff, workflow, inputs = await _workflow_and_inputs(request)
-    result = await bff.upstream.run(workflow.id, inputs, request_id=current_request_id())
+    bff, session, workflow, inputs = await _workflow_and_inputs(request)
+    with bff.sessions.stream_owner(session, f"run:{workflow.alias}").cancellable() as ended_by_logout:
+        result = await bff.upstream.run(workflow.id, inputs, request_id=current_request_id())
+    if ended_by_logout.cancelled_caught:
+        raise bff.sessions.unauthenticated(request)
     return JSONResponse({"result": result.result, "citations": result.citations})
 
 

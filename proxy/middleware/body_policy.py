@@ -1,0 +1,58 @@
+"""Bodies of state-changing API requests: JSON only, and never more than `BFF_MAX_BODY_BYTES`.
+
+JSON-only is a CSRF defence as much as hygiene (bff-security R11): `text/plain`, form and multipart
+bodies are what a cross-site form can send without a preflight. The size cap is enforced here for
+every route, before any route reads a byte: a declared `Content-Length` over the cap is refused at
+once, and a chunked body is counted as it is read and refused the moment it passes the cap.
+"""
+
+from __future__ import annotations
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from proxy.errors import ApiError, invalid_input, send_error
+from proxy.middleware.csrf import is_protected
+
+JSON_MEDIA_TYPE = "application/json"
+
+
+def too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, "body_too_large", f"The body is larger than {max_bytes} bytes.")
+
+
+class BodyPolicyMiddleware:
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not is_protected(scope):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
+        has_body = "transfer-encoding" in headers or declared not in (None, "0")
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        problem: ApiError | None = None
+        if has_body and media_type != JSON_MEDIA_TYPE:
+            problem = invalid_input("Send the body as application/json.")
+        elif declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            problem = too_large(self.max_bytes)
+        if problem is not None:
+            await send_error(problem, scope["path"], send)
+            return
+
+        received = 0
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Raised into the route that is reading the body; its error handler answers 413.
+                    raise too_large(self.max_bytes)
+            return message
+
+        await self.app(scope, counted_receive, send)

@@ -1,0 +1,80 @@
+"""The relays running in this process, by session and by user, so that logout can end them (R9).
+
+A relay registers a `stop` callback for as long as it runs. `POST /auth/logout` stops the relays of
+that session and `POST /auth/logout-all` those of every session of the user. The registry is per
+process: with several replicas a relay on another replica runs on until it ends or reaches
+`BFF_MAX_STREAM_SECONDS`, but it can never be started again with the revoked cookie.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+
+import anyio
+
+from proxy.audit import AuditLog
+
+Stop = Callable[[], None]
+Outcome = Callable[[], str]
+
+
+@dataclass(eq=False)
+class RunningStream:
+    session_key: str
+    user_id: str
+    stop: Stop
+
+
+@dataclass
+class StreamRegistry:
+    audit: AuditLog
+    _running: set[RunningStream] = field(default_factory=set)
+
+    @contextmanager
+    def running(self, owner: StreamOwner, stop: Stop, outcome: Outcome) -> Iterator[None]:
+        entry = RunningStream(owner.session_key, owner.user_id, stop)
+        self._running.add(entry)
+        self.audit.record("relay.start", owner.session_key, user_id=owner.user_id, relay=owner.what)
+        try:
+            yield
+        finally:
+            self._running.discard(entry)
+            self.audit.record("relay.end", owner.session_key, user_id=owner.user_id, relay=owner.what, end=outcome())
+
+    def stop_session(self, session_key: str) -> int:
+        return self._stop([entry for entry in self._running if entry.session_key == session_key])
+
+    def stop_user(self, user_id: str) -> int:
+        return self._stop([entry for entry in self._running if entry.user_id == user_id])
+
+    def _stop(self, entries: list[RunningStream]) -> int:
+        for entry in entries:
+            entry.stop()
+        return len(entries)
+
+
+@dataclass(frozen=True)
+class StreamOwner:
+    """Whose relay this is; handed to `RelayResponse` so the relay can be found and stopped."""
+
+    registry: StreamRegistry
+    session_key: str
+    user_id: str
+    what: str
+
+    def running(self, stop: Stop, outcome: Outcome) -> AbstractContextManager[None]:
+        return self.registry.running(self, stop, outcome)
+
+    @contextmanager
+    def cancellable(self) -> Iterator[anyio.CancelScope]:
+        """Run a non-streaming upstream call so that logout cancels it too; afterwards the scope's
+        `cancelled_caught` says whether it was."""
+        outcome = "failed"
+        with (
+            anyio.CancelScope() as scope,
+            self.running(scope.cancel, lambda: "revoked" if scope.cancel_called else outcome),
+        ):
+            yield scope
+            outcome = "complete"

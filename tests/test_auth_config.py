@@ -1,0 +1,64 @@
+"""Sign-in configuration is checked at start-up: a method that cannot work stops `serve` with the
+name of the variable to fix, and never with a traceback or a secret in the message."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.identity import JWT_SECRET
+from tests.servers import ROOT, TEST_API_KEY, proxy_env
+
+
+def serve(**overrides: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BFF_")}
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--port", "0"],
+        env={**clean, **proxy_env("http://127.0.0.1:9"), **overrides},
+        cwd=ROOT / "tests",  # no .env here
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"BFF_AUTH": "jwt"}, "BFF_JWT_SECRET or BFF_JWKS_URL"),
+        ({"BFF_AUTH": "guest,password"}, "BFF_USERS_FILE"),
+        ({"BFF_AUTH": "password", "BFF_USERS_FILE": "/nonexistent/users.json"}, "BFF_USERS_FILE"),
+        ({"BFF_AUTH": "jwt", "BFF_JWT_SECRET": "short"}, "BFF_JWT_SECRET"),
+        ({"BFF_AUTH": "jwt", "BFF_JWKS_URL": "http://id.example.com/jwks.json"}, "BFF_JWKS_URL"),
+        ({"BFF_SESSION_SECRETS": "n" * 40 + ",too-short-old-key"}, "BFF_SESSION_SECRETS"),
+    ],
+)
+def test_a_sign_in_method_that_cannot_work_stops_start_up(overrides: dict[str, str], named: str) -> None:
+    result = serve(**overrides)
+
+    assert result.returncode == 2, result.stderr
+    assert named in result.stderr
+    assert "Traceback" not in result.stderr
+    assert TEST_API_KEY not in result.stderr + result.stdout
+
+
+def test_a_corrupt_users_file_stops_start_up(tmp_path: Path) -> None:
+    users = tmp_path / "users.json"
+    users.write_text('{"users": {"alice": {"hash": "plaintext-password"}}}')
+
+    result = serve(BFF_AUTH="password", BFF_USERS_FILE=str(users))
+
+    assert result.returncode == 2
+    assert "BFF_USERS_FILE" in result.stderr and "alice" in result.stderr
+    assert "plaintext-password" not in result.stderr
+
+
+def test_the_jwt_secret_is_never_echoed_in_an_error(tmp_path: Path) -> None:
+    result = serve(BFF_AUTH="jwt,password", BFF_JWT_SECRET=JWT_SECRET)
+
+    assert result.returncode == 2
+    assert JWT_SECRET not in result.stderr + result.stdout

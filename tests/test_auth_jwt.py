@@ -1,0 +1,194 @@
+"""`jwt` sign-in (CONTRACT B1): `POST /auth/exchange` with the app's identity-provider token.
+
+A live proxy verifies HS256 tokens with a shared secret and RS256/ES256 tokens with keys from a real
+JWKS endpoint; every forged, stale or misdirected token must be refused with 401 `unauthenticated`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.identity import (
+    AUDIENCE,
+    ISSUER,
+    JWT_SECRET,
+    JwksServer,
+    SigningKey,
+    hmac_with,
+    hs256,
+    jwks_server,
+    unsigned,
+)
+from tests.servers import ServerProcess, browser, start_proxy
+
+RSA_KEY = SigningKey.rsa("rsa-1")
+EC_KEY = SigningKey.ec("ec-1")
+
+
+def jwt_settings(jwks: JwksServer, *, with_secret: bool = True) -> dict[str, str]:
+    return {
+        "BFF_AUTH": "jwt",
+        "BFF_JWKS_URL": jwks.url,
+        "BFF_JWT_ISSUER": ISSUER,
+        "BFF_JWT_AUDIENCE": AUDIENCE,
+        **({"BFF_JWT_SECRET": JWT_SECRET} if with_secret else {}),
+    }
+
+
+@pytest.fixture(scope="module")
+def provider() -> Iterator[JwksServer]:
+    with jwks_server(RSA_KEY, EC_KEY) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def jwt_proxy(emulator: ServerProcess, provider: JwksServer) -> Iterator[ServerProcess]:
+    server = start_proxy(emulator.url, **jwt_settings(provider))
+    yield server
+    server.stop()
+
+
+def exchange(url: str, token: str) -> httpx.Response:
+    with browser(url) as client:
+        return client.post("/auth/exchange", headers={"Authorization": f"Bearer {token}"})
+
+
+def assert_refused(response: httpx.Response) -> None:
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["code"] == "unauthenticated"
+    assert "set-cookie" not in response.headers
+
+
+@pytest.mark.parametrize(
+    "token",
+    [hs256(sub="alice"), RSA_KEY.sign(sub="alice"), EC_KEY.sign(sub="alice")],
+    ids=["HS256-secret", "RS256-jwks", "ES256-jwks"],
+)
+def test_a_valid_token_becomes_a_session_for_its_subject(jwt_proxy: ServerProcess, token: str) -> None:
+    with browser(jwt_proxy.url) as client:
+        response = client.post("/auth/exchange", headers={"Authorization": f"Bearer {token}"})
+
+        assert response.status_code == 200
+        assert response.headers["cache-control"] == "no-store"
+        assert response.json()["user"] == {"id": "alice", "kind": "jwt"}
+        assert client.get("/auth/session").json()["user"] == {"id": "alice", "kind": "jwt"}
+    # The token is used once, here; the browser then holds only the cookie.
+    assert token not in response.text and token not in response.headers.get("set-cookie", "")
+
+
+@pytest.mark.parametrize(
+    ("token", "reason"),
+    [
+        (hs256(exp=int(time.time()) - 600), "ExpiredSignatureError"),
+        (hs256(nbf=int(time.time()) + 600), "ImmatureSignatureError"),
+        (hs256(iss="https://evil.example/"), "InvalidIssuerError"),
+        (hs256(aud="someone-else"), "InvalidAudienceError"),
+        (hs256(aud=None), "MissingRequiredClaimError"),
+        (hs256(exp=None), "MissingRequiredClaimError"),
+        (hs256(sub=None), "MissingRequiredClaimError"),
+        (hs256(sub=""), "bad_sub"),
+        (hs256(secret="another-secret-of-at-least-32-bytes-long"), "InvalidSignatureError"),
+        (unsigned(), "algorithm_not_accepted"),
+        # Algorithm confusion: HS256 "signed" with the provider's public key verifies only against the
+        # HS256 secret, never against a JWKS key.
+        (hmac_with(RSA_KEY.public_pem(), kid=RSA_KEY.kid), "InvalidSignatureError"),
+        (SigningKey.rsa("rsa-unknown").sign(), "unknown_key"),
+        # A known kid with the wrong key type or algorithm: the key decides the algorithm, not the token.
+        (SigningKey("rsa-1", EC_KEY.private, "ES256").sign(), "InvalidAlgorithmError"),
+        (SigningKey("ec-1", RSA_KEY.private, "RS256").sign(), "InvalidAlgorithmError"),
+        ("not-a-jwt", "malformed"),
+        ("e30.e30.AAAA", "algorithm_not_accepted"),  # header {}: no algorithm at all
+    ],
+    ids=[
+        "expired",
+        "not-yet-valid",
+        "wrong-issuer",
+        "wrong-audience",
+        "no-audience",
+        "no-expiry",
+        "no-subject",
+        "empty-subject",
+        "wrong-secret",
+        "alg-none",
+        "HS256-with-RSA-public-key",
+        "unknown-key",
+        "ES256-under-an-RSA-kid",
+        "RS256-under-an-EC-kid",
+        "not-a-jwt",
+        "empty-header",
+    ],
+)
+def test_a_bad_token_is_refused_by_the_check_meant_for_it(jwt_proxy: ServerProcess, token: str, reason: str) -> None:
+    request_id = secrets.token_hex(8)
+    with browser(jwt_proxy.url, headers={"X-Request-ID": request_id}) as client:
+        assert_refused(client.post("/auth/exchange", headers={"Authorization": f"Bearer {token}"}))
+
+    logged = jwt_proxy.wait_for_log(lambda e: e.get("request_id") == request_id and e["message"] == "jwt refused")
+    assert logged["reason"] == reason
+
+
+def test_hs256_signed_with_a_public_key_is_refused_when_only_jwks_is_configured(
+    emulator: ServerProcess, provider: JwksServer
+) -> None:
+    """Algorithm confusion: with no HS256 secret configured, nothing may verify an HS256 token."""
+    server = start_proxy(emulator.url, **jwt_settings(provider, with_secret=False))
+    try:
+        assert_refused(exchange(server.url, hmac_with(RSA_KEY.public_pem(), kid=RSA_KEY.kid)))
+        assert_refused(exchange(server.url, hs256()))
+        assert exchange(server.url, RSA_KEY.sign()).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_the_exchange_needs_a_bearer_token(jwt_proxy: ServerProcess) -> None:
+    with browser(jwt_proxy.url) as client:
+        for headers in ({}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Bearer"}):
+            assert_refused(client.post("/auth/exchange", headers=headers))
+
+
+def test_the_exchange_needs_the_csrf_header(jwt_proxy: ServerProcess) -> None:
+    response = httpx.post(jwt_proxy.url + "/auth/exchange", headers={"Authorization": f"Bearer {hs256()}"})
+
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "csrf_failed"
+
+
+def test_a_jwks_key_rotation_is_picked_up_and_refreshes_are_rate_limited(emulator: ServerProcess) -> None:
+    old, new = SigningKey.ec("2026-old"), SigningKey.ec("2026-new")
+    with jwks_server(old) as rotating:
+        server = start_proxy(emulator.url, **jwt_settings(rotating))
+        try:
+            assert exchange(server.url, old.sign()).status_code == 200
+            assert rotating.fetches == 1
+
+            rotating.keys = [new]  # the provider rotates: a kid we have not seen triggers one refetch
+            assert exchange(server.url, new.sign()).status_code == 200
+            assert rotating.fetches == 2
+
+            # Made-up kids cannot make us hammer the provider: no refetch within the cooldown.
+            for number in range(3):
+                assert_refused(exchange(server.url, SigningKey.ec(f"made-up-{number}").sign()))
+            assert rotating.fetches == 2
+            # The retired key is gone from the refreshed set.
+            assert_refused(exchange(server.url, old.sign()))
+        finally:
+            server.stop()
+
+
+def test_an_unreachable_jwks_is_a_503_not_a_crash(emulator: ServerProcess) -> None:
+    with jwks_server(RSA_KEY) as gone:
+        url = gone.url
+    server = start_proxy(emulator.url, BFF_AUTH="jwt", BFF_JWKS_URL=url)
+    try:
+        response = exchange(server.url, RSA_KEY.sign(iss=None, aud=None))
+
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "auth_unavailable"
+        assert response.headers["retry-after"]
+    finally:
+        server.stop()
