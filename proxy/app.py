@@ -12,6 +12,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from proxy.auth import build_authenticators
 from proxy.errors import ApiError, handle_api_error
+from proxy.limits import RateLimiter, parse_limit, parse_rate_limits
 from proxy.metrics import Metrics, MetricsMiddleware, metrics_route
 from proxy.middleware.body_policy import BodyPolicyMiddleware
 from proxy.middleware.cors import CorsMiddleware
@@ -26,7 +27,7 @@ from proxy.routes.workflows import workflow_routes
 from proxy.services import Services
 from proxy.sessions import SessionManager
 from proxy.settings import Settings
-from proxy.storage import open_storage
+from proxy.storage import open_limits_storage, open_storage
 from proxy.upstream import CircuitBreaker, UpstreamClient, build_http_client
 from proxy.workflows import parse_workflows
 
@@ -37,6 +38,13 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
     api_key = settings.api_key
     workflows = parse_workflows(settings.workflows, settings.workflows_file)
     metrics = Metrics()
+    limits_storage = open_limits_storage(settings.storage_url)
+    limiter = RateLimiter(
+        limits_storage,
+        parse_rate_limits(settings.rate_limits),
+        per_workflow={w.alias: parse_limit(w.rate_limit) for w in workflows if w.rate_limit},
+        metrics=metrics,
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
@@ -61,6 +69,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
                 breaker=CircuitBreaker(settings.upstream_failure_threshold, settings.upstream_cooldown_seconds),
             ),
             metrics=metrics,
+            limiter=limiter,
             storage=storage,
             sessions=sessions,
             workflows=workflows,
@@ -76,7 +85,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         *ops_routes(),
         metrics_route(metrics),
         openapi_route(),
-        *auth_routes(build_authenticators(settings)),
+        *auth_routes(build_authenticators(settings, limits_storage)),
         *workflow_routes(settings.modes),
         *chat_routes(settings.modes),
         *(extra_routes or []),

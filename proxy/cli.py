@@ -23,6 +23,7 @@ from proxy.errors import ApiError
 from proxy.logging import configure_logging
 from proxy.routes.demo import demo_routes
 from proxy.settings import Settings, describe_errors
+from proxy.storage import open_limits_storage
 from proxy.upstream import UpstreamClient, build_http_client
 from proxy.workflows import WorkflowConfigError, parse_workflows
 
@@ -53,7 +54,8 @@ def checked_settings() -> Settings:
     except WorkflowConfigError as exc:
         raise ConfigError(f"BFF_WORKFLOWS: {exc}") from None
     try:
-        build_authenticators(settings)  # reads the users file: a bad one stops start-up, named
+        # Reads the users file: a bad one stops start-up, named. (The limits storage connects lazily.)
+        build_authenticators(settings, open_limits_storage(settings.storage_url))
     except AuthConfigError as exc:
         raise ConfigError(str(exc)) from None
     return settings

@@ -18,6 +18,7 @@ from limits import RateLimitItem, parse_many
 from limits.aio.storage import Storage as LimitsStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
+from limits.util import WindowStats
 
 from proxy.errors import ApiError
 from proxy.metrics import Metrics
@@ -56,50 +57,66 @@ def parse_limit(spec: str) -> list[RateLimitItem]:
 
 class RateLimiter:
     def __init__(
-        self, storage: LimitsStorage, limits_by_name: Mapping[str, list[RateLimitItem]], *, metrics: Metrics
+        self,
+        storage: LimitsStorage,
+        limits_by_name: Mapping[str, list[RateLimitItem]],
+        *,
+        per_workflow: Mapping[str, list[RateLimitItem]] | None = None,
+        metrics: Metrics,
     ) -> None:
-        self._storage = storage
         self._strategy = MovingWindowRateLimiter(storage)
         self._limits = dict(limits_by_name)
+        self._per_workflow = dict(per_workflow or {})
         self._metrics = metrics
 
-    def has(self, name: str) -> bool:
-        return bool(self._limits.get(name))
+    def describe(self) -> dict[str, str]:
+        """The configured limits, as the user wrote them (for GET /auth/session)."""
+        return {name: ", ".join(str(item) for item in items) for name, items in sorted(self._limits.items())}
 
-    async def hit(self, name: str, key: str, *, items: list[RateLimitItem] | None = None) -> dict[str, str]:
-        """Count one request against limit `name` for `key` (a user id or a client IP).
+    async def check(self, name: str, key: str, *, workflow: str | None = None) -> dict[str, str]:
+        """Count one request against limit `name` (and the workflow's own limit) for `key`, a user id
+        or, before sign-in, a client IP.
 
-        Returns the X-RateLimit-* headers of the tightest limit; raises a 429 ApiError when any limit
-        is spent (with Retry-After), and a 503 when the limit storage cannot be reached: limits fail
-        closed, or an outage would let one user burn the account's credits.
+        Returns the X-RateLimit-* headers of the tightest limit. Raises a 429 ApiError with Retry-After
+        when a limit is spent, and 503 when the limit storage cannot be reached: limits fail closed, or
+        an outage would let one user burn the account's credits.
         """
-        headers: dict[str, str] = {}
-        tightest = math.inf
-        for item in items if items is not None else self._limits.get(name, []):
-            try:
-                allowed = await self._strategy.hit(item, "bff", name, key)
-                stats = await self._strategy.get_window_stats(item, "bff", name, key)
-            except StorageError as exc:
-                raise StorageUnavailable() from exc
-            reset_in = max(1, math.ceil(stats.reset_time - time.time()))
-            if not allowed:
-                self._metrics.rate_limited.labels(name).inc()
-                raise ApiError(
-                    429,
-                    "rate_limited",
-                    f"Too many requests; try again in {reset_in} seconds.",
-                    headers={
-                        "Retry-After": str(reset_in),
-                        "X-RateLimit-Limit": str(item.amount),
-                        "X-RateLimit-Remaining": "0",
-                        "X-RateLimit-Reset": str(math.ceil(stats.reset_time)),
-                    },
-                )
-            if stats.remaining < tightest:
-                tightest = stats.remaining
-                headers = {
-                    "X-RateLimit-Limit": str(item.amount),
-                    "X-RateLimit-Remaining": str(stats.remaining),
-                    "X-RateLimit-Reset": str(math.ceil(stats.reset_time)),
-                }
+        checks = [(name, item) for item in self._limits.get(name, [])]
+        if workflow is not None:
+            checks += [(f"{name}:{workflow}", item) for item in self._per_workflow.get(workflow, [])]
+        try:
+            # Test every limit before counting against any: a request refused by one limit must not
+            # use up the others.
+            for scope, item in checks:
+                if not await self._strategy.test(item, "bff", scope, key):
+                    raise await self._refusal(name, scope, item, key)
+            headers: dict[str, str] = {}
+            tightest = math.inf
+            for scope, item in checks:
+                if not await self._strategy.hit(item, "bff", scope, key):  # lost a race with another request
+                    raise await self._refusal(name, scope, item, key)
+                stats = await self._strategy.get_window_stats(item, "bff", scope, key)
+                if stats.remaining < tightest:
+                    tightest, headers = stats.remaining, self._headers(item, stats)
+        except StorageError as exc:
+            raise StorageUnavailable() from exc
         return headers
+
+    async def _refusal(self, name: str, scope: str, item: RateLimitItem, key: str) -> ApiError:
+        stats = await self._strategy.get_window_stats(item, "bff", scope, key)
+        self._metrics.rate_limited.labels(name).inc()
+        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+        return ApiError(
+            429,
+            "rate_limited",
+            f"Too many requests; try again in {retry_after} seconds.",
+            headers={"Retry-After": str(retry_after), **self._headers(item, stats)},
+        )
+
+    @staticmethod
+    def _headers(item: RateLimitItem, stats: WindowStats) -> dict[str, str]:
+        return {
+            "X-RateLimit-Limit": str(item.amount),
+            "X-RateLimit-Remaining": str(stats.remaining),
+            "X-RateLimit-Reset": str(math.ceil(stats.reset_time)),
+        }

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -62,8 +62,10 @@ class RelayResponse(Response):
         deadline: float,
         description: str,
         owner: StreamOwner | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
+        self.extra_headers = dict(headers or {})
         self.open_upstream = open_upstream
         self.encoder = encoder
         self.deadline = deadline
@@ -222,7 +224,12 @@ class RelayResponse(Response):
         # sees a broken stream instead of a short answer that looks complete.
 
     def _start_headers(self) -> list[tuple[bytes, bytes]]:
-        headers = {"Content-Type": self.encoder.media_type, **STREAM_HEADERS, **self.encoder.headers}
+        headers = {
+            "Content-Type": self.encoder.media_type,
+            **STREAM_HEADERS,
+            **self.encoder.headers,
+            **self.extra_headers,
+        }
         return [(name.lower().encode(), value.encode()) for name, value in headers.items()]
 
     def _log(self) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import httpx
 from starlette.requests import HTTPConnection
 
+from proxy.limits import RateLimiter
 from proxy.metrics import Metrics
 from proxy.sessions import SessionManager
 from proxy.settings import Settings
@@ -24,6 +25,7 @@ class Services:
     sessions: SessionManager
     workflows: WorkflowRegistry
     metrics: Metrics
+    limiter: RateLimiter
     draining: bool = False
 
 

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from proxy.limits import RateLimitConfigError, parse_rate_limits
 from proxy.storage import storage_scheme
 
 AuthMethod = Literal["guest", "jwt", "password"]
@@ -42,6 +43,13 @@ class Settings(BaseSettings):
     modes: Annotated[list[Mode], NoDecode] = Field(default_factory=lambda: list[Mode](["token", "relay"]))
 
     storage_url: str = "memory://"
+    # Per-user limits in slowapi / `limits` syntax: name=limit[,limit...] joined by ";".
+    rate_limits: str = "mint=30/minute;relay=20/minute;login=10/minute"
+    max_concurrent_streams: int = Field(default=3, ge=1, le=10_000)
+    daily_output_chars: int = Field(default=0, ge=0)
+    # On SIGTERM, running streams get this long to finish before they are ended with an in-band error;
+    # keep it below uvicorn's graceful-shutdown timeout (30 s) and the orchestrator's grace period.
+    drain_seconds: float = Field(default=25.0, gt=0, le=600)
     max_body_bytes: int = Field(default=65536, ge=256, le=16 * 1024 * 1024)
     max_input_chars: int = Field(default=16000, ge=1, le=1_000_000)
     token_ttl: int = Field(default=60, ge=1, le=300)
@@ -129,6 +137,15 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(entry, strict=False)
             except ValueError:
                 raise ValueError(f"{entry!r} is not an IP address or CIDR") from None
+        return value
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _rate_limits_parse(cls, value: str) -> str:
+        try:
+            parse_rate_limits(value)
+        except RateLimitConfigError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     @field_validator("storage_url")

@@ -1,25 +1,27 @@
 """Login throttling: failed sign-ins counted per client IP and per username, then 429.
 
 Only failures count, so a user who types the password right is never slowed down by their own
-sign-ins. The counters live behind one small interface (`FailureCounter`); `MemoryFailureCounter`
-keeps them in this process. Shared limits across replicas belong to the storage / rate-limit layer:
-a counter over it only has to implement the same three methods.
+sign-ins. The counters live behind one small interface (`FailureCounter`); `WindowFailureCounter`
+keeps them in the shared limits storage, so a guesser gains nothing by spreading over replicas.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
+from limits import RateLimitItemPerSecond
+from limits.aio.storage import Storage as LimitsStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
 from starlette.requests import HTTPConnection
 
 from proxy.errors import ApiError
-
-# Bounds memory when someone sprays usernames or IPs: the oldest keys are forgotten first.
-MAX_TRACKED_KEYS = 50_000
+from proxy.storage import StorageUnavailable
 
 
 class FailureCounter(Protocol):
@@ -31,40 +33,35 @@ class FailureCounter(Protocol):
     async def clear(self, key: str) -> None: ...
 
 
-class MemoryFailureCounter:
-    """A sliding window: at most `limit` failures per key in the last `window` seconds."""
+class WindowFailureCounter:
+    """At most `limit` failures per key in a moving window of `window` seconds, counted in the shared
+    limits storage (BFF_STORAGE_URL), so every replica sees the same count."""
 
-    def __init__(self, limit: int, window: float, *, max_keys: int = MAX_TRACKED_KEYS) -> None:
-        self.limit = limit
-        self.window = window
-        self.max_keys = max_keys
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+    def __init__(self, storage: LimitsStorage, name: str, limit: int, window: int) -> None:
+        self._strategy = MovingWindowRateLimiter(storage)
+        self._item = RateLimitItemPerSecond(limit, window)
+        self._name = name
 
     async def retry_after(self, key: str) -> float:
-        failures = self._recent(key)
-        if len(failures) < self.limit:
-            return 0.0
-        return max(failures[-self.limit] + self.window - time.monotonic(), 0.0)
+        with _reachable():
+            stats = await self._strategy.get_window_stats(self._item, "login-failures", self._name, key)
+        return 0.0 if stats.remaining > 0 else max(stats.reset_time - time.time(), 0.0)
 
     async def record_failure(self, key: str) -> None:
-        failures = self._recent(key)
-        failures.append(time.monotonic())
-        while len(failures) > self.limit:
-            failures.popleft()
-        self._failures[key] = failures
-        self._failures.move_to_end(key)
-        while len(self._failures) > self.max_keys:
-            self._failures.popitem(last=False)
+        with _reachable():
+            await self._strategy.hit(self._item, "login-failures", self._name, key)
 
     async def clear(self, key: str) -> None:
-        self._failures.pop(key, None)
+        with _reachable():
+            await self._strategy.clear(self._item, "login-failures", self._name, key)
 
-    def _recent(self, key: str) -> deque[float]:
-        failures = self._failures.get(key, deque())
-        cutoff = time.monotonic() - self.window
-        while failures and failures[0] <= cutoff:
-            failures.popleft()
-        return failures
+
+@contextmanager
+def _reachable() -> Iterator[None]:
+    try:
+        yield
+    except StorageError as exc:
+        raise StorageUnavailable() from exc
 
 
 def client_ip(connection: HTTPConnection) -> str:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from proxy.errors import ApiError, invalid_input
+from proxy.limits import RateLimitConfigError, parse_limit
 
 ALIAS_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 # Workflow ids end up in an upstream URL path, so they are held to a strict shape.
@@ -76,6 +77,9 @@ class WorkflowRegistry:
 
     def aliases(self) -> list[str]:
         return sorted(self._by_alias)
+
+    def __iter__(self) -> Iterator[Workflow]:
+        return iter(self._by_alias.values())
 
     def get(self, alias: str) -> Workflow:
         workflow = self._by_alias.get(alias)
@@ -145,6 +149,11 @@ def _checked(workflow: Workflow) -> Workflow:
         raise WorkflowConfigError(f"{where}: the alias may use letters, digits, '_' and '-'")
     if not WORKFLOW_ID_PATTERN.fullmatch(workflow.id):
         raise WorkflowConfigError(f"{where}: the id must look like wf_abc123")
+    if workflow.rate_limit is not None:
+        try:
+            parse_limit(workflow.rate_limit)
+        except RateLimitConfigError as exc:
+            raise WorkflowConfigError(f"{where}: rate_limit {exc}") from None
     names = [workflow.chat_input, workflow.history_input, workflow.image_input, *workflow.fixed]
     for name in [n for n in names if n is not None] + sorted(workflow.inputs or ()):
         if not INPUT_NAME_PATTERN.fullmatch(name):

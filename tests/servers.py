@@ -110,6 +110,9 @@ def proxy_env(upstream_url: str, **overrides: str) -> dict[str, str]:
         "BFF_WORKFLOWS": "tutor=wf_tutor,story=wf_story",
         "BFF_AUTH": "guest",
         "BFF_COOKIE_SECURE": "false",
+        # Every test signs in from 127.0.0.1; limits are tested with their own proxies.
+        "BFF_RATE_LIMITS": "mint=10000/minute;relay=10000/minute;login=10000/minute",
+        "BFF_MAX_CONCURRENT_STREAMS": "100",
     }
     env.update(overrides)
     return env

@@ -6,15 +6,18 @@ start-up, naming the variable, when one cannot work with the configuration it wa
 
 from __future__ import annotations
 
+from limits.aio.storage import Storage as LimitsStorage
+
 from proxy.auth.base import AuthConfigError, Authenticator
 from proxy.auth.guest import GuestAuthenticator
 from proxy.auth.jwt import JwtAuthenticator
 from proxy.auth.password import PasswordAuthenticator
 from proxy.settings import Settings
-from proxy.throttle import LoginThrottle, MemoryFailureCounter
+from proxy.throttle import LoginThrottle, WindowFailureCounter
 
 
-def build_authenticators(settings: Settings) -> list[Authenticator]:
+def build_authenticators(settings: Settings, limits_storage: LimitsStorage) -> list[Authenticator]:
+    """`limits_storage` keeps the password throttle's counters (shared when it is Redis)."""
     authenticators: list[Authenticator] = []
     if "guest" in settings.auth:
         authenticators.append(GuestAuthenticator())
@@ -34,8 +37,8 @@ def build_authenticators(settings: Settings) -> list[Authenticator]:
             raise AuthConfigError("BFF_USERS_FILE: required when BFF_AUTH includes password")
         window = settings.login_failure_window_seconds
         throttle = LoginThrottle(
-            per_ip=MemoryFailureCounter(settings.login_failures_per_ip, window),
-            per_user=MemoryFailureCounter(settings.login_failures_per_user, window),
+            per_ip=WindowFailureCounter(limits_storage, "ip", settings.login_failures_per_ip, window),
+            per_user=WindowFailureCounter(limits_storage, "user", settings.login_failures_per_user, window),
         )
         authenticators.append(PasswordAuthenticator(settings.users_file, throttle))
     return authenticators

@@ -14,8 +14,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.auth import Authenticator
-from proxy.services import services
+from proxy.services import Services, services
 from proxy.sessions import Session
+from proxy.throttle import client_ip
 
 NO_STORE = {"Cache-Control": "no-store"}
 
@@ -24,18 +25,25 @@ def iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
 
 
-def session_body(session: Session) -> dict[str, object]:
+def session_body(bff: Services, session: Session) -> dict[str, object]:
     user = session.user
-    return {"user": {"id": user.id, "kind": user.kind}, "expires_at": iso(session.expires_at), "limits": {}}
+    limits: dict[str, object] = {
+        **bff.limiter.describe(),
+        "max_concurrent_streams": bff.settings.max_concurrent_streams,
+        "daily_output_chars": bff.settings.daily_output_chars or None,
+    }
+    return {"user": {"id": user.id, "kind": user.kind}, "expires_at": iso(session.expires_at), "limits": limits}
 
 
 def sign_in_endpoint(authenticator: Authenticator) -> Callable[[Request], Awaitable[Response]]:
     async def sign_in(request: Request) -> Response:
+        bff = services(request)
+        # Before sign-in there is no user to count against: sign-in attempts are limited per client IP.
+        limit_headers = await bff.limiter.check("login", client_ip(request))
         user = await authenticator.authenticate(request)
-        sessions = services(request).sessions
-        session, cookie = await sessions.sign_in(request, user)
-        response = JSONResponse(session_body(session), headers=NO_STORE)
-        sessions.set_cookie(response, cookie)
+        session, cookie = await bff.sessions.sign_in(request, user)
+        response = JSONResponse(session_body(bff, session), headers={**NO_STORE, **limit_headers})
+        bff.sessions.set_cookie(response, cookie)
         return response
 
     return sign_in
@@ -43,8 +51,9 @@ def sign_in_endpoint(authenticator: Authenticator) -> Callable[[Request], Awaita
 
 async def current_session(request: Request) -> Response:
     # touch=False: polling the session must not keep it alive (bff-security R6, Duende's slide=false).
-    session = await services(request).sessions.require(request, touch=False)
-    return JSONResponse(session_body(session), headers=NO_STORE)
+    bff = services(request)
+    session = await bff.sessions.require(request, touch=False)
+    return JSONResponse(session_body(bff, session), headers=NO_STORE)
 
 
 async def logout(request: Request) -> Response:

@@ -33,6 +33,7 @@ async def mint(request: Request) -> Response:
     ttl = body.get("ttl", bff.settings.token_ttl)
     if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
         raise invalid_input('"ttl" must be a whole number of seconds, at least 1.')
+    limit_headers = await bff.limiter.check("mint", session.user.id)
     minted = await bff.upstream.mint_token(min(ttl, bff.settings.token_ttl), request_id=current_request_id())
     bff.sessions.audit.record(
         "token.minted",
@@ -49,20 +50,26 @@ async def mint(request: Request) -> Response:
             "expires_at": iso(minted.expires_at),
             "stream_url": bff.upstream.stream_url(workflow.id, minted.token),
         },
-        headers={"Cache-Control": "no-store"},
+        headers={"Cache-Control": "no-store", **limit_headers},
     )
 
 
-async def _workflow_and_inputs(request: Request) -> tuple[Services, Session, Workflow, dict[str, str]]:
+async def _workflow_and_inputs(
+    request: Request,
+) -> tuple[Services, Session, Workflow, dict[str, str], dict[str, str]]:
+    """Everything a relay needs, checked in order: session, workflow, inputs, then the user's limits
+    (last, so a request refused for bad input costs nothing against them). Returns the limit headers."""
     bff = services(request)
     session = await bff.sessions.require(request)
     workflow = bff.workflows.get(request.path_params["alias"])
     body = await read_json(request, bff.settings.max_body_bytes)
-    return bff, session, workflow, workflow.build_inputs(body, bff.settings.max_input_chars)
+    inputs = workflow.build_inputs(body, bff.settings.max_input_chars)
+    limit_headers = await bff.limiter.check("relay", session.user.id, workflow=workflow.alias)
+    return bff, session, workflow, inputs, limit_headers
 
 
 async def stream(request: Request) -> Response:
-    bff, session, workflow, inputs = await _workflow_and_inputs(request)
+    bff, session, workflow, inputs, limit_headers = await _workflow_and_inputs(request)
     request_id = current_request_id()
 
     async def open_upstream() -> httpx.Response:
@@ -75,16 +82,17 @@ async def stream(request: Request) -> Response:
         deadline=bff.settings.max_stream_seconds,
         description=f"stream:{workflow.alias}",
         owner=bff.sessions.stream_owner(session, f"stream:{workflow.alias}"),
+        headers=limit_headers,
     )
 
 
 async def run(request: Request) -> Response:
-    bff, session, workflow, inputs = await _workflow_and_inputs(request)
+    bff, session, workflow, inputs, limit_headers = await _workflow_and_inputs(request)
     with bff.sessions.stream_owner(session, f"run:{workflow.alias}").cancellable() as ended_by_logout:
         result = await bff.upstream.run(workflow.id, inputs, request_id=current_request_id())
     if ended_by_logout.cancelled_caught:
         raise bff.sessions.unauthenticated(request)
-    return JSONResponse({"result": result.result, "citations": result.citations})
+    return JSONResponse({"result": result.result, "citations": result.citations}, headers=limit_headers)
 
 
 def workflow_routes(modes: Sequence[str]) -> list[Route]:

@@ -1,0 +1,104 @@
+"""Per-user rate limits (CONTRACT B5, B8): counted per user, per client IP before sign-in, per workflow."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.servers import EmulatorControl, ServerProcess, browser, start_proxy
+
+LIMITS = "mint=3/minute;relay=2/minute;login=4/minute"
+WORKFLOWS_TOML = """
+[workflows.tutor]
+id = "wf_tutor"
+
+[workflows.story]
+id = "wf_story"
+rate_limit = "1/minute"
+"""
+
+
+@pytest.fixture
+def limited(emulator: ServerProcess, upstream: EmulatorControl, tmp_path: Path) -> Iterator[ServerProcess]:
+    workflows = tmp_path / "workflows.toml"
+    workflows.write_text(WORKFLOWS_TOML)
+    server = start_proxy(emulator.url, BFF_RATE_LIMITS=LIMITS, BFF_WORKFLOWS="", BFF_WORKFLOWS_FILE=str(workflows))
+    yield server
+    server.stop()
+
+
+@contextmanager
+def signed_in(server: ServerProcess) -> Iterator[httpx.Client]:
+    with browser(server.url) as client:
+        client.post("/auth/guest").raise_for_status()
+        yield client
+
+
+def assert_limited(response: httpx.Response) -> None:
+    assert response.status_code == 429, response.text
+    assert response.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(response.headers["retry-after"]) <= 60
+    assert response.headers["x-ratelimit-remaining"] == "0"
+    assert response.headers["x-ratelimit-limit"]
+
+
+def test_mints_are_limited_per_user(limited: ServerProcess, upstream: EmulatorControl) -> None:
+    with signed_in(limited) as alice, signed_in(limited) as bob:
+        answers = [alice.post("/api/token", json={"workflow": "tutor"}) for _ in range(4)]
+        bobs = bob.post("/api/token", json={"workflow": "tutor"})
+
+    assert [a.status_code for a in answers[:3]] == [200, 200, 200]
+    assert [a.headers["x-ratelimit-remaining"] for a in answers[:3]] == ["2", "1", "0"]
+    assert_limited(answers[3])
+    assert bobs.status_code == 200  # another user has a budget of their own
+    assert len(upstream.requests("mint")) == 4  # the refused mint never reached the upstream
+
+
+def test_relays_are_limited_per_user_and_bad_requests_cost_nothing(
+    limited: ServerProcess, upstream: EmulatorControl
+) -> None:
+    with signed_in(limited) as client:
+        refused = client.post("/api/workflows/tutor/stream", json={"message": 5})
+        first = client.post("/api/workflows/tutor/stream", json={"message": "a"})
+        second = client.post("/api/workflows/tutor/run", json={"message": "b"})
+        third = client.post("/api/workflows/tutor/stream", json={"message": "c"})
+
+    assert refused.status_code == 422
+    assert first.status_code == second.status_code == 200
+    assert first.headers["x-ratelimit-remaining"] == "1"
+    assert_limited(third)
+    assert len(upstream.requests("stream")) == 1
+
+
+def test_a_workflow_can_have_a_tighter_limit_of_its_own(limited: ServerProcess) -> None:
+    with signed_in(limited) as client:
+        first = client.post("/api/workflows/story/run", json={"topic": "a"})
+        second = client.post("/api/workflows/story/run", json={"topic": "b"})
+        other = client.post("/api/workflows/tutor/run", json={"message": "c"})
+
+    assert first.status_code == 200
+    assert_limited(second)
+    assert other.status_code == 200
+
+
+def test_sign_ins_are_limited_per_client_ip(limited: ServerProcess) -> None:
+    with browser(limited.url) as client:
+        answers = [client.post("/auth/guest") for _ in range(5)]
+        spoofed = client.post("/auth/guest", headers={"X-Forwarded-For": "203.0.113.9"})
+
+    assert [a.status_code for a in answers[:4]] == [200] * 4
+    assert_limited(answers[4])
+    assert_limited(spoofed)  # an untrusted peer cannot pick another IP to count against
+
+
+def test_the_session_shows_the_limits(limited: ServerProcess) -> None:
+    with signed_in(limited) as client:
+        limits = client.get("/auth/session").json()["limits"]
+
+    assert limits["mint"] == "3 per 1 minute"
+    assert limits["relay"] == "2 per 1 minute"
+    assert limits["max_concurrent_streams"] == 100  # the test proxies allow 100
