@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,8 +12,9 @@ from starlette.routing import BaseRoute
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from proxy.auth import build_authenticators
+from proxy.drain import Drain
 from proxy.errors import ApiError, handle_api_error
-from proxy.limits import RateLimiter, parse_limit, parse_rate_limits
+from proxy.limits import OutputBudget, RateLimiter, StreamSlots, parse_limit, parse_rate_limits
 from proxy.metrics import Metrics, MetricsMiddleware, metrics_route
 from proxy.middleware.body_policy import BodyPolicyMiddleware
 from proxy.middleware.cors import CorsMiddleware
@@ -38,6 +40,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
     api_key = settings.api_key
     workflows = parse_workflows(settings.workflows, settings.workflows_file)
     metrics = Metrics()
+    drain = Drain(settings.drain_seconds)
     limits_storage = open_limits_storage(settings.storage_url)
     limiter = RateLimiter(
         limits_storage,
@@ -70,14 +73,18 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
             ),
             metrics=metrics,
             limiter=limiter,
+            slots=StreamSlots(storage, settings.max_concurrent_streams, lease_seconds=settings.stream_lease_seconds),
+            budget=OutputBudget(storage, settings.daily_output_chars),
+            drain=drain,
             storage=storage,
             sessions=sessions,
             workflows=workflows,
         )
+        drain.attach(asyncio.get_running_loop(), sessions.streams.stop_all)
         try:
             yield {"services": services}
         finally:
-            services.draining = True
+            drain.active = True
             await http.aclose()
             await storage.close()
 
@@ -106,9 +113,11 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         Middleware(CsrfMiddleware, allowed_origins=settings.allowed_origins),
         Middleware(BodyPolicyMiddleware, max_bytes=settings.max_body_bytes),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
         exception_handlers={ApiError: handle_api_error},
     )
+    app.state.drain = drain  # the CLI's server starts it on SIGTERM
+    return app

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import secrets
 import socket
 import sys
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -18,6 +20,7 @@ from starlette.types import ASGIApp
 from proxy.app import create_app
 from proxy.auth import AuthConfigError, build_authenticators
 from proxy.auth.users_cli import add_users_command
+from proxy.drain import Drain
 from proxy.emulator import create_emulator
 from proxy.errors import ApiError
 from proxy.logging import configure_logging
@@ -31,6 +34,7 @@ logger = logging.getLogger("proxy")
 # Longer than the usual load-balancer idle timeout (60 s), or the balancer sees spurious 502s.
 KEEP_ALIVE_SECONDS = 75
 GRACEFUL_SHUTDOWN_SECONDS = 30
+DRAIN_MARGIN_SECONDS = 5
 
 
 class ConfigError(Exception):
@@ -72,8 +76,25 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_server(app: ASGIApp, sock: socket.socket, name: str) -> None:
+class DrainingServer(uvicorn.Server):
+    """uvicorn, plus: the first SIGTERM or SIGINT also starts the app's drain (proxy/drain.py)."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain | None) -> None:
+        super().__init__(config)
+        self._drain = drain
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain is not None:
+            self._drain.begin()
+        super().handle_exit(sig, frame)
+
+
+def run_server(app: ASGIApp, sock: socket.socket, name: str, *, drain: Drain | None = None) -> None:
     host, port = sock.getsockname()[:2]
+    # uvicorn's own limit must leave the drain its full time, plus a margin to end streams cleanly.
+    graceful = GRACEFUL_SHUTDOWN_SECONDS
+    if drain is not None:
+        graceful = max(graceful, math.ceil(drain.seconds + DRAIN_MARGIN_SECONDS))
     config = uvicorn.Config(
         app,
         log_config=None,
@@ -81,16 +102,17 @@ def run_server(app: ASGIApp, sock: socket.socket, name: str) -> None:
         proxy_headers=False,  # forwarded headers are believed only via BFF_TRUSTED_PROXIES
         server_header=False,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        timeout_graceful_shutdown=graceful,
     )
     logger.info("listening", extra={"service": name, "url": f"http://{host}:{port}"})
-    uvicorn.Server(config).run(sockets=[sock])
+    DrainingServer(config, drain).run(sockets=[sock])
 
 
 def serve(args: argparse.Namespace) -> None:
     settings = checked_settings()
     configure_logging(settings.secret_values())
-    run_server(create_app(settings), bind(args.host, args.port), "workflow-bff")
+    app = create_app(settings)
+    run_server(app, bind(args.host, args.port), "workflow-bff", drain=app.state.drain)
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -111,7 +133,7 @@ def demo(args: argparse.Namespace) -> None:
     emulator = Mount("/_emulator", app=create_emulator(api_key, chunk_delay=0.05))
     app = create_app(settings, extra_routes=[*demo_routes(), emulator])
     print(f"workflow-bff demo: open http://{local_host}:{port}/  (Ctrl+C to stop)", file=sys.stderr)
-    run_server(app, sock, "workflow-bff demo")
+    run_server(app, sock, "workflow-bff demo", drain=app.state.drain)
 
 
 def check(args: argparse.Namespace) -> None:

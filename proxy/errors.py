@@ -28,6 +28,10 @@ def unauthenticated() -> ApiError:
     return ApiError(401, "unauthenticated", "Sign in first.")
 
 
+def shutting_down() -> ApiError:
+    return ApiError(503, "shutting_down", "The service is restarting. Please try again.", headers={"Retry-After": "5"})
+
+
 def invalid_input(message: str) -> ApiError:
     return ApiError(422, "invalid_input", message)
 

@@ -10,10 +10,16 @@ header conventions (`X-RateLimit-Limit`, `-Remaining`, `-Reset`, `Retry-After`).
 
 from __future__ import annotations
 
+import logging
 import math
+import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from datetime import time as dt_time
 
+import anyio
 from limits import RateLimitItem, parse_many
 from limits.aio.storage import Storage as LimitsStorage
 from limits.aio.strategies import MovingWindowRateLimiter
@@ -22,9 +28,14 @@ from limits.util import WindowStats
 
 from proxy.errors import ApiError
 from proxy.metrics import Metrics
-from proxy.storage import StorageUnavailable
+from proxy.storage import Storage, StorageUnavailable
+
+logger = logging.getLogger("proxy.limits")
 
 LIMIT_NAMES = frozenset({"mint", "relay", "login"})
+# Stream-slot lease: renewed every third of it while the stream runs; a crashed replica's slots
+# come back within this long.
+LEASE_SECONDS = 30.0
 
 
 class RateLimitConfigError(ValueError):
@@ -120,3 +131,116 @@ class RateLimiter:
             "X-RateLimit-Remaining": str(stats.remaining),
             "X-RateLimit-Reset": str(math.ceil(stats.reset_time)),
         }
+
+
+class Lease:
+    """One held stream slot: renewed while the stream runs, released when it ends."""
+
+    def __init__(self, storage: Storage, name: str, holder: str, ttl: float) -> None:
+        self._storage = storage
+        self._name = name
+        self._holder = holder
+        self._ttl = ttl
+
+    async def keep(self) -> None:
+        """Renew until cancelled. A renewal that fails (storage briefly down) is retried next round:
+        the stream goes on, and at worst the slot lapses early, never late."""
+        while True:
+            await anyio.sleep(self._ttl / 3)
+            try:
+                await self._storage.renew_lease(self._name, self._holder, self._ttl)
+            except StorageUnavailable:
+                logger.warning("stream slot renewal failed; retrying")
+
+    @asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """Keep the lease for the duration of the block (for relays that are not streams)."""
+        failure: Exception | None = None
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self.keep)
+                try:
+                    yield
+                except Exception as exc:
+                    # Re-raised below, outside the task group, which would wrap it in an ExceptionGroup
+                    # that no error handler recognises.
+                    failure = exc
+                finally:
+                    group.cancel_scope.cancel()
+        finally:
+            await self.release()
+        if failure is not None:
+            raise failure
+
+    async def release(self) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._storage.release_lease(self._name, self._holder)
+            except StorageUnavailable:
+                logger.warning("stream slot release failed; it lapses by itself")
+
+
+class StreamSlots:
+    """`BFF_MAX_CONCURRENT_STREAMS`: open relays per user, exact across replicas.
+
+    A slot is a lease in the shared storage. A replica that crashes mid-stream cannot release its
+    slots, so leases are short and renewed while the stream runs: a dead replica's slots come back
+    within one `LEASE_SECONDS`.
+    """
+
+    def __init__(self, storage: Storage, limit: int, *, lease_seconds: float = LEASE_SECONDS) -> None:
+        self._storage = storage
+        self.limit = limit
+        self._lease_seconds = lease_seconds
+
+    async def acquire(self, user_id: str) -> Lease:
+        name = f"streams:{user_id}"
+        holder = secrets.token_hex(8)
+        if not await self._storage.acquire_lease(name, holder, self.limit, self._lease_seconds):
+            raise ApiError(
+                429,
+                "too_many_streams",
+                f"At most {self.limit} answers can stream at once; wait for one to finish.",
+                headers={"Retry-After": "5"},
+            )
+        return Lease(self._storage, name, holder, self._lease_seconds)
+
+    async def open(self, user_id: str) -> int:
+        return await self._storage.count_leases(f"streams:{user_id}")
+
+
+class OutputBudget:
+    """`BFF_DAILY_OUTPUT_CHARS`: generated characters a user may receive through relays per UTC day.
+
+    Charged from what was actually relayed, when a relay ends; refused up front once spent. So the
+    relay that crosses the line completes, and the next one is refused (post-hoc, like every
+    gateway that meters streams). Token-mode mints are not charged here: their output never passes
+    through us, so they are bounded by the `mint` rate limit instead.
+    """
+
+    def __init__(self, storage: Storage, daily_chars: int) -> None:
+        self._storage = storage
+        self.daily_chars = daily_chars
+
+    @staticmethod
+    def _key(user_id: str) -> str:
+        return f"output:{user_id}:{datetime.now(UTC).date().isoformat()}"
+
+    async def ensure_left(self, user_id: str) -> None:
+        if self.daily_chars and await self.used(user_id) >= self.daily_chars:
+            midnight = datetime.combine(datetime.now(UTC).date() + timedelta(days=1), dt_time(), UTC)
+            wait = max(1, math.ceil((midnight - datetime.now(UTC)).total_seconds()))
+            raise ApiError(
+                429,
+                "budget_exhausted",
+                "Today's answer budget is used up; it renews at midnight UTC.",
+                headers={"Retry-After": str(wait)},
+            )
+
+    async def charge(self, user_id: str, chars: int) -> None:
+        if self.daily_chars and chars > 0:
+            # Kept two days, so a stream that ends just after midnight still finds yesterday's key.
+            await self._storage.incr(self._key(user_id), chars, ttl=2 * 86400)
+
+    async def used(self, user_id: str) -> int:
+        return await self._storage.get_counter(self._key(user_id)) if self.daily_chars else 0

@@ -12,6 +12,7 @@ upstream answers, or at the first keep-alive if it has not yet; errors after tha
 
 from __future__ import annotations
 
+import codecs
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -23,7 +24,9 @@ import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from proxy.errors import ApiError, send_error, unauthenticated
+from proxy.errors import ApiError, send_error, shutting_down, unauthenticated
+from proxy.limits import Lease
+from proxy.metrics import Metrics
 from proxy.protocols import StreamEncoder
 from proxy.streams import StreamOwner
 
@@ -41,6 +44,7 @@ INTERRUPTED = "The answer was interrupted. Please try again."
 TOO_LONG = "The answer took too long and was stopped."
 FAILED = "An error occurred."
 SESSION_ENDED = "The session ended."
+RESTARTING = "The service is restarting. Please try again."
 # Below the usual proxy idle timeouts (nginx and AWS ALB: 60 s).
 KEEPALIVE_SECONDS = 15.0
 
@@ -50,7 +54,11 @@ class RelayStats:
     started_at: float = field(default_factory=time.monotonic)
     first_byte_at: float | None = None
     bytes_out: int = 0
+    chars: int = 0  # characters of generated text relayed: what output budgets are charged
     end: str = "unknown"
+
+
+OnEnd = Callable[[RelayStats], Awaitable[None]]
 
 
 class RelayResponse(Response):
@@ -63,9 +71,17 @@ class RelayResponse(Response):
         description: str,
         owner: StreamOwner | None = None,
         headers: Mapping[str, str] | None = None,
+        lease: Lease | None = None,
+        metrics: Metrics | None = None,
+        on_end: OnEnd | None = None,
     ) -> None:
         super().__init__()
         self.extra_headers = dict(headers or {})
+        # The user's stream slot, renewed while this relay runs and released when it ends.
+        self.lease = lease
+        self.metrics = metrics
+        self.on_end = on_end
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.open_upstream = open_upstream
         self.encoder = encoder
         self.deadline = deadline
@@ -77,21 +93,40 @@ class RelayResponse(Response):
         self.upstream: httpx.Response | None = None
         # Whose relay this is: registered while it runs, so logout can stop it (proxy/streams.py).
         self.owner = owner
-        self.revoked = False
+        self.stop_reason: str | None = None
         self._window: anyio.CancelScope | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.owner is None:
-            await self._watched(scope, receive, send)
-            return
-        with self.owner.running(self.stop, lambda: self.stats.end):
-            await self._watched(scope, receive, send)
+        if self.metrics is not None:
+            self.metrics.open_streams.inc()
+        try:
+            if self.owner is None:
+                await self._watched(scope, receive, send)
+            else:
+                with self.owner.running(self.stop, lambda: self.stats.end):
+                    await self._watched(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._finish()
 
-    def stop(self) -> None:
-        """End this relay because its session ended; it answers 401, or an in-band error once started."""
-        self.revoked = True
+    def stop(self, reason: str) -> None:
+        """End this relay early: "revoked" (its session ended) answers 401, "shutdown" (the drain
+        deadline passed) 503, or either as an in-band error once the stream has started."""
+        self.stop_reason = reason
         if self._window is not None:
             self._window.cancel()
+
+    async def _finish(self) -> None:
+        """Release the slot, then charge and count what was relayed; runs however the relay ended."""
+        if self.lease is not None:
+            await self.lease.release()
+        if self.metrics is not None:
+            self._observe(self.metrics)
+        if self.on_end is not None:
+            try:
+                await self.on_end(self.stats)
+            except Exception:
+                logger.exception("relay end hook failed")
 
     async def _watched(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with anyio.create_task_group() as group:
@@ -104,6 +139,8 @@ class RelayResponse(Response):
                 group.cancel_scope.cancel()
 
             group.start_soon(watch_disconnect)
+            if self.lease is not None:
+                group.start_soon(self.lease.keep)
             try:
                 await self._relay(scope["path"], send)
             finally:
@@ -113,7 +150,7 @@ class RelayResponse(Response):
     async def _relay(self, path: str, send: Send) -> None:
         try:
             with anyio.move_on_after(self.deadline) as self._window:
-                if self.revoked:
+                if self.stop_reason is not None:
                     self._window.cancel()
                 try:
                     upstream = await self._keeping_alive(send, self._open)
@@ -131,6 +168,7 @@ class RelayResponse(Response):
                 while data is not None:
                     if self.stats.first_byte_at is None:
                         self.stats.first_byte_at = time.monotonic()
+                    self.stats.chars += len(self._decoder.decode(data))
                     framed = prefix + self.encoder.chunk(data)
                     if framed:  # empty while a split UTF-8 character waits for its other bytes
                         await self._send(send, framed)
@@ -139,12 +177,14 @@ class RelayResponse(Response):
                 await self._send(send, prefix + self.encoder.close(), more=False)
                 self.stats.end = "complete"
                 return
-            if self.revoked:
-                self.stats.end = "revoked"
-                if not self.started:
+            if self.stop_reason is not None:
+                self.stats.end = self.stop_reason
+                if self.started:
+                    await self._fail(send, SESSION_ENDED if self.stop_reason == "revoked" else RESTARTING)
+                elif self.stop_reason == "revoked":
                     await send_error(unauthenticated(), path, send)
                 else:
-                    await self._fail(send, SESSION_ENDED)
+                    await send_error(shutting_down(), path, send)
                 return
             self.stats.end = "deadline"
             if not self.started:
@@ -154,6 +194,8 @@ class RelayResponse(Response):
         except httpx.TransportError as exc:
             logger.warning("upstream stream broke off: %s", type(exc).__name__)
             self.stats.end = "upstream_cut"
+            if self.metrics is not None:
+                self.metrics.upstream_errors.labels("cut").inc()
             await self._fail(send, INTERRUPTED)
         except Exception:
             # Nothing may escape a started stream: the client would only see an opaque network error.
@@ -231,6 +273,18 @@ class RelayResponse(Response):
             **self.extra_headers,
         }
         return [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+
+    def _observe(self, metrics: Metrics) -> None:
+        stats = self.stats
+        metrics.open_streams.dec()
+        metrics.stream_ends.labels(stats.end).inc()
+        metrics.bytes_relayed.inc(stats.bytes_out)
+        metrics.chars_relayed.inc(stats.chars)
+        metrics.duration.observe(time.monotonic() - stats.started_at)
+        if stats.first_byte_at is not None:
+            metrics.first_byte.observe(stats.first_byte_at - stats.started_at)
+        if stats.end.startswith("client_gone"):
+            metrics.disconnects.labels("before_first_byte" if stats.first_byte_at is None else "after_first_byte").inc()
 
     def _log(self) -> None:
         now = time.monotonic()

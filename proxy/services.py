@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import httpx
 from starlette.requests import HTTPConnection
 
-from proxy.limits import RateLimiter
+from proxy.drain import Drain
+from proxy.limits import OutputBudget, RateLimiter, StreamSlots
 from proxy.metrics import Metrics
 from proxy.sessions import SessionManager
 from proxy.settings import Settings
@@ -26,7 +27,9 @@ class Services:
     workflows: WorkflowRegistry
     metrics: Metrics
     limiter: RateLimiter
-    draining: bool = False
+    slots: StreamSlots
+    budget: OutputBudget
+    drain: Drain
 
 
 def services(connection: HTTPConnection) -> Services:

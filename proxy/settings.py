@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     # On SIGTERM, running streams get this long to finish before they are ended with an in-band error;
     # keep it below uvicorn's graceful-shutdown timeout (30 s) and the orchestrator's grace period.
     drain_seconds: float = Field(default=25.0, gt=0, le=600)
+    # Stream slots are leases renewed while the stream runs: a crashed replica's slots free up within this.
+    stream_lease_seconds: float = Field(default=30.0, ge=1, le=3600)
     max_body_bytes: int = Field(default=65536, ge=256, le=16 * 1024 * 1024)
     max_input_chars: int = Field(default=16000, ge=1, le=1_000_000)
     token_ttl: int = Field(default=60, ge=1, le=300)

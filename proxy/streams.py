@@ -16,7 +16,8 @@ import anyio
 
 from proxy.audit import AuditLog
 
-Stop = Callable[[], None]
+# Called with why the relay must end: "revoked" (logout) or "shutdown" (the drain deadline passed).
+Stop = Callable[[str], None]
 Outcome = Callable[[], str]
 
 
@@ -44,14 +45,17 @@ class StreamRegistry:
             self.audit.record("relay.end", owner.session_key, user_id=owner.user_id, relay=owner.what, end=outcome())
 
     def stop_session(self, session_key: str) -> int:
-        return self._stop([entry for entry in self._running if entry.session_key == session_key])
+        return self._stop([entry for entry in self._running if entry.session_key == session_key], "revoked")
 
     def stop_user(self, user_id: str) -> int:
-        return self._stop([entry for entry in self._running if entry.user_id == user_id])
+        return self._stop([entry for entry in self._running if entry.user_id == user_id], "revoked")
 
-    def _stop(self, entries: list[RunningStream]) -> int:
+    def stop_all(self, reason: str) -> int:
+        return self._stop(list(self._running), reason)
+
+    def _stop(self, entries: list[RunningStream], reason: str) -> int:
         for entry in entries:
-            entry.stop()
+            entry.stop(reason)
         return len(entries)
 
 
@@ -68,13 +72,23 @@ class StreamOwner:
         return self.registry.running(self, stop, outcome)
 
     @contextmanager
-    def cancellable(self) -> Iterator[anyio.CancelScope]:
-        """Run a non-streaming upstream call so that logout cancels it too; afterwards the scope's
-        `cancelled_caught` says whether it was."""
+    def cancellable(self) -> Iterator[Stopped]:
+        """Run a non-streaming upstream call so that logout or shutdown cancels it too; afterwards the
+        yielded `Stopped` says whether, and why, it was."""
+        stopped = Stopped()
         outcome = "failed"
-        with (
-            anyio.CancelScope() as scope,
-            self.running(scope.cancel, lambda: "revoked" if scope.cancel_called else outcome),
-        ):
-            yield scope
+        with anyio.CancelScope() as scope, self.running(stopped.stopper(scope), lambda: stopped.reason or outcome):
+            yield stopped
             outcome = "complete"
+
+
+@dataclass
+class Stopped:
+    reason: str | None = None
+
+    def stopper(self, scope: anyio.CancelScope) -> Stop:
+        def stop(reason: str) -> None:
+            self.reason = reason
+            scope.cancel()
+
+        return stop

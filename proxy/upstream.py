@@ -230,10 +230,6 @@ class UpstreamClient:
             raise _status_error(response.status_code, response.headers, body, "stream")
         return response
 
-    def stream_cut(self) -> None:
-        """The relay saw an open upstream stream break off."""
-        self._metrics.upstream_errors.labels("cut").inc()
-
     async def run(self, workflow_id: str, inputs: dict[str, str], *, request_id: str | None = None) -> RunResult:
         """POST /api/v1/run/{id}: the whole answer at once."""
         request = self._http.build_request(

@@ -15,12 +15,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from proxy.admission import relay_response
 from proxy.body import read_json
 from proxy.chat import chat_inputs, parse_chat_request
 from proxy.errors import invalid_input
 from proxy.middleware.request_id import current_request_id
 from proxy.protocols import DataStreamEncoder, StreamEncoder, TextEncoder, UiMessageStreamEncoder
-from proxy.relay import RelayResponse
 from proxy.services import services
 
 ENCODERS: dict[str, Callable[[], StreamEncoder]] = {
@@ -45,12 +45,9 @@ async def chat(request: Request) -> Response:
         minted = await bff.upstream.mint_token(bff.settings.token_ttl, request_id=request_id)
         return await bff.upstream.open_stream(workflow.id, minted.token, inputs, request_id=request_id)
 
-    return RelayResponse(
-        open_upstream,
-        ENCODERS[protocol](),
-        deadline=bff.settings.max_stream_seconds,
-        description=f"chat:{workflow.alias}:{protocol}",
-        owner=bff.sessions.stream_owner(session, f"chat:{workflow.alias}"),
+    # The user's limits are checked last, so a request refused for bad input costs nothing against them.
+    return await relay_response(
+        bff, session, workflow, f"chat:{workflow.alias}:{protocol}", open_upstream, ENCODERS[protocol]()
     )
 
 

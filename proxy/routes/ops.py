@@ -18,7 +18,7 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     bff = services(request)
-    if bff.draining:
+    if bff.drain.active:
         return JSONResponse({"status": "draining"}, 503)
     try:
         with anyio.fail_after(STORAGE_PING_SECONDS):

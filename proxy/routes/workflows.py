@@ -9,11 +9,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy.admission import admit, relay_response
 from proxy.body import read_json
-from proxy.errors import invalid_input
+from proxy.errors import invalid_input, shutting_down
 from proxy.middleware.request_id import current_request_id
 from proxy.protocols import TextEncoder
-from proxy.relay import RelayResponse
 from proxy.routes.auth import iso
 from proxy.services import Services, services
 from proxy.sessions import Session
@@ -54,45 +54,37 @@ async def mint(request: Request) -> Response:
     )
 
 
-async def _workflow_and_inputs(
-    request: Request,
-) -> tuple[Services, Session, Workflow, dict[str, str], dict[str, str]]:
-    """Everything a relay needs, checked in order: session, workflow, inputs, then the user's limits
-    (last, so a request refused for bad input costs nothing against them). Returns the limit headers."""
+async def _workflow_and_inputs(request: Request) -> tuple[Services, Session, Workflow, dict[str, str]]:
     bff = services(request)
     session = await bff.sessions.require(request)
     workflow = bff.workflows.get(request.path_params["alias"])
     body = await read_json(request, bff.settings.max_body_bytes)
-    inputs = workflow.build_inputs(body, bff.settings.max_input_chars)
-    limit_headers = await bff.limiter.check("relay", session.user.id, workflow=workflow.alias)
-    return bff, session, workflow, inputs, limit_headers
+    return bff, session, workflow, workflow.build_inputs(body, bff.settings.max_input_chars)
 
 
 async def stream(request: Request) -> Response:
-    bff, session, workflow, inputs, limit_headers = await _workflow_and_inputs(request)
+    bff, session, workflow, inputs = await _workflow_and_inputs(request)
     request_id = current_request_id()
 
     async def open_upstream() -> httpx.Response:
         minted = await bff.upstream.mint_token(bff.settings.token_ttl, request_id=request_id)
         return await bff.upstream.open_stream(workflow.id, minted.token, inputs, request_id=request_id)
 
-    return RelayResponse(
-        open_upstream,
-        TextEncoder(),
-        deadline=bff.settings.max_stream_seconds,
-        description=f"stream:{workflow.alias}",
-        owner=bff.sessions.stream_owner(session, f"stream:{workflow.alias}"),
-        headers=limit_headers,
-    )
+    return await relay_response(bff, session, workflow, f"stream:{workflow.alias}", open_upstream, TextEncoder())
 
 
 async def run(request: Request) -> Response:
-    bff, session, workflow, inputs, limit_headers = await _workflow_and_inputs(request)
-    with bff.sessions.stream_owner(session, f"run:{workflow.alias}").cancellable() as ended_by_logout:
-        result = await bff.upstream.run(workflow.id, inputs, request_id=current_request_id())
-    if ended_by_logout.cancelled_caught:
+    bff, session, workflow, inputs = await _workflow_and_inputs(request)
+    admission = await admit(bff, session, workflow)
+    async with admission.lease.held():
+        with bff.sessions.stream_owner(session, f"run:{workflow.alias}").cancellable() as stopped:
+            result = await bff.upstream.run(workflow.id, inputs, request_id=current_request_id())
+    if stopped.reason == "revoked":
         raise bff.sessions.unauthenticated(request)
-    return JSONResponse({"result": result.result, "citations": result.citations}, headers=limit_headers)
+    if stopped.reason is not None:
+        raise shutting_down()
+    await bff.budget.charge(session.user.id, len(result.result))
+    return JSONResponse({"result": result.result, "citations": result.citations}, headers=admission.headers)
 
 
 def workflow_routes(modes: Sequence[str]) -> list[Route]:
