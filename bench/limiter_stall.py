@@ -137,7 +137,7 @@ async def main(checks: int, delay_ms: float) -> None:
             ours = RateLimiter(open_limits_storage(url), {"relay": [item]}, metrics=Metrics())
 
             async def async_checks() -> None:
-                await asyncio.gather(*(ours.hit("relay", f"user{i % 50}") for i in range(checks)))
+                await asyncio.gather(*(ours.check("relay", f"user{i % 50}") for i in range(checks)))
 
             # Warm both paths once at full concurrency, so opening connections is not what is measured.
             await slowapi_checks()

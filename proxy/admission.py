@@ -2,17 +2,18 @@
 
 In order: the user's output budget is not spent (read only), a stream slot is free, the rate limit
 allows it. The rate limit is counted last, so a request refused for a full slot or a spent budget
-does not also use up the user's rate; a refusal by the rate limit gives the slot back.
+does not also use up the user's rate; a refusal by the rate limit gives the slot back. While a relay
+runs, the renewals of its slot also check that its session is still live (`Lease.watch`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
 
 from proxy.limits import Lease
+from proxy.middleware.request_id import current_request_id
 from proxy.protocols import StreamEncoder
 from proxy.relay import RelayResponse, RelayStats
 from proxy.services import Services
@@ -39,21 +40,26 @@ async def admit(bff: Services, session: Session, workflow: Workflow) -> Admissio
 
 
 async def relay_response(
-    bff: Services,
-    session: Session,
-    workflow: Workflow,
-    what: str,
-    open_upstream: Callable[[], Awaitable[httpx.Response]],
-    encoder: StreamEncoder,
+    bff: Services, session: Session, workflow: Workflow, inputs: dict[str, str], what: str, encoder: StreamEncoder
 ) -> RelayResponse:
-    """A relay with the user's policy applied; the budget is charged with what it relayed."""
+    """A relay of `workflow` run with `inputs`, with the user's policy applied; the budget is charged
+    with what it relayed."""
     admission = await admit(bff, session, workflow)
     user_id = session.user.id
+    request_id = current_request_id()
+
+    async def open_upstream() -> httpx.Response:
+        # Inside the relay, so a client that leaves while the token is minted cancels the mint too.
+        minted = await bff.tokens.take(request_id=request_id)
+        return await bff.upstream.open_stream(workflow.id, minted.token, inputs, request_id=request_id)
 
     async def charge(stats: RelayStats) -> None:
         await bff.budget.charge(user_id, stats.chars)
 
-    return RelayResponse(
+    async def session_live() -> bool:
+        return await bff.storage.get_session(session.key) is not None
+
+    response = RelayResponse(
         open_upstream,
         encoder,
         deadline=bff.settings.max_stream_seconds,
@@ -64,3 +70,6 @@ async def relay_response(
         metrics=bff.metrics,
         on_end=charge,
     )
+    # A logout on another replica (or the session's absolute end) stops this relay too.
+    admission.lease.watch(session_live, lambda: response.stop("revoked"))
+    return response

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
@@ -16,6 +17,7 @@ from proxy.drain import Drain
 from proxy.errors import ApiError, handle_api_error
 from proxy.limits import OutputBudget, RateLimiter, StreamSlots, parse_limit, parse_rate_limits
 from proxy.metrics import Metrics, MetricsMiddleware, metrics_route
+from proxy.middleware.access_log import AccessLogMiddleware
 from proxy.middleware.body_policy import BodyPolicyMiddleware
 from proxy.middleware.cors import CorsMiddleware
 from proxy.middleware.csrf import CsrfMiddleware
@@ -30,6 +32,7 @@ from proxy.services import Services
 from proxy.sessions import SessionManager
 from proxy.settings import Settings
 from proxy.storage import open_limits_storage, open_storage
+from proxy.token_pool import TokenSource
 from proxy.upstream import CircuitBreaker, UpstreamClient, build_http_client
 from proxy.workflows import parse_workflows
 
@@ -60,17 +63,20 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
             max_seconds=settings.session_max_seconds,
             cookie_secure=settings.cookie_secure,
             samesite=settings.cookie_samesite,
+            metrics=metrics,
+        )
+        upstream = UpstreamClient(
+            http,
+            settings.upstream_url,
+            api_key,
+            metrics=metrics,
+            breaker=CircuitBreaker(settings.upstream_failure_threshold, settings.upstream_cooldown_seconds),
         )
         services = Services(
             settings=settings,
             http=http,
-            upstream=UpstreamClient(
-                http,
-                settings.upstream_url,
-                api_key,
-                metrics=metrics,
-                breaker=CircuitBreaker(settings.upstream_failure_threshold, settings.upstream_cooldown_seconds),
-            ),
+            upstream=upstream,
+            tokens=TokenSource(upstream, settings.token_ttl, settings.token_pool),
             metrics=metrics,
             limiter=limiter,
             slots=StreamSlots(storage, settings.max_concurrent_streams, lease_seconds=settings.stream_lease_seconds),
@@ -82,9 +88,14 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         )
         drain.attach(asyncio.get_running_loop(), sessions.streams.stop_all)
         try:
-            yield {"services": services}
+            async with anyio.create_task_group() as background:
+                if settings.token_pool:
+                    background.start_soon(services.tokens.refill_forever)
+                yield {"services": services}
+                background.cancel_scope.cancel()
         finally:
             drain.active = True
+            services.tokens.close()
             await http.aclose()
             await storage.close()
 
@@ -102,6 +113,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
     # wraps it so an allowed origin can read a refusal.
     middleware = [
         Middleware(RequestIdMiddleware),
+        Middleware(AccessLogMiddleware),
         Middleware(MetricsMiddleware, metrics=metrics),
         Middleware(SecurityHeadersMiddleware, hsts=settings.cookie_secure),
         *(

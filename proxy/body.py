@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 import json
+import re
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from proxy.errors import ApiError, invalid_input
+from proxy.errors import ApiError, client_gone, invalid_input
+from proxy.middleware.access_log import annotate
+
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def loads_text(data: bytes | bytearray) -> object:
+    """`json.loads`, refusing (ValueError) a document with an unpaired surrogate escape ("\\ud800").
+
+    JSON allows such escapes, but they are no characters: the string cannot be encoded as UTF-8, so
+    the moment it is sent on (upstream, to a hash, in a response) it would fail as a server error.
+    """
+    value = json.loads(data)
+    if SURROGATE_ESCAPE.search(data):  # rare: only then pay for the full check
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("unpaired surrogate") from None
+    return value
 
 
 async def read_json(request: Request, max_bytes: int) -> object:
@@ -18,11 +37,16 @@ async def read_json(request: Request, max_bytes: int) -> object:
     if declared.isdigit() and int(declared) > max_bytes:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise too_large
     try:
-        return json.loads(body)
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise too_large
+    except ClientDisconnect:
+        # The client left mid-upload: it must not count as a server error.
+        annotate(end="client_gone_early")
+        raise client_gone() from None
+    try:
+        return loads_text(body)
     except ValueError:
-        raise invalid_input("The body is not valid JSON.") from None
+        raise invalid_input("The body is not valid JSON text.") from None

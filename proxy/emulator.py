@@ -195,7 +195,7 @@ class Emulator:
         ttl = int(raw_ttl)
         token = TOKEN_PREFIX + secrets.token_urlsafe(24)
         self.state.tokens[token] = time.time() + ttl
-        self.state.record_event("mint", ttl=ttl)
+        self.state.record_event("mint", ttl=ttl, token=token)
         return JSONResponse({"success": True, "token": token, "ttl": ttl}, headers=headers)
 
     async def run(self, request: Request) -> Response:
@@ -379,8 +379,15 @@ def _select(events: list[dict[str, Any]], request: Request) -> list[dict[str, An
     return [event for event in events if all(str(event.get(k)) == v for k, v in wanted.items())]
 
 
-def create_emulator(api_key: str, *, chunk_delay: float = 0.02, max_stream_seconds: float = 300.0) -> Starlette:
-    state = EmulatorState(api_key=api_key, chunk_delay=chunk_delay, max_stream_seconds=max_stream_seconds)
+def create_emulator(
+    api_key: str, *, chunk_delay: float = 0.02, max_stream_seconds: float = 300.0, rate_limit_per_minute: int = 600
+) -> Starlette:
+    state = EmulatorState(
+        api_key=api_key,
+        chunk_delay=chunk_delay,
+        max_stream_seconds=max_stream_seconds,
+        rate_limit_per_minute=rate_limit_per_minute,
+    )
     emulator = Emulator(state)
     handlers: list[tuple[str, Callable[[Request], Awaitable[Response]], str]] = [
         ("/api/v1/token", emulator.mint, "GET"),

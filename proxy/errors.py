@@ -32,6 +32,11 @@ def shutting_down() -> ApiError:
     return ApiError(503, "shutting_down", "The service is restarting. Please try again.", headers={"Retry-After": "5"})
 
 
+def client_gone() -> ApiError:
+    """The client left before its answer. Nobody reads this; 499 is what proxies (nginx) log for it."""
+    return ApiError(499, "client_closed_request", "The client closed the request.")
+
+
 def invalid_input(message: str) -> ApiError:
     return ApiError(422, "invalid_input", message)
 

@@ -14,7 +14,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from datetime import time as dt_time
@@ -141,6 +141,13 @@ class Lease:
         self._name = name
         self._holder = holder
         self._ttl = ttl
+        self._watch: tuple[Callable[[], Awaitable[bool]], Callable[[], None]] | None = None
+
+    def watch(self, still_valid: Callable[[], Awaitable[bool]], ended: Callable[[], None]) -> None:
+        """At every renewal, also check `still_valid` (is the stream's session still live?), and call
+        `ended` once it is not. A logout stops the relays of the replica that served it at once; this
+        is how a relay running on another replica learns of it, within a third of the lease."""
+        self._watch = (still_valid, ended)
 
     async def keep(self) -> None:
         """Renew until cancelled. A renewal that fails (storage briefly down) is retried next round:
@@ -151,6 +158,15 @@ class Lease:
                 await self._storage.renew_lease(self._name, self._holder, self._ttl)
             except StorageUnavailable:
                 logger.warning("stream slot renewal failed; retrying")
+            if self._watch is not None:
+                still_valid, ended = self._watch
+                try:
+                    valid = await still_valid()
+                except StorageUnavailable:
+                    valid = True  # not knowing is no reason to cut a stream
+                if not valid:
+                    ended()
+                    return
 
     @asynccontextmanager
     async def held(self) -> AsyncIterator[None]:
@@ -239,8 +255,12 @@ class OutputBudget:
 
     async def charge(self, user_id: str, chars: int) -> None:
         if self.daily_chars and chars > 0:
-            # Kept two days, so a stream that ends just after midnight still finds yesterday's key.
-            await self._storage.incr(self._key(user_id), chars, ttl=2 * 86400)
+            try:
+                # Kept two days, so a stream that ends just after midnight still finds yesterday's key.
+                await self._storage.incr(self._key(user_id), chars, ttl=2 * 86400)
+            except StorageUnavailable:
+                # The answer was already delivered; all that is left to do is say what went uncharged.
+                logger.warning("output budget charge lost: storage unreachable", extra={"chars": chars})
 
     async def used(self, user_id: str) -> int:
         return await self._storage.get_counter(self._key(user_id)) if self.daily_chars else 0

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from proxy import __version__
+from proxy.services import services
 
 Schema = dict[str, Any]
 
@@ -84,9 +85,45 @@ SCHEMAS: dict[str, Schema] = {
     "ChatRequest": {
         "type": "object",
         "description": "A Vercel AI SDK useChat request: v5+ {id, messages[parts], trigger, messageId?}, "
-        "the single-message form {id, message}, or v3/v4 {messages[{role, content}]}.",
+        "the single-message form {id, message}, or v3/v4 {messages[{role, content}]}. Other fields are ignored.",
+        "anyOf": [{"required": ["messages"]}, {"required": ["message"]}],
+        "properties": {
+            "id": {"type": "string"},
+            "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
+            "message": _ref("ChatMessage"),
+            "trigger": {"type": "string", "enum": ["submit-message", "regenerate-message"]},
+            "messageId": {"type": "string"},
+        },
+    },
+    "ChatMessage": {
+        "type": "object",
+        "description": "The latest message must be the user's; system messages are dropped.",
+        "required": ["role"],
+        "properties": {
+            "id": {"type": "string"},
+            "role": {"type": "string", "enum": ["user", "assistant", "system"]},
+            "parts": {"type": "array", "items": _ref("ChatPart"), "description": "AI SDK 5+"},
+            "content": {"type": "string", "description": "AI SDK 3/4"},
+        },
+    },
+    "ChatPart": {
+        "type": "object",
+        "description": "`text` parts carry the text; `file` parts with an image/* mediaType an https: image URL.",
+        "required": ["type"],
+        "properties": {
+            "type": {"type": "string"},
+            "text": {"type": "string"},
+            "mediaType": {"type": "string"},
+            "url": {"type": "string"},
+        },
     },
     "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+    "UiStreamEvent": {
+        "type": "object",
+        "description": "One server-sent event of the AI SDK UI message stream.",
+        "required": ["data"],
+        "properties": {"data": {"type": "string", "description": "A UI message chunk as JSON, or [DONE] at the end."}},
+    },
 }
 
 SESSION_OK = {"200": {"description": "Signed in", "content": _json(_ref("Session"))}}
@@ -96,11 +133,11 @@ TEXT_STREAM = {"text/plain": {"schema": {"type": "string"}}}
 OPERATIONS: dict[tuple[str, str], Schema] = {
     ("post", "/auth/guest"): {
         "summary": "Start an anonymous session",
-        "responses": {**SESSION_OK, **_errors(403, 429)},
+        "responses": {**SESSION_OK, **_errors(403, 413, 422, 429, 503)},
     },
     ("post", "/auth/exchange"): {
         "summary": "Exchange an identity-provider JWT (Authorization: Bearer) for a session",
-        "responses": {**SESSION_OK, **_errors(401, 403, 429)},
+        "responses": {**SESSION_OK, **_errors(401, 403, 413, 422, 429, 503)},
     },
     ("post", "/auth/login"): {
         "summary": "Sign in with a username and password",
@@ -114,16 +151,19 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
                 }
             ),
         },
-        "responses": {**SESSION_OK, **_errors(401, 403, 413, 422, 429)},
+        "responses": {**SESSION_OK, **_errors(401, 403, 413, 422, 429, 503)},
     },
     ("get", "/auth/session"): {
         "summary": "The current session; never extends it",
-        "responses": {**SESSION_OK, **_errors(401)},
+        "responses": {**SESSION_OK, **_errors(401, 503)},
     },
-    ("post", "/auth/logout"): {"summary": "End this session", "responses": {**NO_CONTENT, **_errors(403)}},
+    ("post", "/auth/logout"): {
+        "summary": "End this session",
+        "responses": {**NO_CONTENT, **_errors(403, 413, 422, 503)},
+    },
     ("post", "/auth/logout-all"): {
         "summary": "End every session of this user",
-        "responses": {**NO_CONTENT, **_errors(401, 403)},
+        "responses": {**NO_CONTENT, **_errors(401, 403, 413, 422, 503)},
     },
     ("post", "/api/token"): {
         "summary": "Mint a single-use upstream stream token (token mode)",
@@ -163,7 +203,7 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
         "responses": {
             "200": {
                 "description": "UI message stream (SSE), plain text, or v4 data stream",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}, **TEXT_STREAM},
+                "content": {"text/event-stream": {"schema": _ref("UiStreamEvent")}, **TEXT_STREAM},
             },
             **{
                 str(status): {"description": "Error, as short text", "content": TEXT_STREAM}
@@ -173,6 +213,11 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
     },
     ("get", "/api/chat/{alias}/{chat_id}/stream"): {
         "summary": "Resume a chat stream: always 204, streams are not resumable",
+        # Any alias: the answer is the same for every one, so it reveals nothing.
+        "parameters": [
+            {"name": "alias", "in": "path", "required": True, "schema": {"type": "string"}},
+            {"name": "chat_id", "in": "path", "required": True, "schema": {"type": "string"}},
+        ],
         "responses": NO_CONTENT,
     },
     ("get", "/healthz"): {
@@ -216,14 +261,23 @@ def served_operations(routes: Sequence[BaseRoute]) -> set[tuple[str, str]]:
     return found
 
 
-def build_openapi(routes: Sequence[BaseRoute]) -> Schema:
+_STRING: Schema = {"type": "string"}
+
+
+def build_openapi(routes: Sequence[BaseRoute], aliases: Sequence[str] = ()) -> Schema:
+    """The document for `routes`; `aliases`, the configured workflows, are what `{alias}` and a token
+    request's `workflow` accept (they are public: browsers name them)."""
+    alias_schema: Schema = {"type": "string", "enum": list(aliases)} if aliases else {"type": "string"}
     paths: dict[str, dict[str, Schema]] = {}
     for method, path in sorted(served_operations(routes) & set(OPERATIONS)):
         operation = dict(OPERATIONS[(method, path)])
+        own = list(operation.get("parameters", []))
+        named = {parameter["name"] for parameter in own}
         parameters = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            {"name": name, "in": "path", "required": True, "schema": alias_schema if name == "alias" else _STRING}
             for name in _path_parameters(path)
-        ] + list(operation.get("parameters", []))
+            if name not in named
+        ] + own
         if method == "post":
             parameters.append(STATE_CHANGING_HEADER)
         if parameters:
@@ -233,8 +287,14 @@ def build_openapi(routes: Sequence[BaseRoute]) -> Schema:
         "openapi": "3.1.0",
         "info": {"title": "workflow-bff", "version": __version__},
         "paths": paths,
-        "components": {"schemas": SCHEMAS},
+        "components": {"schemas": {**SCHEMAS, "TokenRequest": _token_request(alias_schema)}},
     }
+
+
+def _token_request(alias_schema: Schema) -> Schema:
+    schema = dict(SCHEMAS["TokenRequest"])
+    schema["properties"] = {**schema["properties"], "workflow": alias_schema}
+    return schema
 
 
 def _path_parameters(path: str) -> list[str]:
@@ -247,7 +307,7 @@ def openapi_route() -> Route:
 
     async def endpoint(request: Request) -> Response:
         if not cache:
-            cache.append(build_openapi(request.app.routes))
+            cache.append(build_openapi(request.app.routes, services(request).workflows.aliases()))
         return JSONResponse(cache[0])
 
     return Route("/openapi.json", endpoint, methods=["GET"])

@@ -27,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 from proxy.errors import ApiError, send_error, shutting_down, unauthenticated
 from proxy.limits import Lease
 from proxy.metrics import Metrics
+from proxy.middleware.access_log import annotate
 from proxy.protocols import StreamEncoder
 from proxy.streams import StreamOwner
 
@@ -47,6 +48,36 @@ SESSION_ENDED = "The session ended."
 RESTARTING = "The service is restarting. Please try again."
 # Below the usual proxy idle timeouts (nginx and AWS ALB: 60 s).
 KEEPALIVE_SECONDS = 15.0
+
+
+async def until_disconnect(receive: Receive, work: Callable[[], Awaitable[T]]) -> T | None:
+    """`work()`, unless the client disconnects first: then it is cancelled and the answer is None.
+
+    For calls that are not streams (a whole-answer run): the request body must have been read, so
+    that `receive()` has nothing left to say but `http.disconnect`.
+    """
+    outcome: list[T] = []
+    failure: list[Exception] = []
+    async with anyio.create_task_group() as group:
+
+        async def run() -> None:
+            try:
+                outcome.append(await work())
+            except Exception as exc:  # re-raised below, outside the task group that would wrap it
+                failure.append(exc)
+            finally:
+                group.cancel_scope.cancel()
+
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            group.cancel_scope.cancel()
+
+        group.start_soon(run)
+        group.start_soon(watch_disconnect)
+    if failure:
+        raise failure[0]
+    return outcome[0] if outcome else None
 
 
 @dataclass
@@ -122,6 +153,7 @@ class RelayResponse(Response):
             await self.lease.release()
         if self.metrics is not None:
             self._observe(self.metrics)
+        self._annotate()
         if self.on_end is not None:
             try:
                 await self.on_end(self.stats)
@@ -145,7 +177,6 @@ class RelayResponse(Response):
                 await self._relay(scope["path"], send)
             finally:
                 group.cancel_scope.cancel()
-                self._log()
 
     async def _relay(self, path: str, send: Send) -> None:
         try:
@@ -286,16 +317,11 @@ class RelayResponse(Response):
         if stats.end.startswith("client_gone"):
             metrics.disconnects.labels("before_first_byte" if stats.first_byte_at is None else "after_first_byte").inc()
 
-    def _log(self) -> None:
-        now = time.monotonic()
-        first = self.stats.first_byte_at
-        logger.info(
-            "relay end",
-            extra={
-                "relay": self.description,
-                "end": self.stats.end,
-                "bytes": self.stats.bytes_out,
-                "ttfb_ms": round((first - self.stats.started_at) * 1000, 1) if first else None,
-                "duration_ms": round((now - self.stats.started_at) * 1000, 1),
-            },
+    def _annotate(self) -> None:
+        """The relay's part of the request's summary line (proxy/middleware/access_log.py)."""
+        annotate(
+            relay=self.description,
+            end=self.stats.end,
+            chars=self.stats.chars,
+            first_byte_at=self.stats.first_byte_at,
         )

@@ -13,6 +13,7 @@ from proxy.metrics import Metrics
 from proxy.sessions import SessionManager
 from proxy.settings import Settings
 from proxy.storage import Storage
+from proxy.token_pool import TokenSource
 from proxy.upstream import UpstreamClient
 from proxy.workflows import WorkflowRegistry
 
@@ -30,6 +31,7 @@ class Services:
     slots: StreamSlots
     budget: OutputBudget
     drain: Drain
+    tokens: TokenSource
 
 
 def services(connection: HTTPConnection) -> Services:

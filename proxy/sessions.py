@@ -22,6 +22,8 @@ from starlette.responses import Response
 
 from proxy.audit import AuditLog
 from proxy.errors import ApiError, unauthenticated
+from proxy.metrics import Metrics
+from proxy.middleware.access_log import annotate
 from proxy.storage import SessionRecord, Storage
 from proxy.streams import StreamOwner, StreamRegistry
 
@@ -76,13 +78,14 @@ class SessionManager:
         max_seconds: int,
         cookie_secure: bool,
         samesite: str = "strict",
+        metrics: Metrics | None = None,
     ) -> None:
         if not secrets_newest_first:
             raise ValueError("at least one session secret is required")
         self._storage = storage
         # itsdangerous signs with the last key and verifies with all of them.
         self._serializer = URLSafeTimedSerializer(list(reversed(secrets_newest_first)), salt=COOKIE_SALT)
-        self.audit = AuditLog(secrets_newest_first[0])
+        self.audit = AuditLog(secrets_newest_first[0], metrics=metrics)
         self.streams = StreamRegistry(self.audit)
         self.idle_seconds = idle_seconds
         self.max_seconds = max_seconds
@@ -100,6 +103,7 @@ class SessionManager:
         """
         previous = await self._end(connection, reason="replaced")
         session, cookie = await self.start(user)
+        annotate(user_hash=self.audit.user_hash(user.id))
         self.audit.record(
             "session.renewed" if previous is not None else "session.created",
             session.key,
@@ -142,6 +146,7 @@ class SessionManager:
             if not await self._storage.touch_session(record.key, now):
                 return None
             record = dataclasses.replace(record, last_seen=now)
+        annotate(user_hash=self.audit.user_hash(record.user_id))  # for the request's summary line
         return Session(record, self.idle_seconds)
 
     async def require(self, connection: HTTPConnection, *, touch: bool = True) -> Session:

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     rate_limits: str = "mint=30/minute;relay=20/minute;login=10/minute"
     max_concurrent_streams: int = Field(default=3, ge=1, le=10_000)
     daily_output_chars: int = Field(default=0, ge=0)
+    # Pre-minted stream tokens kept ready per process (proxy/token_pool.py); 0 = mint on demand.
+    token_pool: int = Field(default=0, ge=0, le=100)
     # On SIGTERM, running streams get this long to finish before they are ended with an in-band error;
     # keep it below uvicorn's graceful-shutdown timeout (30 s) and the orchestrator's grace period.
     drain_seconds: float = Field(default=25.0, gt=0, le=600)

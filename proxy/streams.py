@@ -2,8 +2,8 @@
 
 A relay registers a `stop` callback for as long as it runs. `POST /auth/logout` stops the relays of
 that session and `POST /auth/logout-all` those of every session of the user. The registry is per
-process: with several replicas a relay on another replica runs on until it ends or reaches
-`BFF_MAX_STREAM_SECONDS`, but it can never be started again with the revoked cookie.
+process: with several replicas a relay on another replica learns of the logout when its stream slot
+is next renewed (`Lease.watch` in proxy/limits.py, within a third of `BFF_STREAM_LEASE_SECONDS`).
 """
 
 from __future__ import annotations

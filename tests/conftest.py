@@ -8,11 +8,12 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.servers import EmulatorControl, ServerProcess, browser, start_emulator, start_proxy
+from tests.servers import EmulatorControl, RedisServer, ServerProcess, browser, guest_of, start_emulator, start_proxy
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -25,6 +26,18 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{name} is required in CI (.ci/run installs it)")
         pytest.skip(f"{name} is not installed")
     return path
+
+
+def start_redis(data_dir: Path) -> RedisServer:
+    """A real `redis-server` on a free port, keeping its data (AOF) in `data_dir`."""
+    return RedisServer(require_tool("redis-server"), data_dir).start()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +72,5 @@ def anonymous(proxy: ServerProcess) -> Iterator[httpx.Client]:
 @pytest.fixture
 def guest(proxy: ServerProcess, upstream: EmulatorControl) -> Iterator[httpx.Client]:
     """A browser signed in as a fresh guest."""
-    with browser(proxy.url) as client:
-        client.post("/auth/guest").raise_for_status()
+    with guest_of(proxy.url) as client:
         yield client

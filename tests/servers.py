@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_API_KEY = "sk_test_" + "k3y" * 12
 SESSION_SECRET = "test-session-secret-" + "s" * 40
 START_TIMEOUT = 20.0
+REDIS_START_SECONDS = 10.0
+# Loopback only; every write appended and synced to disk before the reply, no snapshots.
+REDIS_OPTIONS = ["--bind", "127.0.0.1", "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
 
 # Everything any server logged and any client received in this pytest run.
 SEEN_LOG_LINES: list[str] = []
@@ -92,6 +97,65 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait(5)
         return self.process.returncode
+
+
+@dataclass
+class RedisServer:
+    """A `redis-server` on a free loopback port, persisting every write (AOF) so a restart loses nothing.
+
+    `stop()` then `start()` restarts it on the same port with the same data, as an orchestrator would.
+    """
+
+    executable: str
+    data_dir: Path
+    port: int = 0
+    logs: list[str] = field(default_factory=list)
+    process: subprocess.Popen[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.port = self.port or free_port()
+        self.process = subprocess.Popen(
+            [self.executable, "--port", str(self.port), "--dir", str(self.data_dir), *REDIS_OPTIONS],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        ready = threading.Event()
+        threading.Thread(target=self._read, args=(self.process, ready), daemon=True).start()
+        if not ready.wait(REDIS_START_SECONDS) or self.process.poll() is not None:
+            self.stop()
+            raise RuntimeError("redis-server did not start:\n" + "\n".join(self.logs[-20:]))
+        return self
+
+    def _read(self, process: subprocess.Popen[str], ready: threading.Event) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            self.logs.append(line.rstrip("\n"))
+            if "Ready to accept connections" in line:
+                ready.set()
+        ready.set()  # exited: start() sees poll() is not None
+
+    def stop(self) -> None:
+        """A clean shutdown (SIGTERM), as an orchestrator would do; the AOF already holds every write."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process = None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def parse_json(line: str) -> dict[str, Any]:
@@ -186,3 +250,22 @@ class EmulatorControl:
         assert response.status_code == 200, f"waited for {match}, saw {response.json()}"
         found: list[dict[str, Any]] = response.json()
         return found
+
+
+@contextmanager
+def guest_of(server_url: str) -> Iterator[httpx.Client]:
+    """A browser signed in as a fresh guest on `server_url`."""
+    with browser(server_url) as client:
+        client.post("/auth/guest").raise_for_status()
+        yield client
+
+
+@contextmanager
+def proxy_with(upstream_url: str, **overrides: str) -> Iterator[httpx.Client]:
+    """A proxy of its own, started with `overrides`, and a guest signed in on it; stopped afterwards."""
+    server = start_proxy(upstream_url, **overrides)
+    try:
+        with guest_of(server.url) as client:
+            yield client
+    finally:
+        server.stop()

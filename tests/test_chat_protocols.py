@@ -16,7 +16,7 @@ import pytest
 
 from proxy.emulator import generate_text, split_chunks
 from proxy.relay import INTERRUPTED, TOO_LONG
-from tests.servers import EmulatorControl, ServerProcess, browser, start_proxy
+from tests.servers import EmulatorControl, ServerProcess, proxy_with
 
 QUESTION = "fractions"
 ANSWER = generate_text("wf_tutor", {"message": QUESTION})
@@ -220,13 +220,8 @@ def test_a_client_that_stops_before_the_first_byte_cancels_the_upstream(
 @pytest.fixture(scope="module")
 def short_deadline(emulator: ServerProcess) -> Iterator[httpx.Client]:
     """A proxy whose streams end after one second: keep-alives then come every quarter second."""
-    server = start_proxy(emulator.url, BFF_MAX_STREAM_SECONDS="1")
-    try:
-        with browser(server.url) as client:
-            client.post("/auth/guest").raise_for_status()
-            yield client
-    finally:
-        server.stop()
+    with proxy_with(emulator.url, BFF_MAX_STREAM_SECONDS="1") as client:
+        yield client
 
 
 def test_a_slow_upstream_gets_keep_alives_then_ends_in_band_at_the_deadline(

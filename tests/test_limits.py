@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.servers import EmulatorControl, ServerProcess, browser, start_proxy
+from tests.servers import EmulatorControl, ServerProcess, browser, guest_of, start_proxy
 
 LIMITS = "mint=3/minute;relay=2/minute;login=4/minute"
 WORKFLOWS_TOML = """
@@ -31,13 +30,6 @@ def limited(emulator: ServerProcess, upstream: EmulatorControl, tmp_path: Path) 
     server.stop()
 
 
-@contextmanager
-def signed_in(server: ServerProcess) -> Iterator[httpx.Client]:
-    with browser(server.url) as client:
-        client.post("/auth/guest").raise_for_status()
-        yield client
-
-
 def assert_limited(response: httpx.Response) -> None:
     assert response.status_code == 429, response.text
     assert response.json()["error"]["code"] == "rate_limited"
@@ -47,7 +39,7 @@ def assert_limited(response: httpx.Response) -> None:
 
 
 def test_mints_are_limited_per_user(limited: ServerProcess, upstream: EmulatorControl) -> None:
-    with signed_in(limited) as alice, signed_in(limited) as bob:
+    with guest_of(limited.url) as alice, guest_of(limited.url) as bob:
         answers = [alice.post("/api/token", json={"workflow": "tutor"}) for _ in range(4)]
         bobs = bob.post("/api/token", json={"workflow": "tutor"})
 
@@ -61,7 +53,7 @@ def test_mints_are_limited_per_user(limited: ServerProcess, upstream: EmulatorCo
 def test_relays_are_limited_per_user_and_bad_requests_cost_nothing(
     limited: ServerProcess, upstream: EmulatorControl
 ) -> None:
-    with signed_in(limited) as client:
+    with guest_of(limited.url) as client:
         refused = client.post("/api/workflows/tutor/stream", json={"message": 5})
         first = client.post("/api/workflows/tutor/stream", json={"message": "a"})
         second = client.post("/api/workflows/tutor/run", json={"message": "b"})
@@ -75,7 +67,7 @@ def test_relays_are_limited_per_user_and_bad_requests_cost_nothing(
 
 
 def test_a_workflow_can_have_a_tighter_limit_of_its_own(limited: ServerProcess) -> None:
-    with signed_in(limited) as client:
+    with guest_of(limited.url) as client:
         first = client.post("/api/workflows/story/run", json={"topic": "a"})
         second = client.post("/api/workflows/story/run", json={"topic": "b"})
         other = client.post("/api/workflows/tutor/run", json={"message": "c"})
@@ -96,7 +88,7 @@ def test_sign_ins_are_limited_per_client_ip(limited: ServerProcess) -> None:
 
 
 def test_the_session_shows_the_limits(limited: ServerProcess) -> None:
-    with signed_in(limited) as client:
+    with guest_of(limited.url) as client:
         limits = client.get("/auth/session").json()["limits"]
 
     assert limits["mint"] == "3 per 1 minute"

@@ -156,7 +156,7 @@ def test_a_stream_still_running_at_the_deadline_is_cut_off(
             response.read()
 
     assert upstream.wait(kind="stream_end")[0]["reason"] == "cancelled"
-    short_deadline_proxy.wait_for_log(lambda e: e.get("message") == "relay end" and e.get("end") == "deadline")
+    short_deadline_proxy.wait_for_log(lambda e: e.get("message") == "request end" and e.get("end") == "deadline")
 
 
 @pytest.mark.parametrize(

@@ -11,18 +11,13 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.servers import EmulatorControl, ServerProcess, browser, start_proxy
+from tests.servers import EmulatorControl, ServerProcess, proxy_with
 
 
 @pytest.fixture
 def own_proxy(emulator: ServerProcess, upstream: EmulatorControl) -> Iterator[httpx.Client]:
-    server = start_proxy(emulator.url, BFF_UPSTREAM_FAILURE_THRESHOLD="3", BFF_UPSTREAM_COOLDOWN_SECONDS="1")
-    try:
-        with browser(server.url) as client:
-            client.post("/auth/guest").raise_for_status()
-            yield client
-    finally:
-        server.stop()
+    with proxy_with(emulator.url, BFF_UPSTREAM_FAILURE_THRESHOLD="3", BFF_UPSTREAM_COOLDOWN_SECONDS="1") as client:
+        yield client
 
 
 def mint(client: httpx.Client) -> httpx.Response:

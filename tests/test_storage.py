@@ -2,22 +2,17 @@
 
 `replicas` gives two handles on one store: the same object for memory (one process), two separate
 clients of one Redis for Redis, so every "across replicas" claim is checked where it can hold.
-The end of the file runs real proxy processes sharing one Redis, and stops Redis under them.
+Real proxy processes sharing one Redis are in tests/test_replicas.py.
 """
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import anyio
-import httpx
 import limits
 import limits.errors
 import pytest
@@ -34,82 +29,12 @@ from proxy.storage import (
     open_limits_storage,
     open_storage,
 )
-from tests.conftest import require_tool
-from tests.servers import ServerProcess, browser, start_proxy
+from tests.conftest import start_redis
+from tests.servers import RedisServer
 
 pytestmark = pytest.mark.anyio
 
-REDIS_START_SECONDS = 10.0
 EVENTUALLY_SECONDS = 10.0
-# Loopback only; every write appended and synced to disk before the reply, no snapshots.
-REDIS_OPTIONS = ["--bind", "127.0.0.1", "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
-
-
-@dataclass
-class RedisServer:
-    """A `redis-server` on a free loopback port, persisting every write (AOF) so a restart loses nothing."""
-
-    executable: str
-    data_dir: Path
-    port: int = 0
-    logs: list[str] = field(default_factory=list)
-    process: subprocess.Popen[str] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        self.port = self.port or free_port()
-        self.process = subprocess.Popen(
-            [self.executable, "--port", str(self.port), "--dir", str(self.data_dir), *REDIS_OPTIONS],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        ready = threading.Event()
-        threading.Thread(target=self._read, args=(self.process, ready), daemon=True).start()
-        if not ready.wait(REDIS_START_SECONDS) or self.process.poll() is not None:
-            self.stop()
-            raise RuntimeError("redis-server did not start:\n" + "\n".join(self.logs[-20:]))
-        return self
-
-    def _read(self, process: subprocess.Popen[str], ready: threading.Event) -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            self.logs.append(line.rstrip("\n"))
-            if "Ready to accept connections" in line:
-                ready.set()
-        ready.set()  # exited: start() sees poll() is not None
-
-    def stop(self) -> None:
-        """A clean shutdown (SIGTERM), as an orchestrator would do; the AOF already holds every write."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self.process = None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def start_redis(data_dir: Path) -> RedisServer:
-    return RedisServer(require_tool("redis-server"), data_dir).start()
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -433,63 +358,3 @@ async def test_rate_limit_storage_errors_while_redis_is_down(tmp_path: Path) -> 
         assert await limiter.hit(item, "u1")
     finally:
         server.stop()
-
-
-# Live: proxy processes sharing one Redis
-
-
-@pytest.fixture(scope="module")
-def two_replicas(emulator: ServerProcess, redis_server: RedisServer) -> Iterator[tuple[ServerProcess, ServerProcess]]:
-    first = start_proxy(emulator.url, BFF_STORAGE_URL=redis_server.url)
-    try:
-        second = start_proxy(emulator.url, BFF_STORAGE_URL=redis_server.url)
-    except Exception:
-        first.stop()
-        raise
-    yield first, second
-    first.stop()
-    second.stop()
-
-
-def test_a_session_from_one_replica_works_on_the_other_until_a_logout_on_either(
-    two_replicas: tuple[ServerProcess, ServerProcess],
-) -> None:
-    first, second = two_replicas
-    with browser(first.url) as on_first:
-        user = on_first.post("/auth/guest").json()["user"]
-        with browser(second.url, cookies=on_first.cookies) as on_second:
-            assert on_second.get("/auth/session").json()["user"] == user
-
-            assert on_first.post("/auth/logout").status_code == 204
-
-            refused = on_second.get("/auth/session")
-            assert refused.status_code == 401
-            assert refused.json()["error"]["code"] == "unauthenticated"
-
-
-def test_replicas_fail_closed_while_redis_is_down_and_recover_by_themselves(
-    two_replicas: tuple[ServerProcess, ServerProcess], redis_server: RedisServer
-) -> None:
-    first, second = two_replicas
-    with browser(first.url) as signed_in, browser(second.url) as newcomer:
-        user = signed_in.post("/auth/guest").json()["user"]
-        redis_server.stop()
-        try:
-            refused = newcomer.post("/auth/guest")
-            assert refused.status_code == 503
-            assert refused.json()["error"]["code"] == "storage_unavailable"
-            assert refused.headers["retry-after"].isdigit()
-            assert "set-cookie" not in refused.headers
-            assert signed_in.get("/auth/session").status_code == 503  # never "signed out", never "fine"
-            for replica in (first, second):
-                assert httpx.get(f"{replica.url}/readyz").status_code == 503
-                assert httpx.get(f"{replica.url}/healthz").status_code == 200
-        finally:
-            redis_server.start()
-
-        for replica in (first, second):
-            assert httpx.get(f"{replica.url}/readyz").status_code == 200
-        assert signed_in.get("/auth/session").json()["user"] == user  # the session survived the restart
-        with browser(second.url, cookies=signed_in.cookies) as elsewhere:
-            assert elsewhere.get("/auth/session").json()["user"] == user
-        assert newcomer.post("/auth/guest").status_code == 200

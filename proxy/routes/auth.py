@@ -25,12 +25,16 @@ def iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
 
 
-def session_body(bff: Services, session: Session) -> dict[str, object]:
+async def session_body(bff: Services, session: Session) -> dict[str, object]:
     user = session.user
+    budget = bff.budget
     limits: dict[str, object] = {
         **bff.limiter.describe(),
         "max_concurrent_streams": bff.settings.max_concurrent_streams,
-        "daily_output_chars": bff.settings.daily_output_chars or None,
+        # Today's use as every replica charged it (null when there is no budget).
+        "daily_output_chars": (
+            {"limit": budget.daily_chars, "used": await budget.used(user.id)} if budget.daily_chars else None
+        ),
     }
     return {"user": {"id": user.id, "kind": user.kind}, "expires_at": iso(session.expires_at), "limits": limits}
 
@@ -42,7 +46,7 @@ def sign_in_endpoint(authenticator: Authenticator) -> Callable[[Request], Awaita
         limit_headers = await bff.limiter.check("login", client_ip(request))
         user = await authenticator.authenticate(request)
         session, cookie = await bff.sessions.sign_in(request, user)
-        response = JSONResponse(session_body(bff, session), headers={**NO_STORE, **limit_headers})
+        response = JSONResponse(await session_body(bff, session), headers={**NO_STORE, **limit_headers})
         bff.sessions.set_cookie(response, cookie)
         return response
 
@@ -53,7 +57,7 @@ async def current_session(request: Request) -> Response:
     # touch=False: polling the session must not keep it alive (bff-security R6, Duende's slide=false).
     bff = services(request)
     session = await bff.sessions.require(request, touch=False)
-    return JSONResponse(session_body(bff, session), headers=NO_STORE)
+    return JSONResponse(await session_body(bff, session), headers=NO_STORE)
 
 
 async def logout(request: Request) -> Response:

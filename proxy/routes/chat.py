@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -19,7 +18,6 @@ from proxy.admission import relay_response
 from proxy.body import read_json
 from proxy.chat import chat_inputs, parse_chat_request
 from proxy.errors import invalid_input
-from proxy.middleware.request_id import current_request_id
 from proxy.protocols import DataStreamEncoder, StreamEncoder, TextEncoder, UiMessageStreamEncoder
 from proxy.services import services
 
@@ -39,15 +37,9 @@ async def chat(request: Request) -> Response:
         raise invalid_input("protocol must be ui, text or data.")
     body = await read_json(request, bff.settings.max_body_bytes)
     inputs = chat_inputs(parse_chat_request(body), workflow, bff.settings.max_input_chars)
-    request_id = current_request_id()
-
-    async def open_upstream() -> httpx.Response:
-        minted = await bff.upstream.mint_token(bff.settings.token_ttl, request_id=request_id)
-        return await bff.upstream.open_stream(workflow.id, minted.token, inputs, request_id=request_id)
-
     # The user's limits are checked last, so a request refused for bad input costs nothing against them.
     return await relay_response(
-        bff, session, workflow, f"chat:{workflow.alias}:{protocol}", open_upstream, ENCODERS[protocol]()
+        bff, session, workflow, inputs, f"chat:{workflow.alias}:{protocol}", ENCODERS[protocol]()
     )
 
 

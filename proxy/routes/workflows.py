@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.admission import admit, relay_response
 from proxy.body import read_json
-from proxy.errors import invalid_input, shutting_down
+from proxy.errors import client_gone, invalid_input, shutting_down
+from proxy.middleware.access_log import annotate
 from proxy.middleware.request_id import current_request_id
 from proxy.protocols import TextEncoder
+from proxy.relay import until_disconnect
 from proxy.routes.auth import iso
 from proxy.services import Services, services
 from proxy.sessions import Session
@@ -34,19 +36,23 @@ async def mint(request: Request) -> Response:
     if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
         raise invalid_input('"ttl" must be a whole number of seconds, at least 1.')
     limit_headers = await bff.limiter.check("mint", session.user.id)
-    minted = await bff.upstream.mint_token(min(ttl, bff.settings.token_ttl), request_id=current_request_id())
+    if ttl >= bff.settings.token_ttl:
+        minted = await bff.tokens.take(request_id=current_request_id())
+    else:  # a shorter TTL than pooled tokens have: mint one to order
+        minted = await bff.upstream.mint_token(ttl, request_id=current_request_id())
+    remaining = max(1, round(minted.expires_at - time.time()))
     bff.sessions.audit.record(
         "token.minted",
         session.key,
         user_id=session.user.id,
         connection=request,
         workflow=workflow.alias,
-        ttl=minted.ttl,
+        ttl=remaining,
     )
     return JSONResponse(
         {
             "token": minted.token,
-            "ttl": minted.ttl,
+            "ttl": remaining,
             "expires_at": iso(minted.expires_at),
             "stream_url": bff.upstream.stream_url(workflow.id, minted.token),
         },
@@ -64,25 +70,28 @@ async def _workflow_and_inputs(request: Request) -> tuple[Services, Session, Wor
 
 async def stream(request: Request) -> Response:
     bff, session, workflow, inputs = await _workflow_and_inputs(request)
-    request_id = current_request_id()
-
-    async def open_upstream() -> httpx.Response:
-        minted = await bff.upstream.mint_token(bff.settings.token_ttl, request_id=request_id)
-        return await bff.upstream.open_stream(workflow.id, minted.token, inputs, request_id=request_id)
-
-    return await relay_response(bff, session, workflow, f"stream:{workflow.alias}", open_upstream, TextEncoder())
+    return await relay_response(bff, session, workflow, inputs, f"stream:{workflow.alias}", TextEncoder())
 
 
 async def run(request: Request) -> Response:
     bff, session, workflow, inputs = await _workflow_and_inputs(request)
     admission = await admit(bff, session, workflow)
+    request_id = current_request_id()
     async with admission.lease.held():
         with bff.sessions.stream_owner(session, f"run:{workflow.alias}").cancellable() as stopped:
-            result = await bff.upstream.run(workflow.id, inputs, request_id=current_request_id())
+            # A client that leaves cancels the upstream run, as it does a stream.
+            result = await until_disconnect(
+                request.receive, lambda: bff.upstream.run(workflow.id, inputs, request_id=request_id)
+            )
+            if result is None:
+                stopped.reason = "client_gone"  # how the audit log's relay.end records it
     if stopped.reason == "revoked":
         raise bff.sessions.unauthenticated(request)
-    if stopped.reason is not None:
+    if stopped.reason == "shutdown":
         raise shutting_down()
+    if result is None:
+        annotate(end="client_gone")
+        raise client_gone()
     await bff.budget.charge(session.user.id, len(result.result))
     return JSONResponse({"result": result.result, "citations": result.citations}, headers=admission.headers)
 

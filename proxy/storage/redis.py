@@ -76,10 +76,16 @@ if user_id then redis.call('ZREM', ARGV[1] .. user_id, ARGV[2]) end
 """
 
 DELETE_USER_SESSIONS = """
--- KEYS: user index. ARGV: session key prefix. Returns the members whose session was still live.
+-- KEYS: user index. ARGV: session key prefix. Deletes them all; returns the members whose session was
+-- still live. Live is judged by the record's own expires_at, as get_session judges it: Redis expires
+-- the key only at the next whole millisecond, so the key alone can outlive the session by up to 1 ms.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local removed = {}
 for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if redis.call('DEL', ARGV[1] .. member) == 1 then table.insert(removed, member) end
+  local key = ARGV[1] .. member
+  local expires_at = tonumber(redis.call('HGET', key, 'expires_at'))
+  if redis.call('DEL', key) == 1 and expires_at and expires_at > now then table.insert(removed, member) end
 end
 redis.call('DEL', KEYS[1])
 return removed

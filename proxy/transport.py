@@ -1,0 +1,103 @@
+"""httpx's client API over aiohttp's connection pool.
+
+httpx stays the API the rest of the code uses (requests, responses, timeouts, exceptions); only the
+transport underneath changes. httpcore's pool does bookkeeping under locks on every request and chunk
+(encode/httpx#3215), which measured as most of the relay's CPU; aiohttp's pool and parser do the same
+work for a fraction of it (docs/PERFORMANCE.md). The mapping of aiohttp's exceptions to httpx's is
+ours, because which class a failure gets decides the status the browser sees (a refused connection is
+a 502, a timeout a 504).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import httpx
+
+
+def _mapped(exc: BaseException, *, reading: bool) -> httpx.TransportError:
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(message)
+    if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError):
+        return httpx.ReadTimeout(message) if reading else httpx.ConnectTimeout(message)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(message)
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return httpx.RemoteProtocolError(message)
+    return httpx.ReadError(message) if reading else httpx.ConnectError(message)
+
+
+TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+class AiohttpResponseStream(httpx.AsyncByteStream):
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            # Whatever bytes have arrived, as they arrive: never waits to fill a buffer.
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except TRANSPORT_ERRORS as exc:
+            raise _mapped(exc, reading=True) from exc
+
+    async def aclose(self) -> None:
+        # A body read to the end leaves a reusable connection; one abandoned midway (client gone,
+        # deadline) must be closed, or the next request would read the rest of this one.
+        if self._response.content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    def __init__(self, *, max_connections: int, keepalive_expiry: float) -> None:
+        self._max_connections = max_connections
+        self._keepalive_expiry = keepalive_expiry
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Created on first use, inside the running event loop, as aiohttp requires.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=self._keepalive_expiry),
+                # One session serves every user: it must never keep or send cookies.
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                trust_env=False,
+            )
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeouts = request.extensions.get("timeout", {})
+        try:
+            response = await self._client().request(
+                request.method,
+                str(request.url),
+                headers=request.headers.multi_items(),
+                data=request.content or None,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    connect=timeouts.get("pool"),
+                    sock_connect=timeouts.get("connect"),
+                    sock_read=timeouts.get("read"),
+                ),
+            )
+        except TRANSPORT_ERRORS as exc:
+            raise _mapped(exc, reading=False) from exc
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.raw_headers,
+            stream=AiohttpResponseStream(response),
+            request=request,
+            extensions={"http_version": b"HTTP/1.1"},
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
