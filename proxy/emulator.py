@@ -196,7 +196,10 @@ class Emulator:
         token = TOKEN_PREFIX + secrets.token_urlsafe(24)
         self.state.tokens[token] = time.time() + ttl
         self.state.record_event("mint", ttl=ttl, token=token)
-        return JSONResponse({"success": True, "token": token, "ttl": ttl}, headers=headers)
+        response = JSONResponse({"success": True, "token": token, "ttl": ttl}, headers=headers)
+        # Hosted APIs set affinity cookies; a relay that kept and replayed them would mix users.
+        response.set_cookie("upstream_affinity", secrets.token_hex(4))
+        return response
 
     async def run(self, request: Request) -> Response:
         workflow_id = request.path_params["workflow_id"]

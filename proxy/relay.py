@@ -227,7 +227,10 @@ class RelayResponse(Response):
             self.stats.end = "upstream_cut"
             if self.metrics is not None:
                 self.metrics.upstream_errors.labels("cut").inc()
-            await self._fail(send, INTERRUPTED)
+            if self.started:
+                await self._fail(send, INTERRUPTED)
+            else:  # e.g. the connection broke while an upstream error body was being read
+                await send_error(ApiError(502, "upstream_error", FAILED), path, send)
         except Exception:
             # Nothing may escape a started stream: the client would only see an opaque network error.
             logger.exception("relay failed")

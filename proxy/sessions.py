@@ -157,10 +157,11 @@ class SessionManager:
 
     def unauthenticated(self, connection: HTTPConnection) -> ApiError:
         """401; when the browser still holds a cookie that no longer opens a session (expired, revoked,
-        signed with a retired key), the answer also clears it."""
+        signed with a retired key), the answer also expires that cookie. Only ours: Clear-Site-Data
+        would wipe every cookie of the site, including a fresh session another tab just signed in to."""
         error = unauthenticated()
         if connection.cookies.get(self.cookie_name):
-            error.headers.update(self.clear_headers())
+            error.headers.update(self.clear_headers(site_data=False))
         return error
 
     async def end(self, connection: HTTPConnection) -> Session | None:
@@ -198,8 +199,9 @@ class SessionManager:
         response.headers.append("Set-Cookie", headers.pop("Set-Cookie"))
         response.headers.update(headers)
 
-    def clear_headers(self) -> dict[str, str]:
-        """The headers that end the session in the browser: an expired cookie and Clear-Site-Data."""
+    def clear_headers(self, *, site_data: bool = True) -> dict[str, str]:
+        """The headers that end the session in the browser: an expired cookie, and for a sign-out
+        Clear-Site-Data."""
         expired = Response()
         expired.delete_cookie(
             self.cookie_name,
@@ -208,11 +210,10 @@ class SessionManager:
             httponly=True,
             samesite=self.samesite,  # type: ignore[arg-type]
         )
-        return {
-            "Set-Cookie": expired.headers["set-cookie"],
-            "Clear-Site-Data": CLEAR_SITE_DATA,
-            "Cache-Control": "no-store",
-        }
+        headers = {"Set-Cookie": expired.headers["set-cookie"], "Cache-Control": "no-store"}
+        if site_data:
+            headers["Clear-Site-Data"] = CLEAR_SITE_DATA
+        return headers
 
     def _expiry(self, record: SessionRecord, now: float) -> str | None:
         """Why the record has ended, if it has: the absolute end first, whatever the activity."""

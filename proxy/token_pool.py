@@ -46,8 +46,9 @@ class TokenSource:
 
     async def take(self, *, request_id: str | None = None) -> MintedToken:
         """A fresh token for one caller: from the pool when one is ready, else minted now."""
-        self._taken.append(time.monotonic())
-        self._wanted.set()
+        if self.pool_size:  # demand only sizes a pool; without one, recording it would only grow
+            self._taken.append(time.monotonic())
+            self._wanted.set()
         while self._pool:
             token = self._pool.popleft()
             if token.expires_at - time.time() >= self.safety_margin:

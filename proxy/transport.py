@@ -38,12 +38,21 @@ class AiohttpResponseStream(httpx.AsyncByteStream):
         self._response = response
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            # Whatever bytes have arrived, as they arrive: never waits to fill a buffer.
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-        except TRANSPORT_ERRORS as exc:
-            raise _mapped(exc, reading=True) from exc
+        content = self._response.content
+        while True:
+            try:
+                # Whatever bytes have arrived, as they arrive: never waits to fill a buffer.
+                chunk = await content.readany()
+            except TRANSPORT_ERRORS as exc:
+                # aiohttp raises a connection's error before handing over the bytes that arrived just
+                # ahead of it; they are the answer's last words and belong to the client.
+                leftover = content._read_nowait(-1)
+                if leftover:
+                    yield leftover
+                raise _mapped(exc, reading=True) from exc
+            if not chunk:
+                return
+            yield chunk
 
     async def aclose(self) -> None:
         # A body read to the end leaves a reusable connection; one abandoned midway (client gone,

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from urllib.parse import quote
 
 import httpx
@@ -57,6 +58,8 @@ def build_http_client(max_stream_seconds: float) -> httpx.AsyncClient:
         headers={"Accept-Encoding": "identity", "User-Agent": "workflow-bff"},
         follow_redirects=False,
         trust_env=False,
+        # One client serves every user: a cookie the upstream sets must never go out again, to anyone.
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
     )
 
 

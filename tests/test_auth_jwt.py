@@ -75,8 +75,8 @@ def test_a_valid_token_becomes_a_session_for_its_subject(jwt_proxy: ServerProces
 
         assert response.status_code == 200
         assert response.headers["cache-control"] == "no-store"
-        assert response.json()["user"] == {"id": "alice", "kind": "jwt"}
-        assert client.get("/auth/session").json()["user"] == {"id": "alice", "kind": "jwt"}
+        assert response.json()["user"] == {"id": "jwt:alice", "kind": "jwt"}
+        assert client.get("/auth/session").json()["user"] == {"id": "jwt:alice", "kind": "jwt"}
     # The token is used once, here; the browser then holds only the cookie.
     assert token not in response.text and token not in response.headers.get("set-cookie", "")
 

@@ -169,7 +169,10 @@ class JwtAuthenticator:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUB_CHARS or not subject.isprintable():
             raise _refused("bad_sub")
-        return User(id=subject, kind="jwt")
+        # Namespaced, because limits, budgets and logout-all are keyed by user id: an identity-provider
+        # user whose `sub` is "alice" must not share them with password user "alice" (usernames cannot
+        # contain ":", guest ids start "guest_").
+        return User(id=f"jwt:{subject}", kind="jwt")
 
 
 def _bearer_token(request: Request) -> str:

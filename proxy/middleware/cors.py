@@ -16,7 +16,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from proxy.errors import ApiError, send_error
 
 ALLOWED_METHODS = "GET, POST"
-ALLOWED_HEADERS = "Content-Type, X-CSRF, X-Request-ID"
+# Authorization: POST /auth/exchange carries the identity provider's token in it.
+ALLOWED_HEADERS = "Authorization, Content-Type, X-CSRF, X-Request-ID"
 # What a cross-origin app needs to read: request ids for support, limits for back-off.
 EXPOSED_HEADERS = "Retry-After, X-Request-ID, X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset"
 PREFLIGHT_MAX_AGE = "600"
