@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--seconds", type=float, default=300.0, help="how long traffic runs (default 300)")
     parser.add_argument("--users", type=int, default=8, help="concurrent clients, one user each (default 8)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the random choices (how users interleave still varies)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the random choices (interleaving still varies)")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     report = asyncio.run(soak(args.seconds, args.users, seed))
