@@ -1,4 +1,4 @@
-"""Reading request bodies: JSON only, never more than the configured number of bytes."""
+"""Reading request bodies: JSON text only (the size cap lives in proxy/middleware/body_policy.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 from starlette.requests import ClientDisconnect, Request
 
-from proxy.errors import ApiError, client_gone, invalid_input
+from proxy.errors import client_gone, invalid_input
 from proxy.middleware.access_log import annotate
 
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -28,20 +28,16 @@ def loads_text(data: bytes | bytearray) -> object:
     return value
 
 
-async def read_json(request: Request, max_bytes: int) -> object:
+async def read_json(request: Request) -> object:
+    """The request's JSON body. The size cap is not checked here: BodyPolicyMiddleware enforces it
+    for every route that reads a body, on the declared length and on the bytes as they arrive."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         raise invalid_input("Send the body as application/json.")
-    too_large = ApiError(413, "body_too_large", f"The body is larger than {max_bytes} bytes.")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise too_large
     body = bytearray()
     try:
         async for chunk in request.stream():
             body += chunk
-            if len(body) > max_bytes:
-                raise too_large
     except ClientDisconnect:
         # The client left mid-upload: it must not count as a server error.
         annotate(end="client_gone_early")

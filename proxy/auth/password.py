@@ -28,7 +28,6 @@ from starlette.requests import Request
 from proxy.auth.base import AuthConfigError
 from proxy.body import read_json
 from proxy.errors import ApiError, invalid_input
-from proxy.services import services
 from proxy.sessions import User
 from proxy.throttle import LoginThrottle, client_ip
 
@@ -117,7 +116,7 @@ class PasswordAuthenticator:
         self._limiter = anyio.CapacityLimiter(CONCURRENT_VERIFICATIONS)
 
     async def authenticate(self, request: Request) -> User:
-        username, password = _credentials(await read_json(request, services(request).settings.max_body_bytes))
+        username, password = _credentials(await read_json(request))
         ip = client_ip(request)
         await self._throttle.check(ip, username)
         if not await anyio.to_thread.run_sync(self._verify, username, password, limiter=self._limiter):

@@ -35,7 +35,7 @@ async def chat(request: Request) -> Response:
     protocol = request.query_params.get("protocol", "ui")
     if protocol not in ENCODERS:
         raise invalid_input("protocol must be ui, text or data.")
-    body = await read_json(request, bff.settings.max_body_bytes)
+    body = await read_json(request)
     inputs = chat_inputs(parse_chat_request(body), workflow, bff.settings.max_input_chars)
     # The user's limits are checked last, so a request refused for bad input costs nothing against them.
     return await relay_response(

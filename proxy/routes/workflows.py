@@ -25,7 +25,7 @@ from proxy.workflows import Workflow
 async def mint(request: Request) -> Response:
     bff = services(request)
     session = await bff.sessions.require(request)
-    body = await read_json(request, bff.settings.max_body_bytes)
+    body = await read_json(request)
     if not isinstance(body, dict) or not isinstance(body.get("workflow"), str):
         raise invalid_input('Send {"workflow": "<name>"} with an optional "ttl" in seconds.')
     unknown = sorted(set(body) - {"workflow", "ttl"})
@@ -64,7 +64,7 @@ async def _workflow_and_inputs(request: Request) -> tuple[Services, Session, Wor
     bff = services(request)
     session = await bff.sessions.require(request)
     workflow = bff.workflows.get(request.path_params["alias"])
-    body = await read_json(request, bff.settings.max_body_bytes)
+    body = await read_json(request)
     return bff, session, workflow, workflow.build_inputs(body, bff.settings.max_input_chars)
 
 
