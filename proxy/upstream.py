@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from urllib.parse import quote
 
 import httpx
@@ -51,16 +50,29 @@ def build_http_client(max_stream_seconds: float) -> httpx.AsyncClient:
     The transport is aiohttp's pool under httpx's API (proxy/transport.py): measured side by side,
     2,042 us of CPU per streamed request with httpx's own transport, 993 with httpx2, 498 with this.
     """
-    return httpx.AsyncClient(
+    client = httpx.AsyncClient(
         transport=AiohttpTransport(max_connections=POOL_CONNECTIONS, keepalive_expiry=KEEPALIVE_SECONDS),
         timeout=httpx.Timeout(connect=5.0, read=max_stream_seconds, write=10.0, pool=10.0),
         # Identity encoding: the relay forwards raw bytes and must not forward a compressed body.
         headers={"Accept-Encoding": "identity", "User-Agent": "workflow-bff"},
         follow_redirects=False,
         trust_env=False,
-        # One client serves every user: a cookie the upstream sets must never go out again, to anyone.
-        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
     )
+    # One client serves every user: a cookie the upstream sets must never go out again, to anyone.
+    # httpx has no public way to turn its cookie jar off, and parsing every response's headers for
+    # cookies only to refuse them profiled at ~8% of the relay's CPU.
+    client._cookies = _NoCookies()
+    return client
+
+
+class _NoCookies(httpx.Cookies):
+    """A cookie store that never stores anything."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+    def set(self, name: str, value: str, domain: str = "", path: str = "/") -> None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -139,6 +151,9 @@ class UpstreamClient:
         self._http = http
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
+        # What `AsyncClient.build_request` would merge into every request, merged once.
+        self._headers = dict(http.headers)
+        self._timeout = http.timeout.as_dict()
         self._metrics = metrics or Metrics()
         self.breaker = breaker or CircuitBreaker()
         # After an upstream 429 on minting, mints wait out its Retry-After here instead of adding load.
@@ -146,6 +161,26 @@ class UpstreamClient:
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._api_key.get_secret_value()}"}
+
+    def _request(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        *,
+        body: dict[str, str] | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> httpx.Request:
+        """The request `AsyncClient.build_request` would build, without re-parsing and merging URLs
+        and parameters, which cost ~130 us per request: ours are whole already."""
+        content = None
+        if body is not None:
+            content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+            headers = {**headers, "Content-Type": "application/json"}
+        timeouts = self._timeout if timeout is None else timeout.as_dict()
+        return httpx.Request(
+            method, url, headers={**self._headers, **headers}, content=content, extensions={"timeout": timeouts}
+        )
 
     def _run_url(self, workflow_id: str) -> str:
         return f"{self._base_url}/api/v1/run/{quote(workflow_id, safe='')}"
@@ -183,11 +218,10 @@ class UpstreamClient:
         if paused > 0:
             self._metrics.mints.labels("paused").inc()
             raise _rate_limited(str(math.ceil(paused)))
-        request = self._http.build_request(
+        request = self._request(
             "GET",
-            f"{self._base_url}/api/v1/token",
-            params={"ttl": ttl},
-            headers={**self._auth(), **_request_id_header(request_id)},
+            f"{self._base_url}/api/v1/token?ttl={int(ttl)}",
+            {**self._auth(), **_request_id_header(request_id)},
             timeout=MINT_TIMEOUT,
         )
         for attempt in range(1, MINT_ATTEMPTS + 1):
@@ -227,12 +261,8 @@ class UpstreamClient:
         The caller owns the response and must `aclose()` it. Nothing here retries: a stream request
         spends the single-use token, and once bytes flowed a retry would duplicate output.
         """
-        request = self._http.build_request(
-            "POST",
-            f"{self._run_url(workflow_id)}/stream",
-            params={"token": token},
-            json=inputs,
-            headers=_request_id_header(request_id),
+        request = self._request(
+            "POST", self.stream_url(workflow_id, token), _request_id_header(request_id), body=inputs
         )
         response = await self._send(request, "stream", stream=True)
         if response.status_code != 200:
@@ -245,11 +275,8 @@ class UpstreamClient:
 
     async def run(self, workflow_id: str, inputs: dict[str, str], *, request_id: str | None = None) -> RunResult:
         """POST /api/v1/run/{id}: the whole answer at once."""
-        request = self._http.build_request(
-            "POST",
-            self._run_url(workflow_id),
-            json=inputs,
-            headers={**self._auth(), **_request_id_header(request_id)},
+        request = self._request(
+            "POST", self._run_url(workflow_id), {**self._auth(), **_request_id_header(request_id)}, body=inputs
         )
         response = await self._send(request, "run")
         if response.status_code != 200:
