@@ -22,6 +22,7 @@ from proxy.middleware.body_policy import BodyPolicyMiddleware
 from proxy.middleware.cors import CorsMiddleware
 from proxy.middleware.csrf import CsrfMiddleware
 from proxy.middleware.request_id import RequestIdMiddleware
+from proxy.middleware.response import ResponseMiddleware
 from proxy.middleware.security_headers import SecurityHeadersMiddleware
 from proxy.openapi import openapi_route
 from proxy.routes.auth import auth_routes
@@ -112,6 +113,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
     # CSRF check sees the scheme the browser used. CORS answers preflights before the CSRF check, and
     # wraps it so an allowed origin can read a refusal.
     middleware = [
+        Middleware(ResponseMiddleware),
         Middleware(RequestIdMiddleware),
         Middleware(AccessLogMiddleware),
         Middleware(MetricsMiddleware, metrics=metrics),

@@ -23,6 +23,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from proxy.middleware.response import on_response_start
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -84,14 +86,12 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
 
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                route = scope.get("route")
-                template = getattr(route, "path", None) or "unmatched"
-                self.metrics.requests.labels(template, scope["method"], str(message["status"])).inc()
-            await send(message)
+        def count(message: Message) -> None:
+            template = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.requests.labels(template, scope["method"], str(message["status"])).inc()
 
-        await self.app(scope, receive, counting_send)
+        on_response_start(scope, count)
+        await self.app(scope, receive, send)
 
 
 def metrics_route(metrics: Metrics) -> Route:

@@ -31,7 +31,7 @@ logger = logging.getLogger("proxy.upstream")
 
 MINT_ATTEMPTS = 3
 MINT_BACKOFF_SECONDS = 0.2
-MINT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+MINT_TIMEOUT = httpx.Timeout(10.0, connect=5.0).as_dict()
 ERROR_BODY_LIMIT = 4096
 DEFAULT_RETRY_AFTER = "5"
 POOL_CONNECTIONS = 1000
@@ -154,6 +154,9 @@ class UpstreamClient:
         # What `AsyncClient.build_request` would merge into every request, merged once.
         self._headers = dict(http.headers)
         self._timeout = http.timeout.as_dict()
+        # A stream's duration and its silences are bounded by the relay's deadline. A read timeout
+        # as well would only re-arm a timer on every chunk (aiohttp's `_reschedule_timeout`).
+        self._stream_timeout = {**self._timeout, "read": None}
         self._metrics = metrics or Metrics()
         self.breaker = breaker or CircuitBreaker()
         # After an upstream 429 on minting, mints wait out its Retry-After here instead of adding load.
@@ -169,7 +172,7 @@ class UpstreamClient:
         headers: dict[str, str],
         *,
         body: dict[str, str] | None = None,
-        timeout: httpx.Timeout | None = None,
+        timeout: dict[str, float | None] | None = None,
     ) -> httpx.Request:
         """The request `AsyncClient.build_request` would build, without re-parsing and merging URLs
         and parameters, which cost ~130 us per request: ours are whole already."""
@@ -177,9 +180,12 @@ class UpstreamClient:
         if body is not None:
             content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
             headers = {**headers, "Content-Type": "application/json"}
-        timeouts = self._timeout if timeout is None else timeout.as_dict()
         return httpx.Request(
-            method, url, headers={**self._headers, **headers}, content=content, extensions={"timeout": timeouts}
+            method,
+            url,
+            headers={**self._headers, **headers},
+            content=content,
+            extensions={"timeout": self._timeout if timeout is None else timeout},
         )
 
     def _run_url(self, workflow_id: str) -> str:
@@ -262,7 +268,11 @@ class UpstreamClient:
         spends the single-use token, and once bytes flowed a retry would duplicate output.
         """
         request = self._request(
-            "POST", self.stream_url(workflow_id, token), _request_id_header(request_id), body=inputs
+            "POST",
+            self.stream_url(workflow_id, token),
+            _request_id_header(request_id),
+            body=inputs,
+            timeout=self._stream_timeout,
         )
         response = await self._send(request, "stream", stream=True)
         if response.status_code != 200:

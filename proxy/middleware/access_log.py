@@ -17,7 +17,9 @@ import logging
 import time
 from contextvars import ContextVar
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from proxy.middleware.response import ResponseRecord, response_record
 
 logger = logging.getLogger("proxy.access")
 
@@ -48,49 +50,35 @@ class AccessLogMiddleware:
         started = time.monotonic()
         record: dict[str, object] = {}
         token = _record_var.set(record)
+        response = response_record(scope)
         status: int | None = None
-        started_response: float | None = None
-        sent = 0
-        finished = False
-
-        async def observing_send(message: Message) -> None:
-            nonlocal status, started_response, sent, finished
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                started_response = time.monotonic()
-            elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
-                finished = not message.get("more_body", False)
-            await send(message)
-
         outcome = "incomplete"  # returned without finishing the body: the server drops the connection
         try:
-            await self.app(scope, receive, observing_send)
-            if finished:
+            await self.app(scope, receive, send)
+            if response.finished:
                 outcome = "complete"
         except BaseException:
             # An exception here is answered 500 by Starlette's outermost handler, after this line.
             outcome = "error"
-            if status is None:
+            if response.status is None:
                 status = 500
             raise
         finally:
             _record_var.reset(token)
-            self._write(scope, record, started, status, started_response, sent, outcome)
+            self._write(scope, record, started, response, status or response.status, outcome)
 
     @staticmethod
     def _write(
         scope: Scope,
         record: dict[str, object],
         started: float,
+        response: ResponseRecord,
         status: int | None,
-        started_response: float | None,
-        sent: int,
         outcome: str,
     ) -> None:
         route = getattr(scope.get("route"), "path", None) or "unmatched"
         # A relay's first byte is the upstream's first byte it passed on, not a keep-alive or its headers.
-        first_byte = record.pop("first_byte_at", None) if "relay" in record else started_response
+        first_byte = record.pop("first_byte_at", None) if "relay" in record else response.started_at
         line: dict[str, object] = {
             "method": scope["method"],
             "route": route,
@@ -98,7 +86,7 @@ class AccessLogMiddleware:
             "upstream_status": record.pop("upstream_status", None),
             "ttfb_ms": _ms(first_byte - started) if isinstance(first_byte, float) else None,
             "duration_ms": _ms(time.monotonic() - started),
-            "bytes": sent,
+            "bytes": response.sent,
             "end": record.pop("end", outcome),
             "user_hash": record.pop("user_hash", None),
             **{name: value for name, value in record.items() if value is not None},

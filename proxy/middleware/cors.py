@@ -14,6 +14,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.errors import ApiError, send_error
+from proxy.middleware.response import on_response_start
 
 ALLOWED_METHODS = "GET, POST"
 # Authorization: POST /auth/exchange carries the identity provider's token in it.
@@ -40,22 +41,23 @@ class CorsMiddleware:
                 error = ApiError(403, "csrf_failed", "This origin may not call this service.")
                 await send_error(error, scope["path"], send)
             else:
-                await self.app(scope, receive, self._vary(send))
+                if self.allowed_origins:  # with CORS on, every answer depends on the Origin
+                    on_response_start(scope, _vary_on_origin)
+                await self.app(scope, receive, send)
             return
         if preflight:
             await self._preflight(origin)(scope, receive, send)
             return
 
-        async def send_with_cors(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                response_headers = MutableHeaders(scope=message)
-                response_headers["Access-Control-Allow-Origin"] = origin
-                response_headers["Access-Control-Allow-Credentials"] = "true"
-                response_headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
-                response_headers.add_vary_header("Origin")
-            await send(message)
+        def allow(message: Message) -> None:
+            response_headers = MutableHeaders(scope=message)
+            response_headers["Access-Control-Allow-Origin"] = origin
+            response_headers["Access-Control-Allow-Credentials"] = "true"
+            response_headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
+            response_headers.add_vary_header("Origin")
 
-        await self.app(scope, receive, send_with_cors)
+        on_response_start(scope, allow)
+        await self.app(scope, receive, send)
 
     def _preflight(self, origin: str) -> Response:
         return Response(
@@ -70,14 +72,6 @@ class CorsMiddleware:
             },
         )
 
-    def _vary(self, send: Send) -> Send:
-        """With CORS on, every answer depends on the Origin, and caches must know it."""
-        if not self.allowed_origins:
-            return send
 
-        async def send_with_vary(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                MutableHeaders(scope=message).add_vary_header("Origin")
-            await send(message)
-
-        return send_with_vary
+def _vary_on_origin(message: Message) -> None:
+    MutableHeaders(scope=message).add_vary_header("Origin")

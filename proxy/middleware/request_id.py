@@ -12,6 +12,8 @@ from contextvars import ContextVar
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from proxy.middleware.response import on_response_start
+
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
@@ -32,12 +34,11 @@ class RequestIdMiddleware:
         request_id = offered if REQUEST_ID_PATTERN.fullmatch(offered) else secrets.token_hex(8)
         token = request_id_var.set(request_id)
 
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)["X-Request-ID"] = request_id
-            await send(message)
+        def add_id(message: Message) -> None:
+            MutableHeaders(scope=message)["X-Request-ID"] = request_id
 
+        on_response_start(scope, add_id)
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, send)
         finally:
             request_id_var.reset(token)
