@@ -420,7 +420,7 @@ def _method(plan: Plan, info: dict[str, str]) -> list[str]:
         f"{plan.held_opening} at a time (the next as soon as one has its first byte, so opening never overloads "
         f"the target; none starts opening after {plan.held_open_seconds:g} s, so a target that cannot carry them "
         "all is measured with those it holds; this phase runs before the burst, so RSS growth is not hidden by "
-        "memory a burst left behind); once every one has its first byte and {plan.held_settle_seconds:g} s passed, a "
+        f"memory a burst left behind); once every one has its first byte and {plan.held_settle_seconds:g} s passed, a "
         f"{plan.held_window_seconds:g} s window with nothing but relaying going on gives CPU per chunk (the "
         "proxy's CPU in the window ÷ chunks delivered in it), memory per open stream (highest RSS in the window "
         "minus the RSS before the phase, ÷ streams) and the steady inter-chunk gaps. Then the clients leave: "
