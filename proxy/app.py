@@ -90,6 +90,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         drain.attach(asyncio.get_running_loop(), sessions.streams.stop_all)
         try:
             async with anyio.create_task_group() as background:
+                background.start_soon(services.slots.keep_forever)
                 if settings.token_pool:
                     background.start_soon(services.tokens.refill_forever)
                 yield {"services": services}

@@ -14,8 +14,8 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from datetime import time as dt_time
 
@@ -36,6 +36,8 @@ LIMIT_NAMES = frozenset({"mint", "relay", "login"})
 # Stream-slot lease: renewed every third of it while the stream runs; a crashed replica's slots
 # come back within this long.
 LEASE_SECONDS = 30.0
+# Renewals in flight together, so a slow storage delays one round by a few round trips, not thousands.
+RENEWALS_AT_ONCE = 100
 
 
 class RateLimitConfigError(ValueError):
@@ -136,11 +138,11 @@ class RateLimiter:
 class Lease:
     """One held stream slot: renewed while the stream runs, released when it ends."""
 
-    def __init__(self, storage: Storage, name: str, holder: str, ttl: float) -> None:
-        self._storage = storage
+    def __init__(self, slots: StreamSlots, name: str, holder: str) -> None:
+        self._slots = slots
+        self._storage = slots.storage
         self._name = name
         self._holder = holder
-        self._ttl = ttl
         self._watch: tuple[Callable[[], Awaitable[bool]], Callable[[], None]] | None = None
 
     def watch(self, still_valid: Callable[[], Awaitable[bool]], ended: Callable[[], None]) -> None:
@@ -149,44 +151,42 @@ class Lease:
         is how a relay running on another replica learns of it, within a third of the lease."""
         self._watch = (still_valid, ended)
 
-    async def keep(self) -> None:
-        """Renew until cancelled. A renewal that fails (storage briefly down) is retried next round:
-        the stream goes on, and at worst the slot lapses early, never late."""
-        while True:
-            await anyio.sleep(self._ttl / 3)
-            try:
-                await self._storage.renew_lease(self._name, self._holder, self._ttl)
-            except StorageUnavailable:
-                logger.warning("stream slot renewal failed; retrying")
-            if self._watch is not None:
-                still_valid, ended = self._watch
-                try:
-                    valid = await still_valid()
-                except StorageUnavailable:
-                    valid = True  # not knowing is no reason to cut a stream
-                if not valid:
-                    ended()
-                    return
+    @contextmanager
+    def kept(self) -> Iterator[None]:
+        """Renewed (by `StreamSlots.keep_forever`) for the duration of the block."""
+        self._slots.kept.add(self)
+        try:
+            yield
+        finally:
+            self._slots.kept.discard(self)
 
     @asynccontextmanager
     async def held(self) -> AsyncIterator[None]:
-        """Keep the lease for the duration of the block (for relays that are not streams)."""
-        failure: Exception | None = None
+        """Kept for the duration of the block, then released (for relays that are not streams)."""
         try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(self.keep)
-                try:
-                    yield
-                except Exception as exc:
-                    # Re-raised below, outside the task group, which would wrap it in an ExceptionGroup
-                    # that no error handler recognises.
-                    failure = exc
-                finally:
-                    group.cancel_scope.cancel()
+            with self.kept():
+                yield
         finally:
             await self.release()
-        if failure is not None:
-            raise failure
+
+    async def renew(self) -> None:
+        """One renewal. One that fails (storage briefly down) is retried next round: the stream goes
+        on, and at worst the slot lapses early, never late."""
+        if self not in self._slots.kept:  # ended since this round began
+            return
+        try:
+            await self._storage.renew_lease(self._name, self._holder, self._slots.lease_seconds)
+        except StorageUnavailable:
+            logger.warning("stream slot renewal failed; retrying")
+        if self._watch is not None:
+            still_valid, ended = self._watch
+            try:
+                valid = await still_valid()
+            except StorageUnavailable:
+                valid = True  # not knowing is no reason to cut a stream
+            if not valid:
+                self._watch = None
+                ended()
 
     async def release(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -194,6 +194,13 @@ class Lease:
                 await self._storage.release_lease(self._name, self._holder)
             except StorageUnavailable:
                 logger.warning("stream slot release failed; it lapses by itself")
+
+
+async def _renew(lease: Lease) -> None:
+    try:
+        await lease.renew()
+    except Exception:  # one lease's surprise must not stop the renewals of every other stream
+        logger.exception("stream slot renewal failed")
 
 
 class StreamSlots:
@@ -205,24 +212,37 @@ class StreamSlots:
     """
 
     def __init__(self, storage: Storage, limit: int, *, lease_seconds: float = LEASE_SECONDS) -> None:
-        self._storage = storage
+        self.storage = storage
         self.limit = limit
-        self._lease_seconds = lease_seconds
+        self.lease_seconds = lease_seconds
+        # The leases of the relays running in this process. One task renews them all
+        # (`keep_forever`): a task per stream cost ~4 KB of memory per open stream.
+        self.kept: set[Lease] = set()
+
+    async def keep_forever(self) -> None:
+        """Renew every kept lease each third of the lease time; runs for the life of the process."""
+        while True:
+            await anyio.sleep(self.lease_seconds / 3)
+            leases = list(self.kept)
+            for start in range(0, len(leases), RENEWALS_AT_ONCE):
+                async with anyio.create_task_group() as group:
+                    for lease in leases[start : start + RENEWALS_AT_ONCE]:
+                        group.start_soon(_renew, lease)
 
     async def acquire(self, user_id: str) -> Lease:
         name = f"streams:{user_id}"
         holder = secrets.token_hex(8)
-        if not await self._storage.acquire_lease(name, holder, self.limit, self._lease_seconds):
+        if not await self.storage.acquire_lease(name, holder, self.limit, self.lease_seconds):
             raise ApiError(
                 429,
                 "too_many_streams",
                 f"At most {self.limit} answers can stream at once; wait for one to finish.",
                 headers={"Retry-After": "5"},
             )
-        return Lease(self._storage, name, holder, self._lease_seconds)
+        return Lease(self, name, holder)
 
     async def open(self, user_id: str) -> int:
-        return await self._storage.count_leases(f"streams:{user_id}")
+        return await self.storage.count_leases(f"streams:{user_id}")
 
 
 class OutputBudget:

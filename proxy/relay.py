@@ -171,10 +171,12 @@ class RelayResponse(Response):
                 group.cancel_scope.cancel()
 
             group.start_soon(watch_disconnect)
-            if self.lease is not None:
-                group.start_soon(self.lease.keep)
             try:
-                await self._relay(scope["path"], send)
+                if self.lease is None:
+                    await self._relay(scope["path"], send)
+                else:
+                    with self.lease.kept():
+                        await self._relay(scope["path"], send)
             finally:
                 group.cancel_scope.cancel()
 

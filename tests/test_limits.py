@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
+from proxy.limits import StreamSlots
+from proxy.storage import MemoryStorage
 from tests.servers import EmulatorControl, ServerProcess, browser, guest_of, start_proxy
 
 LIMITS = "mint=3/minute;relay=2/minute;login=4/minute"
@@ -94,3 +97,45 @@ def test_the_session_shows_the_limits(limited: ServerProcess) -> None:
     assert limits["mint"] == "3 per 1 minute"
     assert limits["relay"] == "2 per 1 minute"
     assert limits["max_concurrent_streams"] == 100  # the test proxies allow 100
+
+
+# Stream slots are renewed by one task per process, for as long as their relay runs
+
+
+class RenewalRecorder(MemoryStorage):
+    def __init__(self) -> None:
+        super().__init__()
+        self.renewed: list[str] = []  # holders, in order
+        self._renewal = anyio.Event()
+
+    async def renew_lease(self, name: str, holder: str, ttl: float) -> bool:
+        self.renewed.append(holder)
+        self._renewal.set()
+        self._renewal = anyio.Event()
+        return await super().renew_lease(name, holder, ttl)
+
+    async def renewals(self, count: int) -> None:
+        with anyio.fail_after(30):
+            while len(self.renewed) < count:
+                await self._renewal.wait()
+
+
+@pytest.mark.anyio
+async def test_one_task_renews_every_running_streams_slot_and_only_while_it_runs() -> None:
+    storage = RenewalRecorder()
+    slots = StreamSlots(storage, 2, lease_seconds=1.5)  # a round every 0.5 s
+    first, second = await slots.acquire("u1"), await slots.acquire("u1")
+    async with anyio.create_task_group() as keeper:
+        keeper.start_soon(slots.keep_forever)
+        with first.kept():
+            with second.kept():
+                await storage.renewals(2)
+                assert len(set(storage.renewed)) == 2  # one round renews both
+            left = len(storage.renewed)
+            await storage.renewals(left + 6)  # three seconds on: twice the lease
+            later = storage.renewed[left + 1 :]  # the round that was under way may still include it
+            assert len(set(later)) == 1  # only the stream still running is renewed
+            assert await slots.open("u1") == 1  # the other slot lapsed; this one outlived its lease
+        await first.release()
+        keeper.cancel_scope.cancel()
+    assert await slots.open("u1") == 0
