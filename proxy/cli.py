@@ -26,8 +26,9 @@ from proxy.errors import ApiError
 from proxy.logging import configure_logging
 from proxy.routes.demo import demo_routes
 from proxy.settings import Settings, describe_errors
-from proxy.storage import open_limits_storage
+from proxy.storage import REDIS_SCHEMES, open_limits_storage, storage_scheme
 from proxy.upstream import UpstreamClient, build_http_client
+from proxy.workers import run_workers
 from proxy.workflows import WorkflowConfigError, parse_workflows
 
 logger = logging.getLogger("proxy")
@@ -110,9 +111,24 @@ def run_server(app: ASGIApp, sock: socket.socket, name: str, *, drain: Drain | N
 
 def serve(args: argparse.Namespace) -> None:
     settings = checked_settings()
+    if args.workers < 1:
+        raise ConfigError("--workers: at least 1")
+    if args.workers > 1 and storage_scheme(settings.storage_url) not in REDIS_SCHEMES:
+        raise ConfigError(
+            "BFF_STORAGE_URL: --workers above 1 needs shared storage (redis://...); with memory:// each "
+            "worker would have its own sessions and limits"
+        )
     configure_logging(settings.secret_values())
-    app = create_app(settings)
-    run_server(app, bind(args.host, args.port), "workflow-bff", drain=app.state.drain)
+    sock = bind(args.host, args.port)
+
+    def work() -> None:
+        app = create_app(settings)
+        run_server(app, sock, "workflow-bff", drain=app.state.drain)
+
+    if args.workers == 1:
+        work()
+    elif run_workers(args.workers, work) != 0:
+        raise SystemExit(1)
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -181,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--host", default="127.0.0.1")
         command.add_argument("--port", type=int, default=9000 if name == "emulator" else 8000)
         command.set_defaults(handler=handler)
+        if name == "serve":
+            command.add_argument(
+                "--workers", type=int, default=1, help="processes sharing the port (above 1 needs Redis storage)"
+            )
         if name == "emulator":
             command.add_argument("--chunk-delay", type=float, default=0.05, help="seconds between chunks")
             command.add_argument("--max-stream-seconds", type=float, default=300.0)

@@ -29,6 +29,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,  # which worker, with `serve --workers N`
         }
         request_id = current_request_id()
         if request_id:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +33,19 @@ REDIS_OPTIONS = ["--bind", "127.0.0.1", "--appendonly", "yes", "--appendfsync", 
 # Everything any server logged and any client received in this pytest run.
 SEEN_LOG_LINES: list[str] = []
 SEEN_RESPONSES: list[bytes] = []
+
+
+EVENTUALLY_SECONDS = 10.0
+
+
+def eventually(check: Callable[[], Any], what: str, timeout: float = EVENTUALLY_SECONDS) -> Any:
+    """Poll `check` until it returns something truthy; fail if it has not within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened within {timeout} s: {what}")
+        time.sleep(0.02)
+    return result
 
 
 @dataclass

@@ -16,7 +16,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import pytest
 from proxy.emulator import generate_text, split_chunks
 from proxy.relay import INTERRUPTED, RESTARTING
 from tests.conftest import start_redis
-from tests.servers import EmulatorControl, ServerProcess, browser, free_port, start_proxy
+from tests.servers import EmulatorControl, ServerProcess, browser, eventually, free_port, start_proxy
 from tests.test_chat_protocols import REQUEST, data_parts, sse_events, text_of
 from tests.test_metrics import sample
 
@@ -92,13 +92,6 @@ def assert_no_server_error(server: ServerProcess) -> None:
     """No request ended in a 500: every failure had a status and code of its own."""
     assert not [line for line in request_lines(server) if line["status"] == 500]
     assert not [entry for entry in server.log_entries() if entry.get("message", "").startswith("Exception in ASGI")]
-
-
-def wait_until(check: Callable[[], bool], what: str, seconds: float = SETTLE_SECONDS) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +174,7 @@ def test_a_slow_mint_still_relays_the_whole_answer(
 
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(client.post, STREAM, json=INPUTS)
-        wait_until(lambda: len(upstream.requests("mint")) == 1, "the mint reached the upstream")
+        eventually(lambda: len(upstream.requests("mint")) == 1, "the mint reached the upstream")
         upstream.release()
         response = pending.result(timeout=30)
 
@@ -318,7 +311,7 @@ def test_upstream_error_statuses_reach_a_chat_as_its_status_and_a_short_text(
         assert upstream.requests("stream") == []
     if (op, upstream_status) == ("mint", 429):
         # Minting pauses for the upstream's Retry-After; the leak check needs a mint again.
-        wait_until(lambda: client.post("/api/token", json={"workflow": "tutor"}).status_code == 200, "mints resume")
+        eventually(lambda: client.post("/api/token", json={"workflow": "tutor"}).status_code == 200, "mints resume")
     assert_nothing_leaked(faulty, client, upstream)
 
 
@@ -353,11 +346,11 @@ def test_redis_dying_and_returning_fails_new_relays_closed_and_lets_running_ones
             assert refused.headers["retry-after"].isdigit()
             assert not_ready.status_code == 503
             assert (first + rest).decode() == ANSWER  # the running stream never needed Redis to finish
-            wait_until(lambda: client.get("/auth/session").status_code == 200, "the session is back")
+            eventually(lambda: client.get("/auth/session").status_code == 200, "the session is back")
             settled_metrics(server)
             # The release was lost with Redis; the slot lapses, then the user can stream again.
             upstream.fault(op="stream", workflow="wf_story", chunks=["ok"], times=None)
-            wait_until(lambda: client.post("/api/workflows/story/stream", json={}).text == "ok", "the slot lapsed")
+            eventually(lambda: client.post("/api/workflows/story/stream", json={}).text == "ok", "the slot lapsed")
             assert_nothing_leaked(server, client, upstream)
     finally:
         server.stop()

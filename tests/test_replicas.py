@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
 
 import httpx
 import pytest
@@ -21,7 +19,15 @@ import pytest
 from proxy.emulator import generate_text
 from proxy.limits import StreamSlots
 from proxy.storage import RedisStorage
-from tests.servers import SESSION_SECRET, EmulatorControl, RedisServer, ServerProcess, browser, start_proxy
+from tests.servers import (
+    SESSION_SECRET,
+    EmulatorControl,
+    RedisServer,
+    ServerProcess,
+    browser,
+    eventually,
+    start_proxy,
+)
 
 STREAM = "/api/workflows/tutor/stream"
 INPUTS = {"message": "fractions"}
@@ -82,16 +88,6 @@ def same_browser(replica: ServerProcess, client: httpx.Client) -> Iterator[httpx
 def with_cookie(replica: ServerProcess, value: str) -> Iterator[httpx.Client]:
     with browser(replica.url, cookies={COOKIE: value}) as client:
         yield client
-
-
-def eventually(check: Callable[[], Any], what: str, timeout: float = EVENTUALLY_SECONDS) -> Any:
-    """Poll `check` until it returns something truthy; fail if it has not within `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened within {timeout} s: {what}")
-        time.sleep(POLL_SECONDS)
-    return result
 
 
 def assert_refused(response: httpx.Response, code: str) -> None:

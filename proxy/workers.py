@@ -1,0 +1,68 @@
+"""`serve --workers N`: N processes sharing one listening socket (pre-fork, as gunicorn does).
+
+The parent binds the socket, forks the workers, and from then on only supervises. It passes SIGTERM
+and SIGINT on to every worker, and each drains its own streams (proxy/drain.py). When a worker dies
+unexpectedly the parent stops the others and exits non-zero, so the orchestrator restarts the set:
+half a service that looks healthy is worse than a restart. Workers share nothing in memory, so more
+than one needs shared storage (`BFF_STORAGE_URL=redis://...`): sessions, limits and stream slots must
+hold whichever worker the kernel hands a connection to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from types import FrameType
+
+logger = logging.getLogger("proxy.workers")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def run_workers(count: int, work: Callable[[], None]) -> int:
+    """Run `work()` in `count` forked processes until they end; the exit status for the parent."""
+    children: set[int] = set()
+    stopping = False
+
+    def stop(sig: int, frame: FrameType | None = None) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    # Installed before forking, so a signal that arrives meanwhile is not lost with the parent.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            _run_child(work)
+        children.add(pid)
+    status = 0
+    while children:
+        pid, wait_status = os.wait()  # resumed after a signal handler ran (PEP 475)
+        children.discard(pid)
+        code = os.waitstatus_to_exitcode(wait_status)
+        if not stopping:
+            logger.error("worker %s exited (%s); stopping the others", pid, code)
+            status = 1
+            stop(signal.SIGTERM)
+    return status
+
+
+def _run_child(work: Callable[[], None]) -> None:
+    code = 0
+    try:
+        work()
+    except BaseException:
+        logger.exception("worker failed")
+        code = 1
+    finally:
+        logging.shutdown()
+        os._exit(code)
