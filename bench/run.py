@@ -44,6 +44,7 @@ from bench.servers import (
     start_bare,
     start_bff,
     start_nginx,
+    start_redis,
     start_upstream,
 )
 from bench.stats import thin
@@ -77,6 +78,7 @@ class Plan:
     jitter_limit_ms: float = 20.0
     request_timeout: float = 60.0
     upstream_rtt_ms: float = 0.0
+    worker_counts: tuple[int, ...] = (1, 2)  # `serve --workers N` sharing a redis-server
 
 
 QUICK = {
@@ -104,6 +106,7 @@ class TargetResults:
     repeats: list[Metrics] = field(default_factory=list)
     distributions: dict[str, list[float]] = field(default_factory=dict)
     capacity: list[Level] = field(default_factory=list)
+    workers: list[Metrics] = field(default_factory=list)  # one row per worker count and repeat
     skipped: str | None = None
 
     def add_distribution(self, name: str, values: list[float]) -> None:
@@ -143,7 +146,6 @@ class Running:
         self.servers: list[Server] = []
 
     def __enter__(self) -> Target:
-        self.workdir.mkdir(parents=True, exist_ok=True)
         upstream = start_upstream(self.workdir, self.plan.upstream_rtt_ms)
         self.servers.append(upstream)
         try:
@@ -250,6 +252,37 @@ async def measure_capacity(name: str, workdir: Path, plan: Plan) -> tuple[list[L
     return levels, target.failures
 
 
+async def measure_workers(workdir: Path, plan: Plan, count: int) -> tuple[Metrics, list[phases.Failure]]:
+    """Relayed requests per second from `serve --workers count`, with sessions and limits in Redis
+    (as several workers need), at the load phase's concurrency."""
+    servers: list[Server] = []
+    try:
+        upstream = start_upstream(workdir)
+        servers.append(upstream)
+        redis = start_redis(workdir)
+        servers.append(redis)
+        env = {"BFF_STORAGE_URL": f"redis://127.0.0.1:{redis.port}/0"}
+        proxy = start_bff(workdir, upstream.port, env, f"bff-{count}w", workers=count)
+        servers.append(proxy)
+        endpoint, upstream_endpoint = Endpoint("127.0.0.1", proxy.port), Endpoint("127.0.0.1", upstream.port)
+        target = Target("bff", endpoint, upstream_endpoint, upstream, proxy)
+        busy_before, started = machine_busy_ns(), time.monotonic()
+        load = await phases.bounded(
+            phases.requests(target, plan.requests, plan.concurrency, plan.request_timeout, "w"), PHASE_LIMIT_SECONDS
+        )
+        busy = (machine_busy_ns() - busy_before) / 1e9 / (time.monotonic() - started) / (os.cpu_count() or 1)
+        row: Metrics = {
+            "workers": count,
+            "per_s": load["w_per_s"],
+            "cpu_us": load["w_cpu_us"],
+            "machine_busy_pct": 100 * busy,
+        }
+        return row, target.failures
+    finally:
+        for server in reversed(servers):
+            server.stop()
+
+
 def self_check() -> None:
     """The byte check must catch a wrong body, or a passing bench-quick proves nothing."""
     shape = StreamShape(chunks=3, delay_ms=0, size=24)
@@ -319,6 +352,8 @@ def plan_from(args: argparse.Namespace) -> Plan:
         plan = replace(plan, streams=args.streams)
     if args.no_capacity:
         plan = replace(plan, capacity_levels=())
+    if args.no_workers:
+        plan = replace(plan, worker_counts=())
     if args.capacity_levels:
         plan = replace(plan, capacity_levels=tuple(int(n) for n in args.capacity_levels.split(",")))
     if args.rtt_ms:
@@ -368,6 +403,23 @@ async def run(
             continue
         results[name].capacity = levels
         failures += seen
+    worker_counts = plan.worker_counts if "bff" in runnable else ()
+    if worker_counts and shutil.which("redis-server") is None:
+        reason = "redis-server is not installed (apt-get install -y redis-server)"
+        log(f"skipping the workers phase: {reason}")
+        if os.environ.get("CI") == "true":
+            failures.append(phases.Failure("bff", "workers", "-", reason))
+        worker_counts = ()
+    for repeat in range(plan.repeats) if worker_counts else []:
+        for count in worker_counts:
+            log(f"workers: bff with --workers {count}, repeat {repeat + 1}/{plan.repeats}")
+            try:
+                row, seen = await measure_workers(workroot / f"workers-{count}-r{repeat}", plan, count)
+            except (RuntimeError, OSError, TimeoutError, AssertionError, ValueError) as exc:
+                failures.append(phases.Failure("bff", "workers", str(count), f"{type(exc).__name__}: {exc}"))
+                continue
+            results["bff"].workers.append(row)
+            failures += seen
     for result in results.values():
         result.distributions = {key: thin(values) for key, values in result.distributions.items()}
     return results, failures
@@ -395,6 +447,7 @@ def save(
                 "skipped": result.skipped,
                 "repeats": result.repeats,
                 "capacity": [asdict(level) for level in result.capacity],
+                "workers": result.workers,
                 "distributions": result.distributions,
             }
             for name, result in results.items()
@@ -414,6 +467,7 @@ def load(path: Path) -> tuple[Plan, dict[str, str], dict[str, TargetResults], li
             repeats=saved["repeats"],
             distributions=saved["distributions"],
             capacity=[Level(**level) for level in saved["capacity"]],
+            workers=saved.get("workers", []),
             skipped=saved["skipped"],
         )
         for name, saved in data["targets"].items()
@@ -438,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", help=f"comma list from {','.join(TARGETS)} (default: {','.join(DEFAULT_TARGETS)})")
     parser.add_argument("--streams", type=int, help="concurrent streams in the model-pace phase (default 1000)")
     parser.add_argument("--no-capacity", action="store_true", help="skip the streams-per-worker search")
+    parser.add_argument("--no-workers", action="store_true", help="skip throughput against --workers 1 and 2")
     parser.add_argument("--capacity-levels", help="stream counts to try, e.g. 500,1000,2000,4000")
     parser.add_argument("--rtt-ms", type=float, help="emulated upstream round trip before mint answers and first bytes")
     parser.add_argument("--out", type=Path, help="directory for results.json, PERFORMANCE.md and the plot")

@@ -170,6 +170,7 @@ class Server:
 
 
 def _spawn(name: str, command: list[str], workdir: Path, env: dict[str, str] | None = None) -> Server:
+    workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"{name}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -313,7 +314,24 @@ def start_bare(workdir: Path, upstream_port: int, client: str) -> Server:
     return _wait_for_port(server, lambda line: _json_line(line).get("listening"))
 
 
-def start_bff(workdir: Path, upstream_port: int, extra_env: dict[str, str] | None = None, name: str = "bff") -> Server:
+def start_redis(workdir: Path) -> Server:
+    """A throwaway redis-server (no persistence) for the workers phase: workers share sessions there."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is required for the workers phase")
+    port = free_port()
+    command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+    server = _spawn("redis", command, workdir)
+    return _wait_for_port(server, lambda line: port if "Ready to accept connections" in line else None)
+
+
+def start_bff(
+    workdir: Path,
+    upstream_port: int,
+    extra_env: dict[str, str] | None = None,
+    name: str = "bff",
+    workers: int = 1,
+) -> Server:
     env = {
         "BFF_UPSTREAM_URL": f"http://127.0.0.1:{upstream_port}",
         "BFF_API_KEY": BENCH_API_KEY,
@@ -325,7 +343,7 @@ def start_bff(workdir: Path, upstream_port: int, extra_env: dict[str, str] | Non
         **(extra_env or {}),
     }
     # The working directory is the run's temp dir, so a developer's .env is not picked up.
-    command = [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "0"]
+    command = [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "0", "--workers", str(workers)]
     server = _spawn(name, command, workdir, env)
 
     def announced(line: str) -> int | None:
@@ -334,7 +352,20 @@ def start_bff(workdir: Path, upstream_port: int, extra_env: dict[str, str] | Non
             return int(str(entry["url"]).rsplit(":", 1)[1])
         return None
 
-    return _wait_for_port(server, announced)
+    server = _wait_for_port(server, announced)
+    deadline = time.monotonic() + START_TIMEOUT
+    while _listening_lines(server) < workers:  # every worker, so its CPU is counted from the start
+        if time.monotonic() > deadline or not server.alive():
+            server.stop()
+            raise RuntimeError(f"{name}: not every worker started:\n{server.log_tail()}")
+        time.sleep(0.05)
+    server.refresh_pids()
+    return server
+
+
+def _listening_lines(server: Server) -> int:
+    lines = server.log.read_text(errors="replace").splitlines()
+    return sum(1 for line in lines if _json_line(line).get("message") == "listening")
 
 
 def _nofile_limit() -> int:
