@@ -343,7 +343,9 @@ def start_bff(
         **(extra_env or {}),
     }
     # The working directory is the run's temp dir, so a developer's .env is not picked up.
-    command = [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "0", "--workers", str(workers)]
+    command = [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "0"]
+    if workers > 1:
+        command += ["--workers", str(workers)]
     server = _spawn(name, command, workdir, env)
 
     def announced(line: str) -> int | None:

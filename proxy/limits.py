@@ -99,8 +99,8 @@ class RateLimiter:
             checks += [(f"{name}:{workflow}", item) for item in self._per_workflow.get(workflow, [])]
         try:
             # Test every limit before counting against any: a request refused by one limit must not
-            # use up the others.
-            for scope, item in checks:
+            # use up the others. A single limit needs no test: its hit counts only when it allows.
+            for scope, item in checks if len(checks) > 1 else []:
                 if not await self._strategy.test(item, "bff", scope, key):
                     raise await self._refusal(name, scope, item, key)
             headers: dict[str, str] = {}
