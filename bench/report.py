@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 PLOT_NAME = "performance.png"
 BUSY_MACHINE_PCT = 10.0  # above this share of the machine used by other work, the page says so
+STEAL_PCT = 5.0  # above this share of CPU time taken by the hypervisor, the page says so
 NEAR_LINEAR = 0.9  # "near-linear": each added worker adds at least 90% of what one worker does
 COLORS = {
     "direct": "#7f7f7f",
@@ -110,6 +111,7 @@ def rows(plan: Plan) -> list[tuple[str, list[Row]]]:
                 Row("req_client_cpu_us", f"load generator CPU per request (µs, concurrency {c})", 0),
                 Row("held_client_cpu_chunk_us", "load generator CPU per chunk (µs, streams held open)"),
                 Row("other_cpu_pct", "CPU used by anything else on the machine (% of all cores)"),
+                Row("steal_pct", "CPU time the hypervisor gave to other machines (steal, % of all cores)"),
             ],
         ),
     ]
@@ -282,6 +284,14 @@ def markdown(
             f"> **Other work used {busy.median:.0f}% of this machine's CPU during the run** (median over targets, "
             f"up to {busy.high:.0f}%): absolute numbers, and the tails most of all, are worse than on a quiet "
             "machine. Rerun `make bench` with nothing else running before quoting them.",
+            "",
+        ]
+    stolen = Spread.of(r.get("steal_pct") for result in results.values() for r in result.repeats)
+    if stolen is not None and stolen.high > STEAL_PCT:
+        out[-2:-2] = [
+            f"> **This virtual machine's host took up to {stolen.high:.0f}% of its CPU time during the run** "
+            f"(steal; median over targets {stolen.median:.0f}%). Work measures slower while that happens, so "
+            "repeats differ more than usual; compare targets within a repeat before comparing runs.",
             "",
         ]
     if "bff" in names:

@@ -39,6 +39,7 @@ from bench.servers import (
     TARGETS,
     Server,
     machine_busy_ns,
+    machine_steal_ns,
     nginx_binary,
     raise_nofile_limit,
     start_bare,
@@ -179,6 +180,7 @@ async def measure(
 
         bound = PHASE_LIMIT_SECONDS
         ours_before, busy_before, started = ours(target), machine_busy_ns(), time.monotonic()
+        steal_before = machine_steal_ns()
         idle, idle_ttfb = await phases.bounded(
             phases.idle_ttfb(target, plan.idle_requests, plan.idle_warmup, plan.request_timeout), bound
         )
@@ -217,7 +219,11 @@ async def measure(
             detail = f"{held['held_still_open']} upstream streams still open after the clients left"
             target.failures.append(phases.Failure(name, "held", "-", detail))
         elsewhere = (machine_busy_ns() - busy_before) - (ours(target) - ours_before)
-        machine = {"other_cpu_pct": 100 * elsewhere / 1e9 / (time.monotonic() - started) / (os.cpu_count() or 1)}
+        cores_ns = (time.monotonic() - started) * 1e9 * (os.cpu_count() or 1)
+        machine = {
+            "other_cpu_pct": 100 * elsewhere / cores_ns,
+            "steal_pct": 100 * (machine_steal_ns() - steal_before) / cores_ns,
+        }
         for server in (target.upstream_server, target.proxy):
             if server is not None and not server.alive():
                 target.failures.append(phases.Failure(name, "server", "-", f"{server.name} exited"))

@@ -71,9 +71,6 @@ class _NoCookies(httpx.Cookies):
     def extract_cookies(self, response: httpx.Response) -> None:
         return None
 
-    def set(self, name: str, value: str, domain: str = "", path: str = "/") -> None:
-        return None
-
 
 @dataclass(frozen=True)
 class MintedToken:
