@@ -278,22 +278,25 @@ def markdown(
         f"![Time to first byte and CPU per relayed chunk, by target]({PLOT_NAME})",
         "",
     ]
-    busy = Spread.of(r.get("other_cpu_pct") for result in results.values() for r in result.repeats)
+
+    def overall(key: str) -> Spread | None:
+        return Spread.of(repeat.get(key) for result in results.values() for repeat in result.repeats)
+
+    warnings = []
+    busy, stolen = overall("other_cpu_pct"), overall("steal_pct")
     if busy is not None and busy.median > BUSY_MACHINE_PCT:
-        out[-2:-2] = [
+        warnings.append(
             f"> **Other work used {busy.median:.0f}% of this machine's CPU during the run** (median over targets, "
             f"up to {busy.high:.0f}%): absolute numbers, and the tails most of all, are worse than on a quiet "
-            "machine. Rerun `make bench` with nothing else running before quoting them.",
-            "",
-        ]
-    stolen = Spread.of(r.get("steal_pct") for result in results.values() for r in result.repeats)
+            "machine. Rerun `make bench` with nothing else running before quoting them."
+        )
     if stolen is not None and stolen.high > STEAL_PCT:
-        out[-2:-2] = [
+        warnings.append(
             f"> **This virtual machine's host took up to {stolen.high:.0f}% of its CPU time during the run** "
             f"(steal; median over targets {stolen.median:.0f}%). Work measures slower while that happens, so "
-            "repeats differ more than usual; compare targets within a repeat before comparing runs.",
-            "",
-        ]
+            "repeats differ more than usual; compare targets within a repeat before comparing runs."
+        )
+    out[-2:-2] = [line for warning in warnings for line in (warning, "")]
     if "bff" in names:
         out += ["## Issue 7 targets for workflow-bff", "", "| target | measured | met |", "|---|---:|:---:|"]
         for label, value, met in goals(plan, results):
