@@ -11,6 +11,7 @@ hold whichever worker the kernel hands a connection to.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from types import FrameType
 logger = logging.getLogger("proxy.workers")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def run_workers(count: int, work: Callable[[], None]) -> int:
@@ -37,11 +39,13 @@ def run_workers(count: int, work: Callable[[], None]) -> int:
     # Installed before forking, so a signal that arrives meanwhile is not lost with the parent.
     for sig in STOP_SIGNALS:
         signal.signal(sig, stop)
+    parent = os.getpid()
     for _ in range(count):
         pid = os.fork()
         if pid == 0:
             for sig in STOP_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
+            _detach_from_terminal_and_follow_parent(parent)
             _run_child(work)
         children.add(pid)
     status = 0
@@ -54,6 +58,18 @@ def run_workers(count: int, work: Callable[[], None]) -> int:
             status = 1
             stop(signal.SIGTERM)
     return status
+
+
+def _detach_from_terminal_and_follow_parent(parent: int) -> None:
+    """Ctrl+C in a terminal signals the whole process group: a worker would get SIGINT twice (from the
+    terminal and from the parent), and uvicorn takes a second SIGINT as "exit now, skip the drain".
+    In a group of its own it hears only the parent. And if the parent is killed outright (SIGKILL),
+    Linux sends the worker SIGTERM, so it drains instead of serving on, orphaned."""
+    os.setpgid(0, 0)
+    with contextlib.suppress(OSError, AttributeError):  # PR_SET_PDEATHSIG is Linux-only
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
 
 
 def _run_child(work: Callable[[], None]) -> None:

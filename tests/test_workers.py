@@ -65,6 +65,17 @@ def test_a_worker_that_dies_stops_the_set_so_it_is_restarted_whole(workers: Serv
         eventually(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), f"worker {pid} gone")  # type: ignore[misc]
 
 
+def test_workers_outlive_no_parent_and_hear_only_its_signals(workers: ServerProcess) -> None:
+    assert workers.process is not None
+    pids = listening_pids(workers)
+    # Each in a process group of its own: a terminal's Ctrl+C reaches them once, through the parent.
+    assert all(os.getpgid(pid) == pid for pid in pids)
+    workers.process.kill()  # SIGKILL: the parent cannot pass anything on
+    workers.process.wait(10)
+    for pid in pids:
+        eventually(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), f"worker {pid} gone")  # type: ignore[misc]
+
+
 def test_sigterm_drains_every_worker_and_exits_cleanly(workers: ServerProcess) -> None:
     assert workers.stop(signal.SIGTERM) == 0
     for pid in listening_pids(workers):
