@@ -8,6 +8,7 @@ With several worker processes, set `PROMETHEUS_MULTIPROC_DIR` to an empty direct
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -81,17 +82,15 @@ class MetricsMiddleware:
         self.app = app
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        if scope["type"] == "http":
 
-        def count(message: Message) -> None:
-            template = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.requests.labels(template, scope["method"], str(message["status"])).inc()
+            def count(message: Message) -> None:
+                template = getattr(scope.get("route"), "path", None) or "unmatched"
+                self.metrics.requests.labels(template, scope["method"], str(message["status"])).inc()
 
-        on_response_start(scope, count)
-        await self.app(scope, receive, send)
+            on_response_start(scope, count)
+        return self.app(scope, receive, send)  # not awaited here: see proxy/middleware/response.py
 
 
 def metrics_route(metrics: Metrics) -> Route:

@@ -9,6 +9,8 @@ cannot read the answer (and the CSRF policy refuses it anyway when it would chan
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -29,25 +31,22 @@ class CorsMiddleware:
         self.app = app
         self.allowed_origins = frozenset(allowed_origins)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not async, and the inner app is not awaited here: see proxy/middleware/response.py.
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         headers = Headers(scope=scope)
         origin = headers.get("origin")
         preflight = scope["method"] == "OPTIONS" and "access-control-request-method" in headers
         if origin is None or origin not in self.allowed_origins:
             if preflight and origin is not None:
                 error = ApiError(403, "csrf_failed", "This origin may not call this service.")
-                await send_error(error, scope["path"], send)
-            else:
-                if self.allowed_origins:  # with CORS on, every answer depends on the Origin
-                    on_response_start(scope, _vary_on_origin)
-                await self.app(scope, receive, send)
-            return
+                return send_error(error, scope["path"], send)
+            if self.allowed_origins:  # with CORS on, every answer depends on the Origin
+                on_response_start(scope, _vary_on_origin)
+            return self.app(scope, receive, send)
         if preflight:
-            await self._preflight(origin)(scope, receive, send)
-            return
+            return self._preflight(origin)(scope, receive, send)
 
         def allow(message: Message) -> None:
             response_headers = MutableHeaders(scope=message)
@@ -57,7 +56,7 @@ class CorsMiddleware:
             response_headers.add_vary_header("Origin")
 
         on_response_start(scope, allow)
-        await self.app(scope, receive, send)
+        return self.app(scope, receive, send)
 
     def _preflight(self, origin: str) -> Response:
         return Response(

@@ -4,6 +4,10 @@ The request id, security headers, CORS and metrics only need to see (or add head
 a response, and the access log only needs the status and the bytes sent. Each used to wrap `send`, so
 every chunk of every stream went through five wrappers. Now the outermost middleware wraps `send`
 once and keeps that record; the others register a hook for the response start.
+
+Those others are plain functions, not coroutines: they return the inner app's awaitable instead of
+awaiting it. Awaited, each would keep a suspended frame on the stack for as long as the response
+runs, which for a stream is minutes, on every open stream.
 """
 
 from __future__ import annotations

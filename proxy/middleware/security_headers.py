@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,12 +23,10 @@ class SecurityHeadersMiddleware:
         self.app = app
         self.headers = {**BASE_HEADERS, **({"Strict-Transport-Security": HSTS} if hsts else {})}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        on_response_start(scope, self._add_headers)
-        await self.app(scope, receive, send)
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        if scope["type"] == "http":
+            on_response_start(scope, self._add_headers)
+        return self.app(scope, receive, send)  # not awaited here: see proxy/middleware/response.py
 
     def _add_headers(self, message: Message) -> None:
         headers = MutableHeaders(scope=message)
