@@ -14,8 +14,8 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from datetime import time as dt_time
 
@@ -151,14 +151,15 @@ class Lease:
         is how a relay running on another replica learns of it, within a third of the lease."""
         self._watch = (still_valid, ended)
 
-    @contextmanager
-    def kept(self) -> Iterator[None]:
-        """Renewed (by `StreamSlots.keep_forever`) for the duration of the block."""
+    def kept(self) -> Lease:
+        """`with lease.kept():` renewed (by `StreamSlots.keep_forever`) for the duration of the block."""
+        return self
+
+    def __enter__(self) -> None:
         self._slots.kept.add(self)
-        try:
-            yield
-        finally:
-            self._slots.kept.discard(self)
+
+    def __exit__(self, *exc: object) -> None:
+        self._slots.kept.discard(self)
 
     @asynccontextmanager
     async def held(self) -> AsyncIterator[None]:

@@ -9,7 +9,7 @@ is next renewed (`Lease.watch` in proxy/limits.py, within a third of `BFF_STREAM
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import anyio
@@ -33,16 +33,8 @@ class StreamRegistry:
     audit: AuditLog
     _running: set[RunningStream] = field(default_factory=set)
 
-    @contextmanager
-    def running(self, owner: StreamOwner, stop: Stop, outcome: Outcome) -> Iterator[None]:
-        entry = RunningStream(owner.session_key, owner.user_id, stop)
-        self._running.add(entry)
-        self.audit.record("relay.start", owner.session_key, user_id=owner.user_id, relay=owner.what)
-        try:
-            yield
-        finally:
-            self._running.discard(entry)
-            self.audit.record("relay.end", owner.session_key, user_id=owner.user_id, relay=owner.what, end=outcome())
+    def running(self, owner: StreamOwner, stop: Stop, outcome: Outcome) -> Running:
+        return Running(self, owner, RunningStream(owner.session_key, owner.user_id, stop), outcome)
 
     def stop_session(self, session_key: str) -> int:
         return self._stop([entry for entry in self._running if entry.session_key == session_key], "revoked")
@@ -59,6 +51,29 @@ class StreamRegistry:
         return len(entries)
 
 
+class Running:
+    """While a relay runs: registered, so logout can stop it, and its start and end audited.
+
+    A class rather than a generator-based context manager: one of these lives as long as its stream,
+    and a suspended generator frame costs several times its size on every open stream."""
+
+    __slots__ = ("entry", "outcome", "owner", "registry")
+
+    def __init__(self, registry: StreamRegistry, owner: StreamOwner, entry: RunningStream, outcome: Outcome) -> None:
+        self.registry, self.owner, self.entry, self.outcome = registry, owner, entry, outcome
+
+    def __enter__(self) -> None:
+        owner = self.owner
+        self.registry._running.add(self.entry)
+        self.registry.audit.record("relay.start", owner.session_key, user_id=owner.user_id, relay=owner.what)
+
+    def __exit__(self, *exc: object) -> None:
+        owner = self.owner
+        self.registry._running.discard(self.entry)
+        end = self.outcome()
+        self.registry.audit.record("relay.end", owner.session_key, user_id=owner.user_id, relay=owner.what, end=end)
+
+
 @dataclass(frozen=True)
 class StreamOwner:
     """Whose relay this is; handed to `RelayResponse` so the relay can be found and stopped."""
@@ -68,7 +83,7 @@ class StreamOwner:
     user_id: str
     what: str
 
-    def running(self, stop: Stop, outcome: Outcome) -> AbstractContextManager[None]:
+    def running(self, stop: Stop, outcome: Outcome) -> Running:
         return self.registry.running(self, stop, outcome)
 
     @contextmanager
