@@ -15,7 +15,6 @@ from __future__ import annotations
 import signal
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -62,11 +61,13 @@ def metrics(server: ServerProcess) -> str:
 
 def settled_metrics(server: ServerProcess) -> str:
     """The metrics once no relay is open: a relay finishes its bookkeeping just after its last byte."""
-    deadline = time.monotonic() + SETTLE_SECONDS
-    while sample(text := metrics(server), "bff_open_streams") != 0:
-        assert time.monotonic() < deadline, "a relay stayed open"
-        time.sleep(0.02)
-    return text
+
+    def when_settled() -> str | None:
+        text = metrics(server)
+        return text if sample(text, "bff_open_streams") == 0 else None
+
+    settled: str = eventually(when_settled, "no relay open", SETTLE_SECONDS)
+    return settled
 
 
 def assert_nothing_leaked(server: ServerProcess, client: httpx.Client, upstream: EmulatorControl) -> None:

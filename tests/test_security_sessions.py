@@ -3,8 +3,7 @@ revocation, fixation, timeouts, ending running relays on logout, and the audit l
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -15,11 +14,12 @@ import pytest
 from proxy.audit import AuditLog
 from proxy.sessions import session_key
 from tests.identity import AUDIENCE, ISSUER, JWT_SECRET, PASSWORD, cookie_for, hs256, session_id_of, write_users
-from tests.servers import SESSION_SECRET, EmulatorControl, ServerProcess, browser, start_proxy
+from tests.servers import SESSION_SECRET, EmulatorControl, ServerProcess, browser, eventually, start_proxy
 
 NEW_SECRET = "rotated-in-session-secret-" + "n" * 40
 RETIRED_SECRET = "retired-session-secret-" + "r" * 40
 COOKIE = "bff_session"
+# Expiry is clock-driven: there is no event to await for time passing, so those tests poll.
 EXPIRY_WAIT_SECONDS = 15.0
 
 
@@ -54,14 +54,6 @@ def with_cookie(url: str, value: str, name: str = COOKIE) -> httpx.Client:
 
 def audit_entries(server: ServerProcess) -> list[dict[str, Any]]:
     return [entry for entry in server.log_entries() if "audit" in entry]
-
-
-def until(condition: Callable[[], bool], timeout: float = EXPIRY_WAIT_SECONDS) -> None:
-    """Poll a clock-driven condition (a session timing out): there is no event to await for time passing."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
 
 
 def test_the_session_cookie_has_exactly_the_contract_attributes(emulator: ServerProcess) -> None:
@@ -206,7 +198,7 @@ def test_an_idle_session_expires_and_polling_the_session_does_not_extend_it(emul
         with browser(server.url) as client:
             client.post("/auth/guest").raise_for_status()
             # Only GET /auth/session, which must not count as activity.
-            until(lambda: client.get("/auth/session").status_code == 401)
+            eventually(lambda: client.get("/auth/session").status_code == 401, "the idle timeout", EXPIRY_WAIT_SECONDS)
         revoked = server.wait_for_log(lambda e: e.get("audit") == "session.revoked")
     finally:
         server.stop()
@@ -222,7 +214,11 @@ def test_an_active_session_still_ends_at_its_absolute_timeout(emulator: ServerPr
         # session on its own. Each request counts as activity (an unknown workflow: 404 after the session check).
         with with_cookie(server.url, cookie) as client:
             assert client.post("/api/token", json={"workflow": "nope"}).status_code == 404
-            until(lambda: client.post("/api/token", json={"workflow": "nope"}).status_code == 401)
+            eventually(
+                lambda: client.post("/api/token", json={"workflow": "nope"}).status_code == 401,
+                "the absolute timeout",
+                EXPIRY_WAIT_SECONDS,
+            )
             assert client.get("/auth/session").status_code == 401
     finally:
         server.stop()
@@ -273,7 +269,7 @@ def test_logout_cancels_a_running_non_streaming_run(hardened: ServerProcess, ups
     upstream.fault(op="run", workflow="wf_tutor", stall=30)
     with signed_in(hardened.url, "runner") as client, ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(client.post, "/api/workflows/tutor/run", json={"topic": "x"})
-        until(lambda: bool(upstream.requests("run")))
+        eventually(lambda: upstream.requests("run"), "the run reached the upstream", EXPIRY_WAIT_SECONDS)
 
         assert client.post("/auth/logout").status_code == 204
 
