@@ -219,10 +219,9 @@ async def measure(
             detail = f"{held['held_still_open']} upstream streams still open after the clients left"
             target.failures.append(phases.Failure(name, "held", "-", detail))
         elsewhere = (machine_busy_ns() - busy_before) - (ours(target) - ours_before)
-        cores_ns = (time.monotonic() - started) * 1e9 * (os.cpu_count() or 1)
         machine = {
-            "other_cpu_pct": 100 * elsewhere / cores_ns,
-            "steal_pct": 100 * (machine_steal_ns() - steal_before) / cores_ns,
+            "other_cpu_pct": pct_of_cores(elsewhere, started),
+            "steal_pct": pct_of_cores(machine_steal_ns() - steal_before, started),
         }
         for server in (target.upstream_server, target.proxy):
             if server is not None and not server.alive():
@@ -233,6 +232,11 @@ async def measure(
     for key, values in {**distributions, **held_distributions}.items():
         results.add_distribution(key, values)
     return target.failures
+
+
+def pct_of_cores(cpu_ns: float, since: float) -> float:
+    """`cpu_ns` of CPU time since `since` (time.monotonic()), as a share of all the machine's cores."""
+    return 100 * cpu_ns / ((time.monotonic() - since) * 1e9 * (os.cpu_count() or 1))
 
 
 def ours(target: Target) -> int:
@@ -276,12 +280,11 @@ async def measure_workers(workdir: Path, plan: Plan, count: int) -> tuple[Metric
         load = await phases.bounded(
             phases.requests(target, plan.requests, plan.concurrency, plan.request_timeout, "w"), PHASE_LIMIT_SECONDS
         )
-        busy = (machine_busy_ns() - busy_before) / 1e9 / (time.monotonic() - started) / (os.cpu_count() or 1)
         row: Metrics = {
             "workers": count,
             "per_s": load["w_per_s"],
             "cpu_us": load["w_cpu_us"],
-            "machine_busy_pct": 100 * busy,
+            "machine_busy_pct": pct_of_cores(machine_busy_ns() - busy_before, started),
         }
         return row, target.failures
     finally:

@@ -140,7 +140,6 @@ class Lease:
 
     def __init__(self, slots: StreamSlots, name: str, holder: str) -> None:
         self._slots = slots
-        self._storage = slots.storage
         self._name = name
         self._holder = holder
         self._watch: tuple[Callable[[], Awaitable[bool]], Callable[[], None]] | None = None
@@ -176,7 +175,7 @@ class Lease:
         if self not in self._slots.kept:  # ended since this round began
             return
         try:
-            await self._storage.renew_lease(self._name, self._holder, self._slots.lease_seconds)
+            await self._slots.storage.renew_lease(self._name, self._holder, self._slots.lease_seconds)
         except StorageUnavailable:
             logger.warning("stream slot renewal failed; retrying")
         if self._watch is not None:
@@ -192,7 +191,7 @@ class Lease:
     async def release(self) -> None:
         with anyio.CancelScope(shield=True):
             try:
-                await self._storage.release_lease(self._name, self._holder)
+                await self._slots.storage.release_lease(self._name, self._holder)
             except StorageUnavailable:
                 logger.warning("stream slot release failed; it lapses by itself")
 

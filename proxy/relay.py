@@ -13,6 +13,7 @@ upstream answers, or at the first keep-alive if it has not yet; errors after tha
 from __future__ import annotations
 
 import codecs
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -172,11 +173,8 @@ class RelayResponse(Response):
 
             group.start_soon(watch_disconnect)
             try:
-                if self.lease is None:
+                with self.lease.kept() if self.lease is not None else contextlib.nullcontext():
                     await self._relay(scope["path"], send)
-                else:
-                    with self.lease.kept():
-                        await self._relay(scope["path"], send)
             finally:
                 group.cancel_scope.cancel()
 
