@@ -31,6 +31,7 @@ from proxy.metrics import Metrics
 from proxy.middleware.access_log import annotate
 from proxy.protocols import StreamEncoder
 from proxy.streams import StreamOwner
+from proxy.transport import chunk_reader
 
 logger = logging.getLogger("proxy.relay")
 
@@ -193,10 +194,10 @@ class RelayResponse(Response):
                         await send_error(error, path, send)
                     return
                 await self._start(send)
-                chunks = upstream.aiter_raw()
-                data = await self._keeping_alive(send, lambda: anext(chunks, None))
+                read = chunk_reader(upstream)
+                data = await self._keeping_alive(send, read)
                 prefix = self.encoder.open()
-                while data is not None:
+                while data:
                     if self.stats.first_byte_at is None:
                         self.stats.first_byte_at = time.monotonic()
                     self.stats.chars += len(self._decoder.decode(data))
@@ -204,7 +205,7 @@ class RelayResponse(Response):
                     if framed:  # empty while a split UTF-8 character waits for its other bytes
                         await self._send(send, framed)
                         prefix = b""
-                    data = await anext(chunks, None)
+                    data = await read()
                 await self._send(send, prefix + self.encoder.close(), more=False)
                 self.stats.end = "complete"
                 return

@@ -11,7 +11,7 @@ a 502, a timeout a 504).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import httpx
@@ -31,27 +31,49 @@ def _mapped(exc: BaseException, *, reading: bool) -> httpx.TransportError:
 
 
 TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+# The response extension holding the body's chunk reader (see `chunk_reader`).
+READ_CHUNK = "bff.read_chunk"
+ReadChunk = Callable[[], Awaitable[bytes]]
+
+
+def chunk_reader(response: httpx.Response) -> ReadChunk:
+    """Each call returns the next raw chunk of `response`'s body as it arrives, b"" at the end.
+
+    A response from `AiohttpTransport` reads straight from aiohttp: one await per chunk, where httpx's
+    `aiter_raw()` resumes three nested async generators. Any other response goes through `aiter_raw()`.
+    """
+    read: ReadChunk | None = response.extensions.get(READ_CHUNK)
+    if read is not None:
+        return read
+    chunks = response.aiter_raw()
+    return lambda: anext(chunks, b"")
 
 
 class AiohttpResponseStream(httpx.AsyncByteStream):
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
+        self._failure: httpx.TransportError | None = None
+
+    async def read_chunk(self) -> bytes:
+        """Whatever bytes have arrived, as they arrive (never waits to fill a buffer); b"" at the end."""
+        if self._failure is not None:
+            raise self._failure
+        content = self._response.content
+        try:
+            return await content.readany()
+        except TRANSPORT_ERRORS as exc:
+            failure = _mapped(exc, reading=True)
+            failure.__cause__ = exc
+            # aiohttp raises a connection's error before handing over the bytes that arrived just
+            # ahead of it; they are the answer's last words and belong to the client.
+            leftover = content._read_nowait(-1)
+            if not leftover:
+                raise failure from exc
+            self._failure = failure
+            return leftover
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        content = self._response.content
-        while True:
-            try:
-                # Whatever bytes have arrived, as they arrive: never waits to fill a buffer.
-                chunk = await content.readany()
-            except TRANSPORT_ERRORS as exc:
-                # aiohttp raises a connection's error before handing over the bytes that arrived just
-                # ahead of it; they are the answer's last words and belong to the client.
-                leftover = content._read_nowait(-1)
-                if leftover:
-                    yield leftover
-                raise _mapped(exc, reading=True) from exc
-            if not chunk:
-                return
+        while chunk := await self.read_chunk():
             yield chunk
 
     async def aclose(self) -> None:
@@ -99,12 +121,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             )
         except TRANSPORT_ERRORS as exc:
             raise _mapped(exc, reading=False) from exc
+        stream = AiohttpResponseStream(response)
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,
-            stream=AiohttpResponseStream(response),
+            stream=stream,
             request=request,
-            extensions={"http_version": b"HTTP/1.1"},
+            extensions={"http_version": b"HTTP/1.1", READ_CHUNK: stream.read_chunk},
         )
 
     async def aclose(self) -> None:
