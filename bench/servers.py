@@ -249,11 +249,11 @@ events {{
 }}
 http {{
     access_log off;
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
+    client_body_temp_path {dir}/nginx-temp/client_body;
+    proxy_temp_path {dir}/nginx-temp/proxy;
+    fastcgi_temp_path {dir}/nginx-temp/fastcgi;
+    uwsgi_temp_path {dir}/nginx-temp/uwsgi;
+    scgi_temp_path {dir}/nginx-temp/scgi;
     keepalive_timeout 75s;
     keepalive_requests 1000000;
     upstream bench_upstream {{
@@ -284,6 +284,9 @@ def start_nginx(workdir: Path, upstream_port: int) -> Server:
     nofile = _nofile_limit()
     port = free_port()
     conf = workdir / "nginx.conf"
+    # Its temp dirs go in a folder of their own: one named `proxy` in the working directory would
+    # shadow the package for `python -m proxy` started there.
+    (workdir / "nginx-temp").mkdir(parents=True, exist_ok=True)
     conf.write_text(
         NGINX_CONF.format(
             dir=workdir,
