@@ -88,22 +88,21 @@ class StreamOwner:
 
     @contextmanager
     def cancellable(self) -> Iterator[Stopped]:
-        """Run a non-streaming upstream call so that logout or shutdown cancels it too; afterwards the
-        yielded `Stopped` says whether, and why, it was."""
+        """Run a non-streaming upstream call so that logout, shutdown or `Stopped.stop` cancels it;
+        afterwards the yielded `Stopped` says whether, and why, it was."""
         stopped = Stopped()
         outcome = "failed"
-        with anyio.CancelScope() as scope, self.running(stopped.stopper(scope), lambda: stopped.reason or outcome):
+        with stopped.scope, self.running(stopped.stop, lambda: stopped.reason or outcome):
             yield stopped
             outcome = "complete"
 
 
 @dataclass
 class Stopped:
-    reason: str | None = None
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    reason: str | None = None  # the first reason given to stop()
 
-    def stopper(self, scope: anyio.CancelScope) -> Stop:
-        def stop(reason: str) -> None:
+    def stop(self, reason: str) -> None:
+        if self.reason is None:
             self.reason = reason
-            scope.cancel()
-
-        return stop
+        self.scope.cancel()

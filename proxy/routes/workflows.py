@@ -15,7 +15,7 @@ from proxy.errors import client_gone, invalid_input, shutting_down
 from proxy.middleware.access_log import annotate
 from proxy.middleware.request_id import current_request_id
 from proxy.protocols import TextEncoder
-from proxy.relay import until_disconnect
+from proxy.relay import DisconnectWatch
 from proxy.routes.auth import iso
 from proxy.services import Services, services
 from proxy.sessions import Session
@@ -78,18 +78,17 @@ async def run(request: Request) -> Response:
     admission = await admit(bff, session, workflow)
     request_id = current_request_id()
     async with admission.lease.held():
-        with bff.sessions.stream_owner(session, f"run:{workflow.alias}").cancellable() as stopped:
+        with (
+            bff.sessions.stream_owner(session, f"run:{workflow.alias}").cancellable() as stopped,
             # A client that leaves cancels the upstream run, as it does a stream.
-            result = await until_disconnect(
-                request.receive, lambda: bff.upstream.run(workflow.id, inputs, request_id=request_id)
-            )
-            if result is None:
-                stopped.reason = "client_gone"  # how the audit log's relay.end records it
+            DisconnectWatch(request.receive, lambda: stopped.stop("client_gone")),
+        ):
+            result = await bff.upstream.run(workflow.id, inputs, request_id=request_id)
     if stopped.reason == "revoked":
         raise bff.sessions.unauthenticated(request)
     if stopped.reason == "shutdown":
         raise shutting_down()
-    if result is None:
+    if stopped.reason == "client_gone":
         annotate(end="client_gone")
         raise client_gone()
     await bff.budget.charge(session.user.id, len(result.result))
