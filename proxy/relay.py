@@ -32,7 +32,7 @@ from proxy.metrics import Metrics
 from proxy.middleware.access_log import annotate
 from proxy.protocols import StreamEncoder
 from proxy.streams import StreamOwner
-from proxy.transport import chunk_reader
+from proxy.transport import Body, open_body
 
 logger = logging.getLogger("proxy.relay")
 
@@ -123,7 +123,7 @@ class RelayResponse(Response):
         # A quarter of the deadline when that is shorter, so even a short deadline sees keep-alives.
         self.keepalive_seconds = min(KEEPALIVE_SECONDS, deadline / 4)
         self.started = False
-        self.upstream: httpx.Response | None = None
+        self.upstream_body: Body | None = None  # the upstream's, once it answered
         # Whose relay this is: registered while it runs, so logout can stop it (proxy/streams.py).
         self.owner = owner
         self.stop_reason: str | None = None
@@ -172,7 +172,7 @@ class RelayResponse(Response):
                 if self.stop_reason is not None:
                     self._window.cancel()
                 try:
-                    upstream = await self._keeping_alive(send, self._open)
+                    body = await self._keeping_alive(send, self._open)
                 except ApiError as error:
                     self.stats.end = f"refused:{error.code}"
                     if self.started:
@@ -181,8 +181,7 @@ class RelayResponse(Response):
                         await send_error(error, path, send)
                     return
                 await self._start(send)
-                read = chunk_reader(upstream)
-                data = await self._keeping_alive(send, read)
+                data = await self._keeping_alive(send, body.read_chunk)
                 prefix = self.encoder.open()
                 while data:
                     if self.stats.first_byte_at is None:
@@ -192,7 +191,7 @@ class RelayResponse(Response):
                     if framed:  # empty while a split UTF-8 character waits for its other bytes
                         await self._send(send, framed)
                         prefix = b""
-                    data = await read()
+                    data = await body.read_chunk()
                 await self._send(send, prefix + self.encoder.close(), more=False)
                 self.stats.end = "complete"
                 return
@@ -231,15 +230,15 @@ class RelayResponse(Response):
             else:
                 await send_error(ApiError(502, "upstream_error", FAILED), path, send)
         finally:
-            if self.upstream is not None:
+            if self.upstream_body is not None:
                 # Closing must finish even when we are being cancelled, or the connection leaks.
                 with anyio.CancelScope(shield=True):
-                    await self.upstream.aclose()
+                    await self.upstream_body.aclose()
 
-    async def _open(self) -> httpx.Response:
+    async def _open(self) -> Body:
         # Kept on self at once, so the finally above closes it even if we are cancelled right after.
-        self.upstream = await self.open_upstream()
-        return self.upstream
+        self.upstream_body = open_body(await self.open_upstream())
+        return self.upstream_body
 
     async def _keeping_alive(self, send: Send, work: Callable[[], Awaitable[T]]) -> T:
         """Await `work`, sending the encoder's keep-alive each interval until it is done.

@@ -11,7 +11,8 @@ a 502, a timeout a 504).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 import aiohttp
 import httpx
@@ -31,22 +32,39 @@ def _mapped(exc: BaseException, *, reading: bool) -> httpx.TransportError:
 
 
 TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
-# The response extension holding the body's chunk reader (see `chunk_reader`).
-READ_CHUNK = "bff.read_chunk"
-ReadChunk = Callable[[], Awaitable[bytes]]
+
+# The response extension holding the open body (see `open_body`).
+BODY = "bff.body"
 
 
-def chunk_reader(response: httpx.Response) -> ReadChunk:
-    """Each call returns the next raw chunk of `response`'s body as it arrives, b"" at the end.
+class Body(Protocol):
+    """An open response body, read chunk by chunk."""
 
-    A response from `AiohttpTransport` reads straight from aiohttp: one await per chunk, where httpx's
-    `aiter_raw()` resumes three nested async generators. Any other response goes through `aiter_raw()`.
+    async def read_chunk(self) -> bytes:
+        """The bytes that have arrived since the last call, as soon as there are any; b"" at the end."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def open_body(response: httpx.Response) -> Body:
+    """The body of a streamed `response`, to read chunk by chunk; the caller closes it.
+
+    For a response from `AiohttpTransport` this is the aiohttp stream itself: a chunk costs one await,
+    where httpx's `aiter_raw()` resumes three nested async generators, and the caller need not keep the
+    httpx response, with its request and both sets of headers, for the minutes a stream runs.
     """
-    read: ReadChunk | None = response.extensions.get(READ_CHUNK)
-    if read is not None:
-        return read
-    chunks = response.aiter_raw()
-    return lambda: anext(chunks, b"")
+    body: Body | None = response.extensions.get(BODY)
+    return body if body is not None else _HttpxBody(response)
+
+
+class _HttpxBody:
+    def __init__(self, response: httpx.Response) -> None:
+        self._chunks = response.aiter_raw()
+        self.aclose = response.aclose
+
+    async def read_chunk(self) -> bytes:
+        return await anext(self._chunks, b"")
 
 
 class AiohttpResponseStream(httpx.AsyncByteStream):
@@ -55,7 +73,7 @@ class AiohttpResponseStream(httpx.AsyncByteStream):
         self._failure: httpx.TransportError | None = None
 
     async def read_chunk(self) -> bytes:
-        """Whatever bytes have arrived, as they arrive (never waits to fill a buffer); b"" at the end."""
+        # Whatever bytes have arrived, as they arrive: never waits to fill a buffer.
         if self._failure is not None:
             raise self._failure
         content = self._response.content
@@ -127,7 +145,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             headers=response.raw_headers,
             stream=stream,
             request=request,
-            extensions={"http_version": b"HTTP/1.1", READ_CHUNK: stream.read_chunk},
+            extensions={"http_version": b"HTTP/1.1", BODY: stream},
         )
 
     async def aclose(self) -> None:
