@@ -38,6 +38,8 @@ LIMIT_NAMES = frozenset({"mint", "relay", "login"})
 LEASE_SECONDS = 30.0
 # Renewals in flight together, so a slow storage delays one round by a few round trips, not thousands.
 RENEWALS_AT_ONCE = 100
+# The cap a lapsed slot is taken back under: none (see `Lease.renew`).
+UNCAPPED = 2**31
 
 
 class RateLimitConfigError(ValueError):
@@ -171,11 +173,16 @@ class Lease:
 
     async def renew(self) -> None:
         """One renewal. One that fails (storage briefly down) is retried next round: the stream goes
-        on, and at worst the slot lapses early, never late."""
+        on, and at worst the slot lapses early, never late. A slot that did lapse (storage down for
+        longer than the lease) is taken back, even above the cap: the stream is still running, and
+        counting it is what keeps the user's next stream out until one ends."""
         if self not in self._slots.kept:  # ended since this round began
             return
+        slots = self._slots
         try:
-            await self._slots.storage.renew_lease(self._name, self._holder, self._slots.lease_seconds)
+            if not await slots.storage.renew_lease(self._name, self._holder, slots.lease_seconds):
+                logger.warning("stream slot had lapsed; taking it back")
+                await slots.storage.acquire_lease(self._name, self._holder, UNCAPPED, slots.lease_seconds)
         except StorageUnavailable:
             logger.warning("stream slot renewal failed; retrying")
         if self._watch is not None:

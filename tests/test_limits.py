@@ -9,6 +9,7 @@ import anyio
 import httpx
 import pytest
 
+from proxy.errors import ApiError
 from proxy.limits import StreamSlots
 from proxy.storage import MemoryStorage
 from tests.servers import EmulatorControl, ServerProcess, browser, guest_of, start_proxy
@@ -138,4 +139,38 @@ async def test_one_task_renews_every_running_streams_slot_and_only_while_it_runs
             assert await slots.open("u1") == 1  # the other slot lapsed; this one outlived its lease
         await first.release()
         keeper.cancel_scope.cancel()
+    assert await slots.open("u1") == 0
+
+
+class Lapsing(MemoryStorage):
+    """Lets the leases taken so far lapse, as a storage outage longer than the lease would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holders: list[tuple[str, str]] = []
+
+    async def acquire_lease(self, name: str, holder: str, limit: int, ttl: float) -> bool:
+        self.holders.append((name, holder))
+        return await super().acquire_lease(name, holder, limit, ttl)
+
+    async def lapse(self) -> None:
+        for name, holder in self.holders:
+            await self.release_lease(name, holder)
+
+
+@pytest.mark.anyio
+async def test_a_running_streams_lapsed_slot_is_taken_back_even_above_the_cap() -> None:
+    storage = Lapsing()
+    slots = StreamSlots(storage, 1)
+    running = await slots.acquire("u1")
+    await storage.lapse()
+    later = await slots.acquire("u1")  # the lapsed place was free
+    with running.kept():
+        await running.renew()
+    assert await slots.open("u1") == 2  # both running streams count again
+    with pytest.raises(ApiError) as refused:
+        await slots.acquire("u1")
+    assert refused.value.code == "too_many_streams"
+    await running.release()
+    await later.release()
     assert await slots.open("u1") == 0
