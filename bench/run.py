@@ -80,6 +80,8 @@ class Plan:
     request_timeout: float = 60.0
     upstream_rtt_ms: float = 0.0
     worker_counts: tuple[int, ...] = (1, 2)  # `serve --workers N` sharing a redis-server
+    pool_requests: int = 100  # idle streams per target against an upstream `pool_rtt_ms` away; 0: no pool phase
+    pool_rtt_ms: float = 50.0
 
 
 QUICK = {
@@ -99,7 +101,11 @@ QUICK = {
     "held_window_seconds": 0.6,
     "capacity_levels": (),
     "request_timeout": 20.0,
+    "pool_requests": 5,
+    "pool_rtt_ms": 5.0,
 }
+# The token pool phase: what pre-minted tokens save a relay when the upstream is far away.
+POOL_TARGETS = ("direct", "bff", "bff-pool")
 
 
 @dataclass
@@ -108,6 +114,7 @@ class TargetResults:
     distributions: dict[str, list[float]] = field(default_factory=dict)
     capacity: list[Level] = field(default_factory=list)
     workers: list[Metrics] = field(default_factory=list)  # one row per worker count and repeat
+    pool: list[Metrics] = field(default_factory=list)  # one row per repeat of the token pool phase
     skipped: str | None = None
 
     def add_distribution(self, name: str, values: list[float]) -> None:
@@ -292,6 +299,23 @@ async def measure_workers(workdir: Path, plan: Plan, count: int) -> tuple[Metric
             server.stop()
 
 
+async def measure_pool(name: str, workdir: Path, plan: Plan) -> tuple[Metrics, list[phases.Failure]]:
+    """Idle time to first byte of `name` against an upstream `plan.pool_rtt_ms` away (mint answers and
+    first bytes both wait that long), where the mint round trip the token pool saves is worth having."""
+    with Running(name, workdir, replace(plan, upstream_rtt_ms=plan.pool_rtt_ms)) as target:
+        idle, _ = await phases.bounded(
+            phases.idle_ttfb(target, plan.pool_requests, plan.idle_warmup, plan.request_timeout), PHASE_LIMIT_SECONDS
+        )
+        row: Metrics = {"ttfb_p50_ms": idle["idle_ttfb_p50_ms"], "ttfb_p99_ms": idle["idle_ttfb_p99_ms"]}
+        return row, target.failures
+
+
+def rotated(names: list[str], repeat: int) -> list[str]:
+    """`names` in the order of this repeat: each starts first once, so no target always runs first."""
+    start = repeat % len(names) if names else 0
+    return names[start:] + names[:start]
+
+
 def self_check() -> None:
     """The byte check must catch a wrong body, or a passing bench-quick proves nothing."""
     shape = StreamShape(chunks=3, delay_ms=0, size=24)
@@ -363,6 +387,8 @@ def plan_from(args: argparse.Namespace) -> Plan:
         plan = replace(plan, capacity_levels=())
     if args.no_workers:
         plan = replace(plan, worker_counts=())
+    if args.no_pool:
+        plan = replace(plan, pool_requests=0)
     if args.capacity_levels:
         plan = replace(plan, capacity_levels=tuple(int(n) for n in args.capacity_levels.split(",")))
     if args.rtt_ms:
@@ -386,8 +412,7 @@ async def run(
             failures.append(phases.Failure(name, "setup", "-", reason))
         log(f"skipping {name}: {reason}")
     for repeat in range(plan.repeats):
-        order = runnable[repeat % len(runnable) :] + runnable[: repeat % len(runnable)] if runnable else []
-        for name in order:
+        for name in rotated(runnable, repeat):
             log(f"repeat {repeat + 1}/{plan.repeats}: {name}")
             started = time.monotonic()
             try:
@@ -429,6 +454,17 @@ async def run(
                 continue
             results["bff"].workers.append(row)
             failures += seen
+    pool_targets = [name for name in POOL_TARGETS if available(name) is None] if plan.pool_requests else []
+    for repeat in range(plan.repeats) if "bff" in runnable else []:
+        for name in rotated(pool_targets, repeat):
+            log(f"token pool: {name}, upstream {plan.pool_rtt_ms:g} ms away, repeat {repeat + 1}/{plan.repeats}")
+            try:
+                row, seen = await measure_pool(name, workroot / f"pool-{name}-r{repeat}", plan)
+            except (RuntimeError, OSError, TimeoutError, AssertionError, ValueError) as exc:
+                failures.append(phases.Failure(name, "pool", "-", f"{type(exc).__name__}: {exc}"))
+                continue
+            results.setdefault(name, TargetResults()).pool.append(row)
+            failures += seen
     for result in results.values():
         result.distributions = {key: thin(values) for key, values in result.distributions.items()}
     return results, failures
@@ -457,6 +493,7 @@ def save(
                 "repeats": result.repeats,
                 "capacity": [asdict(level) for level in result.capacity],
                 "workers": result.workers,
+                "pool": result.pool,
                 "distributions": result.distributions,
             }
             for name, result in results.items()
@@ -477,6 +514,7 @@ def load(path: Path) -> tuple[Plan, dict[str, str], dict[str, TargetResults], li
             distributions=saved["distributions"],
             capacity=[Level(**level) for level in saved["capacity"]],
             workers=saved.get("workers", []),
+            pool=saved.get("pool", []),
             skipped=saved["skipped"],
         )
         for name, saved in data["targets"].items()
@@ -502,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, help="concurrent streams in the model-pace phase (default 1000)")
     parser.add_argument("--no-capacity", action="store_true", help="skip the streams-per-worker search")
     parser.add_argument("--no-workers", action="store_true", help="skip throughput against --workers 1 and 2")
+    parser.add_argument("--no-pool", action="store_true", help="skip the token pool phase (upstream 50 ms away)")
     parser.add_argument("--capacity-levels", help="stream counts to try, e.g. 500,1000,2000,4000")
     parser.add_argument("--rtt-ms", type=float, help="emulated upstream round trip before mint answers and first bytes")
     parser.add_argument("--out", type=Path, help="directory for results.json, PERFORMANCE.md and the plot")
