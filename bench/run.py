@@ -23,9 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench import phases
 from bench.load import Endpoint, Exchange, expected_chunks
@@ -106,6 +107,9 @@ QUICK = {
 }
 # The token pool phase: what pre-minted tokens save a relay when the upstream is far away.
 POOL_TARGETS = ("direct", "bff", "bff-pool")
+# What a phase that went wrong raises; it becomes a failure of the run, and the run goes on.
+MEASURE_ERRORS = (RuntimeError, OSError, TimeoutError, AssertionError, ValueError)
+R = TypeVar("R")
 
 
 @dataclass
@@ -310,6 +314,19 @@ async def measure_pool(name: str, workdir: Path, plan: Plan) -> tuple[Metrics, l
         return row, target.failures
 
 
+async def recorded(
+    failures: list[phases.Failure], target: str, phase: str, topic: str, work: Awaitable[tuple[R, list[phases.Failure]]]
+) -> R | None:
+    """What `work` measured, its failures added to `failures`; None, with one failure more, if it raised."""
+    try:
+        result, seen = await work
+    except MEASURE_ERRORS as exc:
+        failures.append(phases.Failure(target, phase, topic, f"{type(exc).__name__}: {exc}"))
+        return None
+    failures += seen
+    return result
+
+
 def rotated(names: list[str], repeat: int) -> list[str]:
     """`names` in the order of this repeat: each starts first once, so no target always runs first."""
     start = repeat % len(names) if names else 0
@@ -417,7 +434,7 @@ async def run(
             started = time.monotonic()
             try:
                 failures += await measure(name, workroot / f"r{repeat}-{name}", plan, results[name], profiles)
-            except (RuntimeError, OSError, TimeoutError, AssertionError, ValueError) as exc:
+            except MEASURE_ERRORS as exc:
                 failures.append(phases.Failure(name, "run", "-", f"{type(exc).__name__}: {exc}"))
                 log(f"  {name} failed: {type(exc).__name__}: {exc}")
                 continue
@@ -430,13 +447,8 @@ async def run(
             )
     for name in runnable if plan.capacity_levels else []:
         log(f"capacity: {name}")
-        try:
-            levels, seen = await measure_capacity(name, workroot / f"capacity-{name}", plan)
-        except (RuntimeError, OSError, TimeoutError, AssertionError, ValueError) as exc:
-            failures.append(phases.Failure(name, "capacity", "-", f"{type(exc).__name__}: {exc}"))
-            continue
-        results[name].capacity = levels
-        failures += seen
+        search = measure_capacity(name, workroot / f"capacity-{name}", plan)
+        results[name].capacity = await recorded(failures, name, "capacity", "-", search) or []
     worker_counts = plan.worker_counts if "bff" in runnable else ()
     if worker_counts and shutil.which("redis-server") is None:
         reason = "redis-server is not installed (apt-get install -y redis-server)"
@@ -447,24 +459,16 @@ async def run(
     for repeat in range(plan.repeats) if worker_counts else []:
         for count in worker_counts:
             log(f"workers: bff with --workers {count}, repeat {repeat + 1}/{plan.repeats}")
-            try:
-                row, seen = await measure_workers(workroot / f"workers-{count}-r{repeat}", plan, count)
-            except (RuntimeError, OSError, TimeoutError, AssertionError, ValueError) as exc:
-                failures.append(phases.Failure("bff", "workers", str(count), f"{type(exc).__name__}: {exc}"))
-                continue
-            results["bff"].workers.append(row)
-            failures += seen
+            work = measure_workers(workroot / f"workers-{count}-r{repeat}", plan, count)
+            if (row := await recorded(failures, "bff", "workers", str(count), work)) is not None:
+                results["bff"].workers.append(row)
     pool_targets = [name for name in POOL_TARGETS if available(name) is None] if plan.pool_requests else []
     for repeat in range(plan.repeats) if "bff" in runnable else []:
         for name in rotated(pool_targets, repeat):
             log(f"token pool: {name}, upstream {plan.pool_rtt_ms:g} ms away, repeat {repeat + 1}/{plan.repeats}")
-            try:
-                row, seen = await measure_pool(name, workroot / f"pool-{name}-r{repeat}", plan)
-            except (RuntimeError, OSError, TimeoutError, AssertionError, ValueError) as exc:
-                failures.append(phases.Failure(name, "pool", "-", f"{type(exc).__name__}: {exc}"))
-                continue
-            results.setdefault(name, TargetResults()).pool.append(row)
-            failures += seen
+            work = measure_pool(name, workroot / f"pool-{name}-r{repeat}", plan)
+            if (row := await recorded(failures, name, "pool", "-", work)) is not None:
+                results.setdefault(name, TargetResults()).pool.append(row)
     for result in results.values():
         result.distributions = {key: thin(values) for key, values in result.distributions.items()}
     return results, failures
