@@ -413,6 +413,14 @@ def _workers(plan: Plan, results: dict[str, TargetResults]) -> list[str]:
     for n in sorted(per_s):
         factor = f"{per_s[n].median / one:.2f}×" if one else "–"
         out.append(f"| {n} | {cell(per_s[n], 0)} | {factor} | {cell(cpu.get(n), 0)} | {cell(busy.get(n), 0)} |")
+    most = max(cpu, default=1)
+    if 1 in cpu and most > 1:
+        out += [
+            "",
+            f"With {most} workers each request cost {cpu[most].median / cpu[1].median:.2f}× the CPU it cost with "
+            "one: near 1.00× means the workers do not slow each other, so throughput grows with workers for as "
+            "long as there are free cores to run them.",
+        ]
     return [*out, ""]
 
 
