@@ -22,6 +22,11 @@ def listening_pids(server: ServerProcess) -> set[int]:
     return {int(entry["pid"]) for entry in server.log_entries() if entry.get("message") == "listening"}
 
 
+def all_gone(pids: set[int]) -> None:
+    for pid in pids:
+        eventually(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), f"worker {pid} gone")  # type: ignore[misc]
+
+
 @pytest.fixture
 def workers(emulator: ServerProcess, redis_server: RedisServer, tmp_path: Path) -> Iterator[ServerProcess]:
     env = proxy_env(emulator.url, BFF_STORAGE_URL=redis_server.url, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
@@ -61,8 +66,7 @@ def test_a_worker_that_dies_stops_the_set_so_it_is_restarted_whole(workers: Serv
     victim = min(listening_pids(workers))
     os.kill(victim, signal.SIGKILL)
     assert workers.process.wait(30) == 1
-    for pid in listening_pids(workers):
-        eventually(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), f"worker {pid} gone")  # type: ignore[misc]
+    all_gone(listening_pids(workers))
 
 
 def test_workers_outlive_no_parent_and_hear_only_its_signals(workers: ServerProcess) -> None:
@@ -72,8 +76,7 @@ def test_workers_outlive_no_parent_and_hear_only_its_signals(workers: ServerProc
     assert all(os.getpgid(pid) == pid for pid in pids)
     workers.process.kill()  # SIGKILL: the parent cannot pass anything on
     workers.process.wait(10)
-    for pid in pids:
-        eventually(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), f"worker {pid} gone")  # type: ignore[misc]
+    all_gone(pids)
 
 
 def test_sigterm_drains_every_worker_and_exits_cleanly(workers: ServerProcess) -> None:
