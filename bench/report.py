@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -158,11 +159,33 @@ def ran(plan: Plan, results: dict[str, TargetResults]) -> list[str]:
     return [name for name in plan.targets if results[name].repeats]
 
 
-def goals(plan: Plan, results: dict[str, TargetResults]) -> list[tuple[str, str, bool | None]]:
-    """Issue 7's targets for workflow-bff, each with the measured value and whether it is met."""
+# The goals' measures taken on the floors too, where they apply: a goal the floors miss as well is
+# beyond what this harness can show for any relay, not only for workflow-bff.
+FLOORS = ("bare-aiohttp", "direct")
 
-    def m(target: str, key: str) -> float | None:
-        return median(results, target, key)
+
+@dataclass(frozen=True)
+class Goal:
+    label: str
+    measure: Callable[[str], float | None]  # the value for one target
+    unit: str
+    limit: float
+    at_most: bool = True  # the value must stay at or below the limit (else at or above)
+    floors: tuple[str, ...] = ()  # of FLOORS, those the measure means something for
+
+    def met(self, value: float) -> bool:
+        return value <= self.limit if self.at_most else value >= self.limit
+
+
+def goals(plan: Plan, results: dict[str, TargetResults]) -> list[tuple[str, dict[str, str], bool | None]]:
+    """Issue 7's targets: the label, workflow-bff's value and the floors' (formatted, by target), and
+    whether workflow-bff meets it."""
+
+    def m(key: str) -> Callable[[str], float | None]:
+        return lambda target: median(results, target, key)
+
+    def over(key: str, base: str) -> Callable[[str], float | None]:
+        return lambda target: divide(median(results, target, key), median(results, base, key))
 
     def divide(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
@@ -171,45 +194,50 @@ def goals(plan: Plan, results: dict[str, TargetResults]) -> list[tuple[str, str,
         return a - b if a is not None and b is not None else None
 
     n = plan.streams
-    held = m("bff", "held_streams")
+    held = median(results, "bff", "held_streams")
     at = f" (bff held {held:.0f} of {n} streams)" if held is not None and held < n else ""
-    # (goal, value, unit, limit, the value must stay at or below the limit)
+    bare, both = ("bare-aiohttp",), FLOORS
     measured = [
-        (f"CPU per relayed chunk at model pace ≤ 2.5× nginx{at}",
-         divide(m("bff", "held_cpu_chunk_us"), m("nginx", "held_cpu_chunk_us")), "×", 2.5, True),
-        (f"CPU per relayed request ≤ 1.5× the bare aiohttp relay (concurrency {plan.low_concurrency})",
-         divide(m("bff", "low_cpu_us"), m("bare-aiohttp", "low_cpu_us")), "×", 1.5, True),
-        (f"CPU per relayed request ≤ 1.5× the bare aiohttp relay (concurrency {plan.concurrency})",
-         divide(m("bff", "req_cpu_us"), m("bare-aiohttp", "req_cpu_us")), "×", 1.5, True),
-        ("added time to first byte p50 ≤ 1 ms over direct, idle",
-         subtract(m("bff", "idle_ttfb_p50_ms"), m("direct", "idle_ttfb_p50_ms")), " ms", 1.0, True),
-        (f"{n} streams: time to first byte p99 ≤ 50 ms", m("bff", "st_ttfb_p99_ms"), " ms", 50, True),
-        (f"{n} streams: inter-chunk gap p99 ≤ 60 ms", m("bff", "st_gap_p99_ms"), " ms", 60, True),
-        (f"{n} streams: ≤ 30 KB per open stream{at}", m("bff", "held_kb_per_stream"), " KB", 30, True),
-        ("≥ 90% of upstream requests on reused connections", m("bff", "req_reuse_pct"), " %", 90, False),
+        Goal(f"CPU per relayed chunk at model pace ≤ 2.5× nginx{at}", over("held_cpu_chunk_us", "nginx"), "×", 2.5,
+             floors=bare),
+        Goal(f"CPU per relayed request ≤ 1.5× the bare aiohttp relay (concurrency {plan.low_concurrency})",
+             over("low_cpu_us", "bare-aiohttp"), "×", 1.5),
+        Goal(f"CPU per relayed request ≤ 1.5× the bare aiohttp relay (concurrency {plan.concurrency})",
+             over("req_cpu_us", "bare-aiohttp"), "×", 1.5),
+        Goal("added time to first byte p50 ≤ 1 ms over direct, idle",
+             lambda t: subtract(median(results, t, "idle_ttfb_p50_ms"), median(results, "direct", "idle_ttfb_p50_ms")),
+             " ms", 1.0, floors=bare),
+        Goal(f"{n} streams: time to first byte p99 ≤ 50 ms", m("st_ttfb_p99_ms"), " ms", 50, floors=both),
+        Goal(f"{n} streams: inter-chunk gap p99 ≤ 60 ms", m("st_gap_p99_ms"), " ms", 60, floors=both),
+        Goal(f"{n} streams: ≤ 30 KB per open stream{at}", m("held_kb_per_stream"), " KB", 30, floors=bare),
+        Goal("≥ 90% of upstream requests on reused connections", m("req_reuse_pct"), " %", 90, at_most=False,
+             floors=bare),
     ]  # fmt: skip
     most, factor = scaling(results) or (max(plan.worker_counts, default=2), None)
     measured.append(
-        (f"throughput grows near-linearly with workers (≥ {NEAR_LINEAR * most:g}× one worker's at {most})",
-         factor, "×", NEAR_LINEAR * most, False)
+        Goal(f"throughput grows near-linearly with workers (≥ {NEAR_LINEAR * most:g}× one worker's at {most})",
+             lambda _: factor, "×", NEAR_LINEAR * most, at_most=False)
     )  # fmt: skip
     direct, minting, pooled = (pool_p50(results, name) for name in ("direct", "bff", "bff-pool"))
     if direct is not None and (minting is not None or pooled is not None):
         rtt = plan.pool_rtt_ms
         measured += [
-            (f"with the token pool, idle TTFB p50 within 5% of direct (upstream {rtt:g} ms away)",
-             divide(pooled, direct), "×", 1.05, True),
-            (f"without the pool, about one round trip ({rtt:g} ms) more than direct",
-             subtract(minting, direct), " ms", 1.5 * rtt, True),
+            Goal(f"with the token pool, idle TTFB p50 within 5% of direct (upstream {rtt:g} ms away)",
+                 lambda _: divide(pooled, direct), "×", 1.05),
+            Goal(f"without the pool, about one round trip ({rtt:g} ms) more than direct",
+                 lambda _: subtract(minting, direct), " ms", 1.5 * rtt),
         ]  # fmt: skip
-    return [
-        (
-            label,
-            "–" if value is None else f"{number(value, 3 if unit == '×' else 2)}{unit}",
-            None if value is None else value <= limit if at_most else value >= limit,
-        )
-        for label, value, unit, limit, at_most in measured
-    ]
+
+    def shown(goal: Goal, value: float | None) -> str:
+        return "–" if value is None else f"{number(value, 3 if goal.unit == '×' else 2)}{goal.unit}"
+
+    table = []
+    for goal in measured:
+        value = goal.measure("bff")
+        values = {"bff": shown(goal, value)}
+        values |= {floor: shown(goal, goal.measure(floor)) if floor in goal.floors else "–" for floor in FLOORS}
+        table.append((goal.label, values, None if value is None else goal.met(value)))
+    return table
 
 
 def pool_spread(results: dict[str, TargetResults], target: str, key: str) -> Spread | None:
@@ -310,9 +338,21 @@ def markdown(
         )
     out[-2:-2] = [line for warning in warnings for line in (warning, "")]
     if "bff" in names:
-        out += ["## Issue 7 targets for workflow-bff", "", "| target | measured | met |", "|---|---:|:---:|"]
-        for label, value, met in goals(plan, results):
-            out.append(f"| {label} | {value} | {'–' if met is None else 'yes' if met else '**no**'} |")
+        floors = [TITLES[floor] for floor in FLOORS]
+        out += [
+            "## Issue 7 targets for workflow-bff",
+            "",
+            "The last columns take the same measure on the floors, where it applies. The bare aiohttp relay has "
+            "no sessions, limits or token mint: a target it misses too is beyond a Python relay on this "
+            "machine, not only workflow-bff. One that direct misses is beyond this harness, whose load "
+            "generator and upstream share the machine's cores with the proxy.",
+            "",
+            f"| target | workflow-bff | met | {' | '.join(floors)} |",
+            "|---|---:|:---:|" + "---:|" * len(FLOORS),
+        ]
+        for label, values, met in goals(plan, results):
+            verdict = "–" if met is None else "yes" if met else "**no**"
+            out.append(f"| {label} | {values['bff']} | {verdict} | " + " | ".join(values[f] for f in FLOORS) + " |")
         out.append("")
     out += ["## Results", ""]
     for title, group in rows(plan):
