@@ -3,15 +3,19 @@
 Only failures count, so a user who types the password right is never slowed down by their own
 sign-ins. The counters live behind one small interface (`FailureCounter`); `WindowFailureCounter`
 keeps them in the shared limits storage, so a guesser gains nothing by spreading over replicas.
+An attempt still being verified counts as a failure until it is known not to be one: otherwise a
+burst of parallel guesses would all pass the check before the first of them was counted. That count
+is per process, so each replica can have at most the remaining budget in flight at once.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from limits import RateLimitItemPerSecond
@@ -23,10 +27,13 @@ from starlette.requests import HTTPConnection
 from proxy.errors import ApiError
 from proxy.storage import StorageUnavailable
 
+# Refused because other attempts for the key are still being verified: they end within seconds.
+IN_FLIGHT_RETRY_SECONDS = 1.0
+
 
 class FailureCounter(Protocol):
-    async def retry_after(self, key: str) -> float:
-        """Seconds until `key` may try again; 0 when it may try now."""
+    async def retry_after(self, key: str, attempts: int = 1) -> float:
+        """Seconds until `key` may make `attempts` attempts (any of them may fail); 0 when it may now."""
 
     async def record_failure(self, key: str) -> None: ...
 
@@ -42,10 +49,14 @@ class WindowFailureCounter:
         self._item = RateLimitItemPerSecond(limit, window)
         self._name = name
 
-    async def retry_after(self, key: str) -> float:
+    async def retry_after(self, key: str, attempts: int = 1) -> float:
         with _reachable():
             stats = await self._strategy.get_window_stats(self._item, "login-failures", self._name, key)
-        return 0.0 if stats.remaining > 0 else max(stats.reset_time - time.time(), 0.0)
+        if stats.remaining >= attempts:
+            return 0.0
+        if stats.remaining > 0:
+            return IN_FLIGHT_RETRY_SECONDS
+        return max(stats.reset_time - time.time(), IN_FLIGHT_RETRY_SECONDS)
 
     async def record_failure(self, key: str) -> None:
         with _reachable():
@@ -74,17 +85,34 @@ def client_ip(connection: HTTPConnection) -> str:
 class LoginThrottle:
     per_ip: FailureCounter
     per_user: FailureCounter
+    # Attempts being verified in this process, by ("ip", address) and ("user", name).
+    _in_flight: Counter[tuple[str, str]] = field(default_factory=Counter)
 
-    async def check(self, ip: str, username: str) -> None:
-        """Raise 429 while either the IP or the username has used up its failures."""
-        wait = max(await self.per_ip.retry_after(ip), await self.per_user.retry_after(_user_key(username)))
-        if wait > 0:
-            raise ApiError(
-                429,
-                "rate_limited",
-                "Too many failed sign-in attempts. Try again later.",
-                headers={"Retry-After": str(max(math.ceil(wait), 1))},
-            )
+    @asynccontextmanager
+    async def attempt(self, ip: str, username: str) -> AsyncIterator[None]:
+        """Around one sign-in attempt: 429 while the IP or the username has used up its failures,
+        counting the attempts in flight (this one included) as failures until they end. Record a
+        failure with `failed` before leaving the block."""
+        keys = {("ip", ip): self.per_ip, ("user", _user_key(username)): self.per_user}
+        ahead = {}  # per key: this attempt and those in flight when it arrived
+        for key in keys:  # counted before the check awaits storage, so a burst sees itself
+            self._in_flight[key] += 1
+            ahead[key] = self._in_flight[key]
+        try:
+            wait = max([await counter.retry_after(key[1], ahead[key]) for key, counter in keys.items()])
+            if wait > 0:
+                raise ApiError(
+                    429,
+                    "rate_limited",
+                    "Too many failed sign-in attempts. Try again later.",
+                    headers={"Retry-After": str(max(math.ceil(wait), 1))},
+                )
+            yield
+        finally:
+            for key in keys:
+                self._in_flight[key] -= 1
+                if not self._in_flight[key]:
+                    del self._in_flight[key]
 
     async def failed(self, ip: str, username: str) -> None:
         await self.per_ip.record_failure(ip)

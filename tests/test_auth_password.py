@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -77,6 +79,28 @@ def test_wrong_passwords_past_the_throttle_are_refused_even_with_the_right_one(p
     assert 0 < int(throttled.headers["retry-after"]) <= 900
     assert other_case.status_code == 429
     assert alice.status_code == 200
+
+
+def test_parallel_guesses_cannot_all_pass_the_check_before_the_first_failure_counts(
+    password_proxy: ServerProcess,
+) -> None:
+    """Attempts still being verified count as failures: 8 guesses at once against a budget of 3 get
+    at most 3 verdicts; the others are refused before any password is checked."""
+    guesses = 8
+    start = threading.Barrier(guesses)
+
+    def guess(_: int) -> int:
+        with browser(password_proxy.url) as client:
+            start.wait(timeout=30)
+            return login(client, "erin", WRONG).status_code
+
+    with ThreadPoolExecutor(guesses) as pool:
+        statuses = list(pool.map(guess, range(guesses)))
+
+    assert statuses.count(401) <= 3, statuses
+    assert statuses.count(401) + statuses.count(429) == guesses, statuses
+    with browser(password_proxy.url) as client:  # and the budget is spent, not only busy
+        assert login(client, "erin", WRONG).status_code == 429
 
 
 @pytest.mark.parametrize(

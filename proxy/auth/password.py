@@ -118,11 +118,11 @@ class PasswordAuthenticator:
     async def authenticate(self, request: Request) -> User:
         username, password = _credentials(await read_json(request))
         ip = client_ip(request)
-        await self._throttle.check(ip, username)
-        if not await anyio.to_thread.run_sync(self._verify, username, password, limiter=self._limiter):
-            await self._throttle.failed(ip, username)
-            logger.info("password sign-in refused", extra={"client_ip": ip})
-            raise ApiError(401, "unauthenticated", "Wrong username or password.")
+        async with self._throttle.attempt(ip, username):
+            if not await anyio.to_thread.run_sync(self._verify, username, password, limiter=self._limiter):
+                await self._throttle.failed(ip, username)
+                logger.info("password sign-in refused", extra={"client_ip": ip})
+                raise ApiError(401, "unauthenticated", "Wrong username or password.")
         await self._throttle.succeeded(username)
         return User(id=username, kind="password")
 
