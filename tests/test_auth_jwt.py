@@ -103,6 +103,8 @@ def test_a_valid_token_becomes_a_session_for_its_subject(jwt_proxy: ServerProces
         (SigningKey("ec-1", RSA_KEY.private, "RS256").sign(), "InvalidAlgorithmError"),
         ("not-a-jwt", "malformed"),
         ("e30.e30.AAAA", "algorithm_not_accepted"),  # header {}: no algorithm at all
+        ("eyJhbGciOlsiSFMyNTYiXX0.e30.AAAA", "algorithm_not_accepted"),  # {"alg": ["HS256"]}
+        ("eyJhbGciOnsiSFMyNTYiOjF9fQ.e30.AAAA", "algorithm_not_accepted"),  # {"alg": {"HS256": 1}}
     ],
     ids=[
         "expired",
@@ -121,6 +123,8 @@ def test_a_valid_token_becomes_a_session_for_its_subject(jwt_proxy: ServerProces
         "RS256-under-an-EC-kid",
         "not-a-jwt",
         "empty-header",
+        "alg-a-list",
+        "alg-an-object",
     ],
 )
 def test_a_bad_token_is_refused_by_the_check_meant_for_it(jwt_proxy: ServerProcess, token: str, reason: str) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -215,9 +216,17 @@ def test_json_text_reads_back_exactly_what_was_written(document: Any) -> None:
 @EXAMPLES
 @given(prefix=st.text(max_size=5), surrogate=st.integers(min_value=0xD800, max_value=0xDFFF))
 def test_json_text_refuses_an_unpaired_surrogate(prefix: str, surrogate: int) -> None:
-    document = '{"message": ' + json.dumps(prefix)[:-1] + f'\\u{surrogate:04x}"}}'
-    try:
-        loads_text(document.encode())
-    except ValueError:
-        return
-    raise AssertionError("an unpaired surrogate was read as text")
+    escaped = '{"message": ' + json.dumps(prefix)[:-1] + f'\\u{surrogate:04x}"}}'
+    encoded = '{"message": "' + chr(surrogate) + '"}'  # the surrogate's UTF-8 bytes, not an escape
+    for document in (escaped.encode(), encoded.encode("utf-8", "surrogatepass")):
+        with pytest.raises(ValueError):
+            loads_text(document)
+
+
+def test_json_text_nested_too_deeply_is_refused_not_a_crash() -> None:
+    shallow: Any = loads_text(b"[" * 100 + b"]" * 100)  # nesting a person might write is fine
+    for _ in range(99):
+        (shallow,) = shallow
+    assert shallow == []
+    with pytest.raises(ValueError):  # not RecursionError, which would be a 500
+        loads_text(b"[" * 100_000 + b"]" * 100_000)

@@ -178,6 +178,24 @@ def test_a_body_that_is_not_json_is_refused(
     assert upstream.requests() == []
 
 
+NOT_TEXT = {
+    "encoded-surrogate": '{"topic": "\ud800"}'.encode("utf-8", "surrogatepass"),
+    "not-utf-8": b'{"topic": "\xff"}',
+    "nested-too-deeply": b"[" * 20_000 + b"]" * 20_000,  # within the default body cap (64 KB)
+}
+
+
+@pytest.mark.parametrize("body", NOT_TEXT.values(), ids=NOT_TEXT.keys())
+@pytest.mark.parametrize("path", ["/api/token", "/api/workflows/tutor/stream", "/api/workflows/tutor/run"])
+def test_json_that_is_not_text_is_a_422_before_anything_is_spent(
+    guest: httpx.Client, upstream: EmulatorControl, path: str, body: bytes
+) -> None:
+    response = guest.post(path, content=body, headers={"Content-Type": "application/json"})
+
+    assert_error(response, 422, "invalid_input")
+    assert upstream.requests() == []  # no token minted, no stream opened
+
+
 def test_a_declared_oversized_body_is_refused_before_it_is_read(signed_in: httpx.Client) -> None:
     response = signed_in.post("/api/workflows/tutor/run", json={"topic": "x" * 2000})
 

@@ -147,7 +147,7 @@ class JwtAuthenticator:
         key: str | jwt.PyJWK
         if algorithm == "HS256" and self._secret is not None:
             key, accepted = self._secret, "HS256"
-        elif algorithm in ASYMMETRIC_ALGORITHMS and self._jwks is not None:
+        elif isinstance(algorithm, str) and algorithm in ASYMMETRIC_ALGORITHMS and self._jwks is not None:
             found = await self._jwks.key(services(request).http, kid)
             if found is None:
                 raise _refused("unknown_key")

@@ -39,7 +39,7 @@ class BodyPolicyMiddleware:
         problem: ApiError | None = None
         if has_body and media_type != JSON_MEDIA_TYPE:
             problem = invalid_input("Send the body as application/json.")
-        elif declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        elif declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
             problem = too_large(self.max_bytes)
         if problem is not None:
             return send_error(problem, scope["path"], send)
