@@ -68,7 +68,7 @@ class FaultRule:
     cut_after: int | None = None  # stream: drop the connection after this many chunks
     delay: float | None = None  # stream: seconds between chunks (slow drip)
     chunks: list[str] | None = None  # stream: send these chunks (latin-1 code points = raw bytes)
-    retry_after: int | None = None  # with status 429
+    retry_after: int | str | None = None  # with status 429; a string is sent as it is (latin-1)
     drop: bool = False  # start a 200 answer, then drop the connection (a transport error for the client)
     times: int | None = 1  # how many requests it applies to; None = until reset
 
@@ -190,7 +190,7 @@ class Emulator:
         if rule.status:
             return injected_error(rule)
         raw_ttl = request.query_params.get("ttl", str(DEFAULT_TTL))
-        if not raw_ttl.isdigit() or not 1 <= int(raw_ttl) <= MAX_TTL:
+        if not (raw_ttl.isascii() and raw_ttl.isdigit()) or not 1 <= int(raw_ttl) <= MAX_TTL:
             return error_body(400, "ttl must be between 1 and 300 seconds", "invalid_ttl", "nested")
         ttl = int(raw_ttl)
         token = TOKEN_PREFIX + secrets.token_urlsafe(24)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,8 @@ MINT_BACKOFF_SECONDS = 0.2
 MINT_TIMEOUT = httpx.Timeout(10.0, connect=5.0).as_dict()
 ERROR_BODY_LIMIT = 4096
 DEFAULT_RETRY_AFTER = "5"
+RETRY_AFTER_SECONDS = re.compile(r"[0-9]{1,9}")
+MAX_RETRY_AFTER_SECONDS = 3600
 POOL_CONNECTIONS = 1000
 KEEPALIVE_SECONDS = 30.0
 BREAKER_THRESHOLD = 5
@@ -351,8 +354,12 @@ def _status_error(status: int, headers: httpx.Headers, content: bytes, operation
     if status == 404:
         return ApiError(404, "workflow_not_found", "The upstream service does not know this workflow.")
     if status == 429:
-        retry_after = headers.get("retry-after", DEFAULT_RETRY_AFTER)
-        return _rate_limited(retry_after if retry_after.isdigit() else DEFAULT_RETRY_AFTER)
+        # Seconds only (an HTTP date gets the default), ASCII digits, and capped: the value is ours to
+        # parse and to pass on, and a mint pause must not outlive any sensible rate-limit window.
+        retry_after = headers.get("retry-after", "")
+        if RETRY_AFTER_SECONDS.fullmatch(retry_after):
+            return _rate_limited(str(min(int(retry_after), MAX_RETRY_AFTER_SECONDS)))
+        return _rate_limited(DEFAULT_RETRY_AFTER)
     return ApiError(502, "upstream_error", "The upstream service failed.")
 
 

@@ -40,6 +40,24 @@ def test_an_upstream_429_pauses_minting_for_its_retry_after(
     assert len(upstream.requests("mint")) == 1  # the second mint never reached the upstream
 
 
+@pytest.mark.parametrize(
+    ("sent", "passed_on"),
+    [("\u00b2", "5"), ("1e3", "5"), ("Wed, 21 Oct 2026 07:28:00 GMT", "5"), ("86400000", "3600")],
+    ids=["superscript-two", "not-an-integer", "http-date", "too-long"],
+)
+def test_an_upstream_retry_after_that_is_not_plain_seconds_gets_a_sane_one(
+    own_proxy: httpx.Client, upstream: EmulatorControl, sent: str, passed_on: str
+) -> None:
+    """Only ASCII digits are seconds ("²" passes str.isdigit() but not int()), and a pause is capped."""
+    upstream.fault(op="mint", status=429, retry_after=sent)
+
+    response = mint(own_proxy)
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "upstream_rate_limited"
+    assert response.headers["retry-after"] == passed_on
+
+
 def test_a_failing_upstream_opens_the_circuit_then_one_probe_closes_it(
     own_proxy: httpx.Client, upstream: EmulatorControl
 ) -> None:
