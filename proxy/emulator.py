@@ -70,6 +70,7 @@ class FaultRule:
     chunks: list[str] | None = None  # stream: send these chunks (latin-1 code points = raw bytes)
     retry_after: int | str | None = None  # with status 429; a string is sent as it is (latin-1)
     drop: bool = False  # start a 200 answer, then drop the connection (a transport error for the client)
+    garble: bool = False  # mint, run: a 200 whose body is not the gzip its Content-Encoding says
     times: int | None = 1  # how many requests it applies to; None = until reset
 
     def matches(self, op: Operation, workflow: str | None) -> bool:
@@ -182,6 +183,8 @@ class Emulator:
         await self._stall(rule)
         if rule.drop:
             return DroppedReply()
+        if rule.garble:
+            return Response(b"not gzip", media_type="application/json", headers={"Content-Encoding": "gzip"})
         if not self._authorized(request):
             return error_body(401, "Invalid API key", "invalid_api_key", "nested")
         headers, limited = self.state.rate_limit()
@@ -209,6 +212,8 @@ class Emulator:
         await self._stall(rule)
         if rule.drop:
             return DroppedReply()
+        if rule.garble:
+            return Response(b"not gzip", media_type="application/json", headers={"Content-Encoding": "gzip"})
         if not self._authorized(request):
             return error_body(401, "Invalid API key", "invalid_api_key", "nested")
         if inputs is None:

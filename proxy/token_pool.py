@@ -78,6 +78,11 @@ class TokenSource:
                 wait = float(error.headers.get("Retry-After", REFILL_BACKOFF_SECONDS))
                 logger.warning("token pool refill failed: %s; retrying in %.0f s", error.code, wait)
                 await anyio.sleep(wait)
+            except Exception:
+                # Whatever it was, it must not end this task: it shares the lifespan's task group,
+                # whose failure would close the HTTP client and storage under a server still serving.
+                logger.exception("token pool refill failed; retrying in %.0f s", REFILL_BACKOFF_SECONDS)
+                await anyio.sleep(REFILL_BACKOFF_SECONDS)
 
     def close(self) -> None:
         self._pool.clear()

@@ -207,6 +207,11 @@ class UpstreamClient:
                 self._metrics.upstream_errors.labels(kind).inc()
                 annotate(upstream_status=None, upstream_error=kind)
                 raise _transport_error(exc, operation) from None
+            except httpx.HTTPError as exc:  # an answer httpx cannot read, e.g. a body that is not the gzip it claims
+                self._metrics.upstream_errors.labels("unreadable").inc()
+                annotate(upstream_status=None, upstream_error="unreadable")
+                logger.warning("upstream %s answer unreadable: %s", operation, type(exc).__name__)
+                raise ApiError(502, "upstream_error", "The upstream service sent an unreadable answer.") from None
             status = response.status_code
             # The last upstream call of a request is the one its summary line reports.
             annotate(upstream_status=status, upstream_error=None)

@@ -11,7 +11,7 @@ import pytest
 
 from proxy.emulator import generate_text
 from proxy.token_pool import TokenSource
-from proxy.upstream import MintedToken
+from proxy.upstream import MINT_ATTEMPTS, MintedToken
 from tests.servers import EmulatorControl, ServerProcess, proxy_with
 
 
@@ -62,6 +62,49 @@ def test_token_mode_takes_from_the_pool_unless_a_shorter_ttl_is_asked(
     assert short["ttl"] == 5
     # Minted to order (the background refill mints with the configured TTL, 60).
     assert [m["query"]["ttl"] for m in upstream.requests("mint")].count("5") == 1
+
+
+def test_the_refill_outlives_an_unreadable_mint_answer(pooled: httpx.Client, upstream: EmulatorControl) -> None:
+    """The refill shares the lifespan's task group: had the error escaped it, the HTTP client would be
+    closed under a server still serving, and every later relay would fail."""
+    # The relay's own mint and the refill's first, each with its retries.
+    upstream.fault(op="mint", garble=True, times=2 * MINT_ATTEMPTS)
+
+    failed = pooled.post("/api/workflows/tutor/stream", json={"message": "first"})
+    upstream.wait(kind="mint", count=1)  # after a back-off, the refill minted ahead after all
+
+    assert failed.status_code == 502 and failed.json()["error"]["code"] == "upstream_error"
+    relay(pooled, "second")
+    assert len(upstream.requests("mint")) >= 3
+
+
+class FailingOnceUpstream:
+    """Its first mint raises what no upstream error should be; then it mints."""
+
+    def __init__(self) -> None:
+        self.minted = anyio.Event()
+
+    async def mint_token(self, ttl: int, *, request_id: str | None = None) -> MintedToken:
+        if not hasattr(self, "failed"):
+            self.failed = True
+            raise RuntimeError("surprise")
+        self.minted.set()
+        return MintedToken(token="pub_tok_after", ttl=ttl, expires_at=time.time() + ttl)
+
+
+def test_the_refill_backs_off_and_goes_on_after_an_unexpected_error() -> None:
+    async def scenario() -> int:
+        upstream = FailingOnceUpstream()
+        source = TokenSource(upstream, ttl=60, pool_size=1)  # type: ignore[arg-type]
+        source._taken.append(time.monotonic())  # demand for one token
+        async with anyio.create_task_group() as group:
+            group.start_soon(source.refill_forever)
+            with anyio.fail_after(10):
+                await upstream.minted.wait()
+            group.cancel_scope.cancel()
+        return len(source)
+
+    assert anyio.run(scenario) == 1
 
 
 class CountingUpstream:

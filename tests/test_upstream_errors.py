@@ -7,6 +7,7 @@ import socket
 import httpx
 import pytest
 
+from proxy.upstream import MINT_ATTEMPTS
 from tests.servers import TEST_API_KEY, EmulatorControl, ServerProcess, browser, start_proxy
 
 SHAPES = ["flat", "nested", "text"]
@@ -62,6 +63,24 @@ def test_run_failures_map_to_the_contract(
     upstream.fault(op="run", workflow="wf_story", status=upstream_status, shape="flat")
 
     assert_error(guest.post("/api/workflows/story/run", json={"topic": "x"}), status, code)
+
+
+@pytest.mark.parametrize(
+    ("op", "workflow", "path", "body"),
+    [
+        ("mint", None, "/api/token", {"workflow": "tutor"}),
+        ("run", "wf_story", "/api/workflows/story/run", {"topic": "x"}),
+    ],
+    ids=["mint", "run"],
+)
+def test_an_unreadable_upstream_answer_is_a_502_not_a_500(
+    guest: httpx.Client, upstream: EmulatorControl, op: str, workflow: str | None, path: str, body: dict[str, str]
+) -> None:
+    """A 200 whose body is not the gzip its Content-Encoding says: httpx raises a DecodingError, which
+    is no transport error. (Mints are retried, so the fault must outlast the retries to be seen.)"""
+    upstream.fault(op=op, workflow=workflow, garble=True, times=MINT_ATTEMPTS)
+
+    assert_error(guest.post(path, json=body), 502, "upstream_error")
 
 
 def test_a_failed_mint_in_relay_mode_is_reported_before_streaming(
