@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from proxy.errors import unauthenticated
 from proxy.limits import Lease
 from proxy.middleware.request_id import current_request_id
 from proxy.protocols import StreamEncoder
@@ -49,7 +50,11 @@ async def relay_response(
     request_id = current_request_id()
 
     async def open_upstream() -> httpx.Response:
-        # Inside the relay, so a client that leaves while the token is minted cancels the mint too.
+        # Inside the relay, so a client that leaves while the token is minted cancels the mint too. The
+        # relay has registered by now, so a logout from here on stops it; one since the session check
+        # refuses it before anything is minted.
+        if not await bff.sessions.still_valid(session):
+            raise unauthenticated()
         minted = await bff.tokens.take(request_id=request_id)
         return await bff.upstream.open_stream(workflow.id, minted.token, inputs, request_id=request_id)
 

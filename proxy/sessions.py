@@ -48,6 +48,7 @@ class User:
 class Session:
     record: SessionRecord
     idle_seconds: int
+    revocations_seen: int = 0  # StreamRegistry.revocations when the session was checked
 
     @property
     def user(self) -> User:
@@ -126,10 +127,11 @@ class SessionManager:
             expires_at=now + self.max_seconds,
         )
         await self._storage.save_session(record)
-        return Session(record, self.idle_seconds), self._serializer.dumps(session_id)
+        return Session(record, self.idle_seconds, self.streams.revocations), self._serializer.dumps(session_id)
 
     async def current(self, connection: HTTPConnection, *, touch: bool = True) -> Session | None:
         """The valid session this request carries, or None. `touch=False` leaves the idle timer alone."""
+        revocations_seen = self.streams.revocations  # before the lookup: a logout during it counts
         session_id = self._session_id(connection)
         if session_id is None:
             return None
@@ -147,7 +149,16 @@ class SessionManager:
                 return None
             record = dataclasses.replace(record, last_seen=now)
         annotate(user_hash=self.audit.user_hash(record.user_id))  # for the request's summary line
-        return Session(record, self.idle_seconds)
+        return Session(record, self.idle_seconds, revocations_seen)
+
+    async def still_valid(self, session: Session) -> bool:
+        """Whether `session`, checked earlier in this request, has not been revoked since. For a relay
+        that has registered (from then on a logout stops it): it closes the gap between the check and
+        the registration. Storage is asked only if this process handled a logout in between; a logout
+        on another replica reaches a running relay at its next slot renewal instead."""
+        if self.streams.revocations == session.revocations_seen:
+            return True
+        return await self._storage.get_session(session.key) is not None
 
     async def require(self, connection: HTTPConnection, *, touch: bool = True) -> Session:
         session = await self.current(connection, touch=touch)

@@ -32,14 +32,19 @@ class RunningStream:
 class StreamRegistry:
     audit: AuditLog
     _running: set[RunningStream] = field(default_factory=set)
+    # How many logouts this process has handled: a relay whose session was checked before the latest
+    # one may belong to a session that ended before the relay registered (`SessionManager.still_valid`).
+    revocations: int = 0
 
     def running(self, owner: StreamOwner, stop: Stop, outcome: Outcome) -> Running:
         return Running(self, owner, RunningStream(owner.session_key, owner.user_id, stop), outcome)
 
     def stop_session(self, session_key: str) -> int:
+        self.revocations += 1
         return self._stop([entry for entry in self._running if entry.session_key == session_key], "revoked")
 
     def stop_user(self, user_id: str) -> int:
+        self.revocations += 1
         return self._stop([entry for entry in self._running if entry.user_id == user_id], "revoked")
 
     def stop_all(self, reason: str) -> int:

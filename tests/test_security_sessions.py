@@ -279,6 +279,26 @@ def test_logout_cancels_a_running_non_streaming_run(hardened: ServerProcess, ups
     assert end["end"] == "revoked"
 
 
+@pytest.mark.parametrize("path", ["/api/workflows/tutor/stream", "/api/workflows/tutor/run"])
+def test_a_logout_while_the_request_body_is_arriving_stops_the_relay_before_anything_is_spent(
+    hardened: ServerProcess, upstream: EmulatorControl, path: str
+) -> None:
+    """The session is checked as the request starts, but a relay registers (and so can be stopped by a
+    logout) only once its body has arrived and it was admitted; a logout in between must count too."""
+    with signed_in(hardened.url, "slow-uploader") as client, browser(hardened.url, cookies=client.cookies) as other:
+
+        def body() -> Iterator[bytes]:
+            yield b'{"topic": '
+            assert other.post("/auth/logout").status_code == 204  # the first half has been sent
+            yield b'"late"}'
+
+        response = client.post(path, content=body(), headers={"Content-Type": "application/json"})
+
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthenticated"
+    assert upstream.requests() == []  # no token minted, nothing run
+
+
 def test_the_audit_log_follows_a_session_by_hash_only(hardened: ServerProcess, upstream: EmulatorControl) -> None:
     with browser(hardened.url) as client:
         client.post("/auth/guest").raise_for_status()

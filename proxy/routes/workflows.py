@@ -83,7 +83,10 @@ async def run(request: Request) -> Response:
             # A client that leaves cancels the upstream run, as it does a stream.
             DisconnectWatch(request.receive, lambda: stopped.stop("client_gone")),
         ):
-            result = await bff.upstream.run(workflow.id, inputs, request_id=request_id)
+            if await bff.sessions.still_valid(session):  # registered: see admission.open_upstream
+                result = await bff.upstream.run(workflow.id, inputs, request_id=request_id)
+            else:
+                stopped.stop("revoked")
     if stopped.reason == "revoked":
         raise bff.sessions.unauthenticated(request)
     if stopped.reason == "shutdown":
