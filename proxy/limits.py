@@ -180,9 +180,15 @@ class Lease:
             return
         slots = self._slots
         try:
-            if not await slots.storage.renew_lease(self._name, self._holder, slots.lease_seconds):
+            renewed = await slots.storage.renew_lease(self._name, self._holder, slots.lease_seconds)
+            # Not renewed: it lapsed while the stream runs, or the stream just ended and its release
+            # reached storage first. Only the first is taken back, and let go if the stream ends
+            # while it is.
+            if not renewed and self in slots.kept:
                 logger.warning("stream slot had lapsed; taking it back")
                 await slots.storage.acquire_lease(self._name, self._holder, UNCAPPED, slots.lease_seconds)
+                if self not in slots.kept:
+                    await self.release()
         except StorageUnavailable:
             logger.warning("stream slot renewal failed; retrying")
         if self._watch is not None:

@@ -174,3 +174,30 @@ async def test_a_running_streams_lapsed_slot_is_taken_back_even_above_the_cap() 
     await running.release()
     await later.release()
     assert await slots.open("u1") == 0
+
+
+class SlowRenewal(MemoryStorage):
+    """Holds each renewal until `go` is set: the stream can end (and release) meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.renewing, self.go = anyio.Event(), anyio.Event()
+
+    async def renew_lease(self, name: str, holder: str, ttl: float) -> bool:
+        self.renewing.set()
+        await self.go.wait()
+        return await super().renew_lease(name, holder, ttl)
+
+
+@pytest.mark.anyio
+async def test_a_renewal_that_loses_the_race_with_the_release_does_not_take_the_slot_back() -> None:
+    storage = SlowRenewal()
+    slots = StreamSlots(storage, 1)
+    lease = await slots.acquire("u1")
+    async with anyio.create_task_group() as group:
+        with lease.kept():
+            group.start_soon(lease.renew)
+            await storage.renewing.wait()
+        await lease.release()  # the stream ended, and its release reached storage first
+        storage.go.set()
+    assert await slots.open("u1") == 0  # not left held by nobody until the lease runs out
