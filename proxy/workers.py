@@ -41,13 +41,19 @@ def run_workers(count: int, work: Callable[[], None]) -> int:
         signal.signal(sig, stop)
     parent = os.getpid()
     for _ in range(count):
+        if stopping:
+            break
+        # Held back from fork until the child is in `children`: a stop in between would miss it.
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:
             for sig in STOP_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
             _detach_from_terminal_and_follow_parent(parent)
             _run_child(work)
         children.add(pid)
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
     status = 0
     while children:
         pid, wait_status = os.wait()  # resumed after a signal handler ran (PEP 475)

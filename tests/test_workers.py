@@ -93,3 +93,35 @@ def test_more_than_one_worker_needs_shared_storage(emulator: ServerProcess) -> N
     )  # fmt: skip
     assert result.returncode == 2
     assert "BFF_STORAGE_URL" in result.stderr and "redis://" in result.stderr
+
+
+# A stop signal that reaches the parent right after a fork, before it has noted the child. The patched
+# fork sends it at that very moment, so the race is hit every time rather than by luck.
+STOP_DURING_FORK = """
+import os, signal, time
+from proxy import workers
+
+real_fork = os.fork
+
+def fork():
+    pid = real_fork()
+    if pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return pid
+
+os.fork = fork
+
+def work():
+    while True:
+        time.sleep(1)
+
+raise SystemExit(workers.run_workers(2, work))
+"""
+
+
+def test_a_stop_signal_while_workers_are_forked_stops_every_one_of_them() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", STOP_DURING_FORK], cwd=ROOT, capture_output=True, text=True, timeout=30, check=False
+    )  # without the fix the parent waits forever on a worker it never signalled: the timeout fails it
+
+    assert result.returncode == 0, result.stderr
