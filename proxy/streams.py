@@ -35,6 +35,8 @@ class StreamRegistry:
     # How many logouts this process has handled: a relay whose session was checked before the latest
     # one may belong to a session that ended before the relay registered (`SessionManager.still_valid`).
     revocations: int = 0
+    # Set by `stop_all` (the drain deadline): a relay that registers after it is stopped at once.
+    ended: str | None = None
 
     def running(self, owner: StreamOwner, stop: Stop, outcome: Outcome) -> Running:
         return Running(self, owner, RunningStream(owner.session_key, owner.user_id, stop), outcome)
@@ -48,6 +50,7 @@ class StreamRegistry:
         return self._stop([entry for entry in self._running if entry.user_id == user_id], "revoked")
 
     def stop_all(self, reason: str) -> int:
+        self.ended = reason
         return self._stop(list(self._running), reason)
 
     def _stop(self, entries: list[RunningStream], reason: str) -> int:
@@ -68,9 +71,11 @@ class Running:
         self.registry, self.owner, self.entry, self.outcome = registry, owner, entry, outcome
 
     def __enter__(self) -> None:
-        owner = self.owner
-        self.registry._running.add(self.entry)
-        self.registry.audit.record("relay.start", owner.session_key, user_id=owner.user_id, relay=owner.what)
+        owner, registry = self.owner, self.registry
+        registry._running.add(self.entry)
+        registry.audit.record("relay.start", owner.session_key, user_id=owner.user_id, relay=owner.what)
+        if registry.ended is not None:  # e.g. a request still being admitted at the drain deadline
+            self.entry.stop(registry.ended)
 
     def __exit__(self, *exc: object) -> None:
         owner = self.owner

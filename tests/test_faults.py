@@ -510,3 +510,30 @@ def test_sigterm_with_50_open_streams_lets_them_finish_or_end_them_explicitly_wi
     assert not [e for e in server.log_entries() if "graceful shutdown exceeded" in e.get("message", "")]
     reasons = [event["reason"] for event in upstream.wait(count=OPEN_STREAMS, kind="stream_end")]
     assert sorted(reasons) == ["cancelled"] * (OPEN_STREAMS // 2) + ["complete"] * (OPEN_STREAMS // 2)
+
+
+@pytest.mark.parametrize("path", ["/api/workflows/tutor/stream", "/api/workflows/tutor/run"])
+def test_a_relay_still_being_admitted_at_the_drain_deadline_is_ended_at_once(
+    emulator: ServerProcess, upstream: EmulatorControl, path: str
+) -> None:
+    """The deadline ends the relays running then; one whose body was still arriving registers after
+    it, and must end too, with the same 503, rather than run on until uvicorn's own timeout."""
+    server = start_proxy(emulator.url, BFF_DRAIN_SECONDS="1")
+    try:
+        with browser(server.url) as client:
+            client.post("/auth/guest").raise_for_status()
+
+            def body() -> Iterator[bytes]:
+                yield b'{"topic": '
+                assert server.process is not None
+                server.process.send_signal(signal.SIGTERM)
+                server.wait_for_log(lambda e: e.get("message") == "drain deadline passed")
+                yield b'"late"}'
+
+            response = client.post(path, content=body(), headers={"Content-Type": "application/json"})
+    finally:
+        server.stop()
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "shutting_down"
+    assert upstream.requests() == []  # nothing minted, nothing run
