@@ -7,21 +7,25 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import socket
 import subprocess
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 from starlette.routing import Route
 
 from proxy.app import create_app
 from proxy.cli import GRACEFUL_SHUTDOWN_SECONDS, load_settings
+from proxy.emulator import generate_text
 from proxy.settings import Settings
 from proxy.storage import REDIS_SCHEMES, storage_scheme
 from tests.conftest import require_tool
-from tests.servers import ROOT
+from tests.servers import ROOT, ServerProcess, browser, eventually, free_port, start_proxy
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -329,6 +333,52 @@ def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@contextmanager
+def nginx_in_front_of(app_url: str, workdir: Path) -> Iterator[str]:
+    """deploy/nginx.conf running on a free loopback port, both replicas pointed at `app_url`."""
+    nginx = require_tool("nginx")
+    port = free_port()
+    config = (DEPLOY / "nginx.conf").read_text().replace("listen 8080;", f"listen 127.0.0.1:{port};")
+    for name in PROXIES:
+        config = config.replace(f"server {name}:{app_port()};", f"server {app_url.removeprefix('http://')};")
+    kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")  # not the packaged paths: any user can run it
+    temp = "".join(f"{kind}_temp_path {workdir}/{kind};" for kind in kinds)
+    (workdir / "nginx.conf").write_text(config.replace("http {", "http {" + temp, 1))
+    command = [nginx, "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-e", str(workdir / "error.log")]
+    server = subprocess.Popen([*command, "-g", f"daemon off; pid {workdir}/nginx.pid;"])
+    try:
+        eventually(lambda: _accepts(port), "nginx listening")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_through_nginx_the_app_streams_but_its_metrics_stay_inside(emulator: ServerProcess, tmp_path: Path) -> None:
+    proxy = start_proxy(emulator.url)
+    try:
+        with nginx_in_front_of(proxy.url, tmp_path) as edge, browser(edge) as client:
+            client.post("/auth/guest").raise_for_status()
+            stream = client.post("/api/workflows/tutor/stream", json={"message": "fractions"})
+            edge_metrics = client.get("/metrics")
+        direct_metrics = httpx.get(f"{proxy.url}/metrics")
+    finally:
+        proxy.stop()
+
+    assert stream.status_code == 200
+    assert stream.text == generate_text("wf_tutor", {"message": "fractions"})
+    assert direct_metrics.status_code == 200 and "bff_open_streams" in direct_metrics.text
+    assert edge_metrics.status_code == 404 and "bff_" not in edge_metrics.text
+
+
 # Kubernetes
 
 
@@ -410,6 +460,23 @@ def test_the_ingress_streams_unbuffered_with_long_timeouts() -> None:
     assert annotations[prefix + "proxy-buffering"] == "off"
     assert int(annotations[prefix + "proxy-read-timeout"]) > 300
     assert int(annotations[prefix + "proxy-send-timeout"]) > 300
-    backend = k8s("Ingress")["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
-    assert backend["name"] == k8s("Service")["metadata"]["name"]
-    assert backend["port"]["name"] in {port["name"] for port in k8s("Service")["spec"]["ports"]}
+    for path in k8s("Ingress")["spec"]["rules"][0]["http"]["paths"]:
+        backend = path["backend"]["service"]
+        assert backend["name"] == k8s("Service")["metadata"]["name"]
+        assert backend["port"]["name"] in {port["name"] for port in k8s("Service")["spec"]["ports"]}
+
+
+def ingress_routes(path: str) -> bool:
+    """Whether the Ingress sends `path` to the app (Kubernetes matches Prefix paths element-wise)."""
+    for rule in k8s("Ingress")["spec"]["rules"][0]["http"]["paths"]:
+        if rule["pathType"] == "Exact" and path == rule["path"]:
+            return True
+        if rule["pathType"] == "Prefix" and (path == rule["path"] or path.startswith(rule["path"].rstrip("/") + "/")):
+            return True
+    return False
+
+
+def test_the_ingress_routes_every_browser_route_and_nothing_for_operations() -> None:
+    operations = {"/metrics", "/healthz", "/readyz"}  # scraped and probed on each pod (bff-security R24)
+
+    assert {path for path in app_paths() if ingress_routes(path)} == app_paths() - operations
