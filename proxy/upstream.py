@@ -242,6 +242,8 @@ class UpstreamClient:
         )
         for attempt in range(1, MINT_ATTEMPTS + 1):
             retry = attempt < MINT_ATTEMPTS
+            # The TTL runs from when the upstream minted, which is after this: never later than it.
+            asked_at = time.time()
             try:
                 response = await self._send(request, "mint")
             except ApiError as error:
@@ -267,7 +269,7 @@ class UpstreamClient:
         if not isinstance(token, str) or not token or not isinstance(granted, int):
             raise ApiError(502, "upstream_error", "The upstream service sent an unexpected answer.")
         self._metrics.mints.labels("ok").inc()
-        return MintedToken(token=token, ttl=granted, expires_at=time.time() + granted)
+        return MintedToken(token=token, ttl=granted, expires_at=asked_at + granted)
 
     async def open_stream(
         self, workflow_id: str, token: str, inputs: dict[str, str], *, request_id: str | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 
 import httpx
@@ -83,3 +84,17 @@ def test_mint_body_is_validated(guest: httpx.Client) -> None:
         response = guest.post("/api/token", json=body)
         assert response.status_code == 422, body
         assert response.json()["error"]["code"] == "invalid_input"
+
+
+def test_expires_at_counts_from_before_the_mint_not_from_its_answer(
+    guest: httpx.Client, upstream: EmulatorControl
+) -> None:
+    """The upstream starts the TTL when it mints; a slow answer must not make the token look younger."""
+    upstream.fault(op="mint", stall=1.5)
+    asked_at = time.time()
+
+    body = guest.post("/api/token", json={"workflow": "tutor"}).json()
+
+    expires_at = datetime.fromisoformat(body["expires_at"]).timestamp()
+    ttl = int(upstream.requests("mint")[0]["query"]["ttl"])  # as granted: the emulator grants what is asked
+    assert expires_at <= asked_at + ttl + 0.5  # not asked_at + 1.5 + ttl
