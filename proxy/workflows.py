@@ -129,6 +129,9 @@ def _from_toml(path: Path) -> list[Workflow]:
             raise WorkflowConfigError(f"[workflows.{alias}] inputs must be a list of names")
         if not (isinstance(fixed, dict) and all(isinstance(v, str) for v in fixed.values())):
             raise WorkflowConfigError(f"[workflows.{alias}] fixed must map names to strings")
+        for key in ("history_input", "image_input", "rate_limit"):
+            if not isinstance(table.get(key, ""), str):
+                raise WorkflowConfigError(f"[workflows.{alias}] {key} must be a string")
         workflow = Workflow(
             alias=alias,
             id=str(table.get("id", "")),
@@ -158,4 +161,11 @@ def _checked(workflow: Workflow) -> Workflow:
     for name in [n for n in names if n is not None] + sorted(workflow.inputs or ()):
         if not INPUT_NAME_PATTERN.fullmatch(name):
             raise WorkflowConfigError(f"{where}: {name!r} is not a valid input name")
+    # Each chat input carries something of its own; a shared name would silently drop one of them
+    # (a fixed value always wins).
+    chat_names = [n for n in (workflow.chat_input, workflow.history_input, workflow.image_input) if n is not None]
+    if len(set(chat_names)) < len(chat_names) or set(chat_names) & set(workflow.fixed):
+        raise WorkflowConfigError(
+            f"{where}: chat_input, history_input and image_input must be different inputs, and none of them fixed"
+        )
     return workflow

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -105,3 +106,27 @@ def test_the_demo_relays_and_mints_without_any_configuration(demo: ServerProcess
     assert relayed.text == expected
     assert minted["stream_url"].startswith(demo.url + "/_emulator/")
     assert direct.text == expected
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('chat_input = "question"\nhistory_input = "question"', "must be different inputs"),
+        ('chat_input = "question"\nfixed = { question = "x" }', "none of them fixed"),
+        ("history_input = 5", "history_input must be a string"),
+    ],
+    ids=["history-is-the-chat-input", "chat-input-fixed", "name-not-a-string"],
+)
+def test_a_workflows_file_that_would_lose_the_users_message_is_refused_at_start_up(
+    tmp_path: Path, table: str, message: str
+) -> None:
+    workflows = tmp_path / "workflows.toml"
+    workflows.write_text(f'[workflows.tutor]\nid = "wf_tutor"\n{table}\n')
+
+    result = run_cli(
+        "check", env={**proxy_env("http://127.0.0.1:9"), "BFF_WORKFLOWS": "", "BFF_WORKFLOWS_FILE": str(workflows)}
+    )
+
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
