@@ -22,6 +22,7 @@ Role = Literal["user", "assistant"]
 SUBMIT = "submit-message"
 REGENERATE = "regenerate-message"
 MAX_IMAGE_URL_CHARS = 2048
+NO_IMAGES = "This chat does not accept images."
 # The transcript format of `history_input`: one paragraph per turn, oldest first.
 SPEAKERS: dict[Role, str] = {"user": "User", "assistant": "Assistant"}
 
@@ -39,8 +40,9 @@ class ChatRequest:
     images: list[str]  # https: URLs of the images attached to the latest user message
 
 
-def parse_chat_request(body: object) -> ChatRequest:
-    """Read any of the three useChat request shapes; raises ApiError(422) for anything else."""
+def parse_chat_request(body: object, *, accepts_images: bool = True) -> ChatRequest:
+    """Read any of the three useChat request shapes; raises ApiError(422) for anything else, and for
+    any attachment unless the workflow `accepts_images`."""
     if not isinstance(body, dict):
         raise invalid_input('Send a useChat request: {"messages": [...]} or {"message": {...}}.')
     if "messages" in body:
@@ -67,7 +69,7 @@ def parse_chat_request(body: object) -> ChatRequest:
         raise invalid_input("The last message must be the user's.")
     latest = conversation[-1]
     text = _text_of(latest)
-    images = _images_of(latest)
+    images = _images_of(latest, accepted=accepts_images)
     if not text.strip() and not images:
         raise invalid_input("The message is empty.")
     history = [Turn(_role(message), _text_of(message)) for message in conversation[:-1]]
@@ -84,7 +86,7 @@ def chat_inputs(chat: ChatRequest, workflow: Workflow, max_chars: int) -> dict[s
         inputs[workflow.history_input] = transcript(chat.history, max_chars)
     if chat.images:
         if workflow.image_input is None:
-            raise invalid_input("This chat does not accept images.")
+            raise invalid_input(NO_IMAGES)
         urls = "\n".join(chat.images)
         if len(urls) > max_chars:
             raise invalid_input("Too many images in one message.")
@@ -158,7 +160,7 @@ def _parts_of(message: dict[str, object]) -> list[dict[str, object]]:
     return parts
 
 
-def _images_of(message: dict[str, object]) -> list[str]:
+def _images_of(message: dict[str, object], *, accepted: bool) -> list[str]:
     """Image URLs from AI SDK 5+ `file` parts and AI SDK 4 `experimental_attachments`."""
     files: list[tuple[object, object]] = [
         (part.get("mediaType"), part.get("url")) for part in _parts_of(message) if part["type"] == "file"
@@ -167,6 +169,8 @@ def _images_of(message: dict[str, object]) -> list[str]:
     if not isinstance(attachments, list) or not all(isinstance(item, dict) for item in attachments):
         raise invalid_input('"experimental_attachments" must be a list of objects.')
     files += [(item.get("contentType"), item.get("url")) for item in attachments]
+    if files and not accepted:  # said first: advice on how to attach would only lead here
+        raise invalid_input(NO_IMAGES)
     urls = []
     for media_type, url in files:
         if not isinstance(media_type, str) or not media_type.startswith("image/"):

@@ -264,10 +264,17 @@ def test_invalid_requests_get_a_short_plain_text_422_and_reach_nothing(
     assert upstream.requests() == []
 
 
+@pytest.mark.parametrize(
+    ("media_type", "url"),
+    [("image/png", CAT), ("image/png", "data:image/png;base64,AAAA"), ("application/pdf", "https://x.example/a.pdf")],
+    ids=["https-image", "data-url", "pdf"],
+)
 def test_images_for_a_workflow_without_an_image_input_are_refused(
-    client: httpx.Client, upstream: EmulatorControl
+    client: httpx.Client, upstream: EmulatorControl, media_type: str, url: str
 ) -> None:
-    body = chat_request(ui_message("user", {"type": "file", "mediaType": "image/png", "url": CAT}, text("Hi")))
+    """Whatever is attached, the answer is that this chat takes none: advice on how to attach (https,
+    images only) would only lead the user to this refusal."""
+    body = chat_request(ui_message("user", {"type": "file", "mediaType": media_type, "url": url}, text("Hi")))
 
     response = client.post("/api/chat/plain", json=body)
 

@@ -36,7 +36,8 @@ async def chat(request: Request) -> Response:
     if protocol not in ENCODERS:
         raise invalid_input("protocol must be ui, text or data.")
     body = await read_json(request)
-    inputs = chat_inputs(parse_chat_request(body), workflow, bff.settings.max_input_chars)
+    chat = parse_chat_request(body, accepts_images=workflow.image_input is not None)
+    inputs = chat_inputs(chat, workflow, bff.settings.max_input_chars)
     # The user's limits are checked last, so a request refused for bad input costs nothing against them.
     return await relay_response(
         bff, session, workflow, inputs, f"chat:{workflow.alias}:{protocol}", ENCODERS[protocol]()
