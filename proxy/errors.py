@@ -47,7 +47,8 @@ def wants_text_errors(path: str) -> bool:
 
 def error_response(error: ApiError, *, text: bool = False) -> Response:
     headers = {"Cache-Control": "no-store", **error.headers}
-    if text:
+    if text:  # the code goes in a header: the body is what useChat shows
+        headers["X-Error-Code"] = error.code
         return Response(error.message, error.status, headers, media_type="text/plain; charset=utf-8")
     body = json.dumps({"error": {"code": error.code, "message": error.message}})
     return Response(body, error.status, headers, media_type="application/json")

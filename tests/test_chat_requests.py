@@ -261,6 +261,7 @@ def test_invalid_requests_get_a_short_plain_text_422_and_reach_nothing(
     assert response.status_code == 422
     assert response.headers["content-type"] == "text/plain; charset=utf-8"
     assert response.text == message
+    assert response.headers["x-error-code"] == "invalid_input"
     assert upstream.requests() == []
 
 

@@ -100,6 +100,9 @@ def test_same_origin_and_allowed_origins_pass(policy: ServerProcess, signed_in: 
     assert allowed.status_code == 200
     assert allowed.headers["access-control-allow-origin"] == APP_ORIGIN
     assert allowed.headers["access-control-allow-credentials"] == "true"
+    # What a cross-origin app's code may read: limits, the request id, the chat route's error code.
+    exposed = {name.strip().lower() for name in allowed.headers["access-control-expose-headers"].split(",")}
+    assert {"retry-after", "x-error-code", "x-request-id", "x-ratelimit-remaining"} <= exposed
 
 
 def test_reading_the_session_needs_no_csrf_header(policy: ServerProcess, signed_in: httpx.Client) -> None:
