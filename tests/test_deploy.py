@@ -365,7 +365,10 @@ def _accepts(port: int) -> bool:
 def test_through_nginx_the_app_streams_but_its_metrics_stay_inside(emulator: ServerProcess, tmp_path: Path) -> None:
     proxy = start_proxy(emulator.url)
     try:
-        with nginx_in_front_of(proxy.url, tmp_path) as edge, browser(edge) as client:
+        # As a browser on the edge's origin sends them: the app checks Origin against the Host it sees.
+        same_origin = {"Sec-Fetch-Site": "same-origin"}
+        with nginx_in_front_of(proxy.url, tmp_path) as edge, browser(edge, headers=same_origin) as client:
+            client.headers["Origin"] = edge
             client.post("/auth/guest").raise_for_status()
             stream = client.post("/api/workflows/tutor/stream", json={"message": "fractions"})
             edge_metrics = client.get("/metrics")
