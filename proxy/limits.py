@@ -33,6 +33,7 @@ from proxy.storage import Storage, StorageUnavailable
 logger = logging.getLogger("proxy.limits")
 
 LIMIT_NAMES = frozenset({"mint", "relay", "login"})
+DEFAULT_RATE_LIMITS = "mint=30/minute;relay=20/minute;login=10/minute"
 # Stream-slot lease: renewed every third of it while the stream runs; a crashed replica's slots
 # come back within this long.
 LEASE_SECONDS = 30.0
@@ -47,7 +48,12 @@ class RateLimitConfigError(ValueError):
 
 
 def parse_rate_limits(value: str) -> dict[str, list[RateLimitItem]]:
-    """`"mint=30/minute;relay=20/minute,500/day;login=10/minute"` → limits by name."""
+    """`"mint=30/minute;relay=20/minute,500/day;login=10/minute"` → limits by name. A name left out
+    keeps its default: setting only `relay` must not switch the sign-in limit off."""
+    return {**_parse_rate_limits(DEFAULT_RATE_LIMITS), **_parse_rate_limits(value)}
+
+
+def _parse_rate_limits(value: str) -> dict[str, list[RateLimitItem]]:
     parsed: dict[str, list[RateLimitItem]] = {}
     for entry in (part.strip() for part in value.split(";")):
         if not entry:

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from proxy.limits import RateLimitConfigError, parse_rate_limits
+from proxy.limits import DEFAULT_RATE_LIMITS, RateLimitConfigError, parse_rate_limits
 from proxy.storage import storage_scheme
 
 AuthMethod = Literal["guest", "jwt", "password"]
@@ -44,7 +44,7 @@ class Settings(BaseSettings):
 
     storage_url: str = "memory://"
     # Per-user limits in slowapi / `limits` syntax: name=limit[,limit...] joined by ";".
-    rate_limits: str = "mint=30/minute;relay=20/minute;login=10/minute"
+    rate_limits: str = DEFAULT_RATE_LIMITS
     max_concurrent_streams: int = Field(default=3, ge=1, le=10_000)
     daily_output_chars: int = Field(default=0, ge=0)
     # Pre-minted stream tokens kept ready per process (proxy/token_pool.py); 0 = mint on demand.

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from proxy.errors import ApiError
-from proxy.limits import StreamSlots
+from proxy.limits import StreamSlots, parse_rate_limits
 from proxy.storage import MemoryStorage
 from tests.servers import EmulatorControl, ServerProcess, browser, guest_of, start_proxy
 
@@ -201,3 +201,14 @@ async def test_a_renewal_that_loses_the_race_with_the_release_does_not_take_the_
         await lease.release()  # the stream ended, and its release reached storage first
         storage.go.set()
     assert await slots.open("u1") == 0  # not left held by nobody until the lease runs out
+
+
+def test_rate_limit_names_left_out_keep_their_defaults() -> None:
+    """Setting only the relay limit must not switch off the sign-in limit (which bounds guest sign-ups)."""
+    limits = parse_rate_limits("relay=5/minute,100/day")
+
+    assert {name: [str(item) for item in items] for name, items in limits.items()} == {
+        "mint": ["30 per 1 minute"],
+        "relay": ["5 per 1 minute", "100 per 1 day"],
+        "login": ["10 per 1 minute"],
+    }
