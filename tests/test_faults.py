@@ -12,6 +12,7 @@ cover and the leak checks.
 
 from __future__ import annotations
 
+import secrets
 import signal
 import socket
 import threading
@@ -156,12 +157,15 @@ def test_a_client_out_of_patience_before_the_first_byte_cancels_the_upstream_str
 ) -> None:
     upstream.fault(op="stream", workflow="wf_tutor", stall=60)
     before = metrics(faulty)
+    request_id = secrets.token_hex(8)
 
     with pytest.raises(httpx.ReadTimeout):
-        client.post(path_for(protocol), json=body_for(protocol), timeout=PATIENCE)
+        client.post(path_for(protocol), json=body_for(protocol), timeout=PATIENCE, headers={"X-Request-ID": request_id})
 
     [ended] = upstream.wait(kind="stream_end")
     assert ended["reason"] == "cancelled"
+    line = faulty.wait_for_log(lambda e: e.get("message") == "request end" and e.get("request_id") == request_id)
+    assert (line["status"], line["end"]) == (499, "client_gone_early")  # as nginx logs a client that left
     after = settled_metrics(faulty)
     assert delta(before, after, "bff_client_disconnects_total", stage="before_first_byte") == 1
     assert delta(before, after, "bff_stream_ends_total", end="client_gone_early") == 1

@@ -79,6 +79,9 @@ class AccessLogMiddleware:
         route = getattr(scope.get("route"), "path", None) or "unmatched"
         # A relay's first byte is the upstream's first byte it passed on, not a keep-alive or its headers.
         first_byte = record.pop("first_byte_at", None) if "relay" in record else response.started_at
+        end = record.pop("end", outcome)
+        if status is None and end == "client_gone_early":
+            status = 499  # nothing was sent; nginx logs the same for a client that closed the request
         line: dict[str, object] = {
             "method": scope["method"],
             "route": route,
@@ -87,7 +90,7 @@ class AccessLogMiddleware:
             "ttfb_ms": _ms(first_byte - started) if isinstance(first_byte, float) else None,
             "duration_ms": _ms(time.monotonic() - started),
             "bytes": response.sent,
-            "end": record.pop("end", outcome),
+            "end": end,
             "user_hash": record.pop("user_hash", None),
             **{name: value for name, value in record.items() if value is not None},
         }
