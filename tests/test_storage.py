@@ -25,10 +25,10 @@ from proxy.storage import (
     SessionRecord,
     Storage,
     StorageUnavailable,
-    limits_storage_uri,
     open_limits_storage,
     open_storage,
 )
+from proxy.storage.limits_memory import SWEEP_SECONDS, MovingWindowMemory
 from tests.conftest import start_redis
 from tests.servers import RedisServer
 
@@ -319,8 +319,7 @@ def test_the_storage_url_picks_the_backend() -> None:
     assert isinstance(open_storage("memory://"), MemoryStorage)
     assert isinstance(open_storage("redis://redis.internal:6379/0"), RedisStorage)
     assert isinstance(open_storage("rediss://:pw@redis.internal:6380/2"), RedisStorage)
-    assert limits_storage_uri("memory://") == "async+memory://"
-    assert limits_storage_uri("redis://redis.internal:6379/0") == "async+redis://redis.internal:6379/0"
+    assert isinstance(open_limits_storage("memory://"), MovingWindowMemory)
 
 
 @pytest.mark.parametrize(
@@ -329,6 +328,73 @@ def test_the_storage_url_picks_the_backend() -> None:
 def test_an_unsupported_storage_url_stops_start_up_naming_the_variable(url: str) -> None:
     with pytest.raises(ConfigError, match="BFF_STORAGE_URL"):
         load_settings(_env_file=None, storage_url=url)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def limits_storage(request: pytest.FixtureRequest) -> AsyncIterator[limits.aio.storage.Storage]:
+    if request.param == "memory":
+        yield open_limits_storage("memory://")
+    else:
+        yield open_limits_storage(request.getfixturevalue("redis_server").url)
+
+
+async def test_the_rate_limit_window_is_the_same_in_memory_and_in_redis(
+    limits_storage: limits.aio.storage.Storage,
+) -> None:
+    limiter = MovingWindowRateLimiter(limits_storage)
+    item, other = limits.parse("3/minute"), limits.parse("1/minute")
+    user = f"user-{uuid.uuid4().hex}"
+    before = time.time()
+
+    assert [await limiter.hit(item, user) for _ in range(4)] == [True, True, True, False]
+    assert not await limiter.test(item, user)
+    stats = await limiter.get_window_stats(item, user)
+    assert stats.remaining == 0
+    assert before + 59 <= stats.reset_time <= time.time() + 61  # when the first hit leaves the window
+    assert await limiter.hit(other, user)  # another limit, another window
+
+    await limiter.clear(item, user)
+    assert (await limiter.get_window_stats(item, user)).remaining == 3
+    assert await limiter.hit(item, user)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+async def test_in_memory_rate_limit_entries_leave_with_their_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr("proxy.storage.limits_memory.time", clock)
+    storage = MovingWindowMemory()
+
+    assert [await storage.acquire_entry("k", 2, 10) for _ in range(3)] == [True, True, False]
+    clock.now += 5
+    assert not await storage.acquire_entry("k", 2, 10)
+    assert await storage.get_moving_window("k", 2, 10) == (1_000_000.0, 2)
+    clock.now += 5.001  # the first two entries are out of the window
+    assert await storage.get_moving_window("k", 2, 10) == (clock.now, 0)
+    assert await storage.acquire_entry("k", 2, 10, amount=2)
+    assert not await storage.acquire_entry("k", 2, 10, amount=3)  # more than the limit, ever
+
+
+async def test_in_memory_rate_limits_forget_users_who_went_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing is kept for a key whose window has passed, once the periodic sweep has run."""
+    clock = Clock()
+    monkeypatch.setattr("proxy.storage.limits_memory.time", clock)
+    storage = MovingWindowMemory()
+    for user in range(100):
+        assert await storage.acquire_entry(f"gone-{user}", 5, 10)
+    clock.now += SWEEP_SECONDS / 2
+    assert await storage.acquire_entry("still-here", 5, SWEEP_SECONDS * 2)
+
+    clock.now += SWEEP_SECONDS / 2
+    assert await storage.acquire_entry("new", 5, 10)  # runs the sweep
+
+    assert await storage.reset() == 2  # "still-here" and "new"
 
 
 async def test_rate_limit_counts_are_shared_by_replicas_through_redis(redis_server: RedisServer) -> None:

@@ -10,6 +10,7 @@ from limits.aio.storage import Storage as LimitsStorage
 from limits.storage import storage_from_string
 
 from proxy.storage.base import SessionRecord, Storage, StorageUnavailable
+from proxy.storage.limits_memory import MovingWindowMemory
 from proxy.storage.memory import MemoryStorage
 from proxy.storage.redis import RedisStorage, connection_pool
 
@@ -36,29 +37,23 @@ def open_storage(url: str) -> Storage:
     return MemoryStorage()
 
 
-def limits_storage_uri(url: str) -> str:
-    """The `limits.aio` storage URI for a storage URL: `async+memory://` or `async+redis://...`."""
-    storage_scheme(url)
-    return "async+" + url
-
-
 def open_limits_storage(url: str) -> LimitsStorage:
     """Async `limits` storage in the same place as ours, for slowapi-syntax limits that never block.
 
-    With Redis it uses redis-py's asyncio client (not coredis) with the same fail-fast options as
-    `RedisStorage`; errors come out as `limits.errors.StorageError` (raise `StorageUnavailable` from it).
+    In memory it is our own (proxy/storage/limits_memory.py: `limits`' own one hands every key to a
+    thread after each hit). With Redis it is `limits`' one over redis-py's asyncio client (not
+    coredis), with the same fail-fast options as `RedisStorage`; errors come out as
+    `limits.errors.StorageError` (raise `StorageUnavailable` from it).
     """
-    uri = limits_storage_uri(url)
-    if storage_scheme(url) in REDIS_SCHEMES:
-        storage = storage_from_string(
-            uri,
-            implementation="redispy",
-            wrap_exceptions=True,
-            key_prefix=LIMITS_KEY_PREFIX,
-            connection_pool=connection_pool(url),  # type: ignore[arg-type]
-        )
-    else:
-        storage = storage_from_string(uri)
+    if storage_scheme(url) not in REDIS_SCHEMES:
+        return MovingWindowMemory()
+    storage = storage_from_string(
+        "async+" + url,
+        implementation="redispy",
+        wrap_exceptions=True,
+        key_prefix=LIMITS_KEY_PREFIX,
+        connection_pool=connection_pool(url),  # type: ignore[arg-type]
+    )
     assert isinstance(storage, LimitsStorage)
     return storage
 
@@ -71,7 +66,6 @@ __all__ = [
     "SessionRecord",
     "Storage",
     "StorageUnavailable",
-    "limits_storage_uri",
     "open_limits_storage",
     "open_storage",
     "storage_scheme",
