@@ -358,12 +358,31 @@ async def test_the_rate_limit_window_is_the_same_in_memory_and_in_redis(
     assert await limiter.hit(item, user)
 
 
+async def test_rate_limit_hits_leave_the_window_alike_in_memory_and_in_redis(
+    limits_storage: limits.aio.storage.Storage,
+) -> None:
+    limiter = MovingWindowRateLimiter(limits_storage)
+    item = limits.parse("3/second")
+    user = f"user-{uuid.uuid4().hex}"
+
+    assert not await limiter.hit(item, user, cost=4)  # more than the limit: never
+    assert await limiter.hit(item, user, cost=2)
+    assert not await limiter.hit(item, user, cost=2)
+    reset_time = (await limiter.get_window_stats(item, user)).reset_time
+    await anyio.sleep(max(reset_time - time.time(), 0) + 0.05)  # a time, not an event: the window passing
+
+    assert (await limiter.get_window_stats(item, user)).remaining == 3
+    assert await limiter.hit(item, user, cost=3)
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1_000_000.0
 
     def time(self) -> float:
         return self.now
+
+    monotonic = time
 
 
 async def test_in_memory_rate_limit_entries_leave_with_their_window(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -378,7 +397,21 @@ async def test_in_memory_rate_limit_entries_leave_with_their_window(monkeypatch:
     clock.now += 5.001  # the first two entries are out of the window
     assert await storage.get_moving_window("k", 2, 10) == (clock.now, 0)
     assert await storage.acquire_entry("k", 2, 10, amount=2)
-    assert not await storage.acquire_entry("k", 2, 10, amount=3)  # more than the limit, ever
+    assert not await storage.acquire_entry("other", 2, 10, amount=3)  # more than the limit, ever
+
+
+async def test_in_memory_rate_limits_hold_when_the_clock_is_set_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr("proxy.storage.limits_memory.time", clock)
+    storage = MovingWindowMemory()
+    assert await storage.acquire_entry("k", 2, 10)
+    clock.now -= 50  # e.g. an NTP correction
+    assert await storage.acquire_entry("k", 2, 10)
+    clock.now += 55  # 5 s after the first entry by the old clock: both still count
+
+    assert not await storage.acquire_entry("k", 2, 10)
+    clock.now += SWEEP_SECONDS
+    assert await storage.acquire_entry("k", 2, 10)  # the sweep ran, and the window passed
 
 
 async def test_in_memory_rate_limits_forget_users_who_went_away(monkeypatch: pytest.MonkeyPatch) -> None:
