@@ -177,14 +177,21 @@ class Emulator:
             with anyio.move_on_after(rule.stall):
                 await self.state.release.wait()
 
-    async def mint(self, request: Request) -> Response:
-        self.state.record_request("mint", request, None)
-        rule = self.state.take_fault("mint", None)
+    async def _faulty_reply(self, rule: FaultRule) -> Response | None:
+        """After the rule's stall: what replaces a JSON answer (a dropped connection, a body that is not
+        the gzip it claims), or None to answer normally."""
         await self._stall(rule)
         if rule.drop:
             return DroppedReply()
         if rule.garble:
             return Response(b"not gzip", media_type="application/json", headers={"Content-Encoding": "gzip"})
+        return None
+
+    async def mint(self, request: Request) -> Response:
+        self.state.record_request("mint", request, None)
+        rule = self.state.take_fault("mint", None)
+        if (faulty := await self._faulty_reply(rule)) is not None:
+            return faulty
         if not self._authorized(request):
             return error_body(401, "Invalid API key", "invalid_api_key", "nested")
         headers, limited = self.state.rate_limit()
@@ -209,11 +216,8 @@ class Emulator:
         inputs = await _json_inputs(request)
         self.state.record_request("run", request, inputs)
         rule = self.state.take_fault("run", workflow_id)
-        await self._stall(rule)
-        if rule.drop:
-            return DroppedReply()
-        if rule.garble:
-            return Response(b"not gzip", media_type="application/json", headers={"Content-Encoding": "gzip"})
+        if (faulty := await self._faulty_reply(rule)) is not None:
+            return faulty
         if not self._authorized(request):
             return error_body(401, "Invalid API key", "invalid_api_key", "nested")
         if inputs is None:

@@ -157,13 +157,12 @@ def _checked(workflow: Workflow) -> Workflow:
             parse_limit(workflow.rate_limit)
         except RateLimitConfigError as exc:
             raise WorkflowConfigError(f"{where}: rate_limit {exc}") from None
-    names = [workflow.chat_input, workflow.history_input, workflow.image_input, *workflow.fixed]
-    for name in [n for n in names if n is not None] + sorted(workflow.inputs or ()):
+    chat_names = [n for n in (workflow.chat_input, workflow.history_input, workflow.image_input) if n is not None]
+    for name in [*chat_names, *workflow.fixed, *sorted(workflow.inputs or ())]:
         if not INPUT_NAME_PATTERN.fullmatch(name):
             raise WorkflowConfigError(f"{where}: {name!r} is not a valid input name")
     # Each chat input carries something of its own; a shared name would silently drop one of them
     # (a fixed value always wins).
-    chat_names = [n for n in (workflow.chat_input, workflow.history_input, workflow.image_input) if n is not None]
     if len(set(chat_names)) < len(chat_names) or set(chat_names) & set(workflow.fixed):
         raise WorkflowConfigError(
             f"{where}: chat_input, history_input and image_input must be different inputs, and none of them fixed"
