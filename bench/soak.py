@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 
 from proxy.emulator import generate_text, split_chunks
-from proxy.relay import INTERRUPTED
+from proxy.runs.ending import INTERRUPTED
 from tests.servers import TEST_API_KEY, ServerProcess, start_proxy
 
 SAMPLE_SECONDS = 0.25

@@ -28,11 +28,13 @@ from proxy.openapi import openapi_route
 from proxy.routes.auth import auth_routes
 from proxy.routes.chat import chat_routes
 from proxy.routes.ops import ops_routes
+from proxy.routes.runs import run_routes
 from proxy.routes.workflows import workflow_routes
+from proxy.runs import RunManager, RunSettings
 from proxy.services import Services
 from proxy.sessions import SessionManager
 from proxy.settings import Settings
-from proxy.storage import open_limits_storage, open_storage
+from proxy.storage import open_limits_storage, open_run_logs, open_storage
 from proxy.token_pool import TokenSource
 from proxy.upstream import CircuitBreaker, UpstreamClient, build_http_client
 from proxy.workflows import parse_workflows
@@ -73,32 +75,58 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
             metrics=metrics,
             breaker=CircuitBreaker(settings.upstream_failure_threshold, settings.upstream_cooldown_seconds),
         )
+        tokens = TokenSource(upstream, settings.token_ttl, settings.token_pool)
+        slots = StreamSlots(storage, settings.max_concurrent_streams, lease_seconds=settings.stream_lease_seconds)
+        budget = OutputBudget(storage, settings.daily_output_chars)
+        run_logs = open_run_logs(settings.storage_url, alive_seconds=settings.stream_lease_seconds)
+        runs = RunManager(
+            RunSettings(
+                max_seconds=settings.max_stream_seconds,
+                grace_seconds=settings.resume_grace_seconds,
+                resume_seconds=settings.resume_seconds,
+                max_bytes=settings.resume_max_bytes,
+                send_timeout=settings.send_timeout_seconds,
+            ),
+            logs=run_logs,
+            storage=storage,
+            sessions=sessions,
+            upstream=upstream,
+            tokens=tokens,
+            slots=slots,
+            limiter=limiter,
+            budget=budget,
+            metrics=metrics,
+        )
         services = Services(
             settings=settings,
             http=http,
             upstream=upstream,
-            tokens=TokenSource(upstream, settings.token_ttl, settings.token_pool),
+            tokens=tokens,
             metrics=metrics,
             limiter=limiter,
-            slots=StreamSlots(storage, settings.max_concurrent_streams, lease_seconds=settings.stream_lease_seconds),
-            budget=OutputBudget(storage, settings.daily_output_chars),
+            slots=slots,
+            budget=budget,
             drain=drain,
             storage=storage,
             sessions=sessions,
             workflows=workflows,
+            runs=runs,
         )
         drain.attach(asyncio.get_running_loop(), sessions.streams.stop_all)
         try:
             async with anyio.create_task_group() as background:
-                background.start_soon(services.slots.keep_forever)
+                background.start_soon(runs.keep_forever)
+                background.start_soon(runs.listen_forever)
                 if settings.token_pool:
-                    background.start_soon(services.tokens.refill_forever)
+                    background.start_soon(tokens.refill_forever)
                 yield {"services": services}
+                await runs.close()
                 background.cancel_scope.cancel()
         finally:
             drain.active = True
-            services.tokens.close()
+            tokens.close()
             await http.aclose()
+            await run_logs.close()
             await storage.close()
 
     routes: list[BaseRoute] = [
@@ -108,6 +136,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         *auth_routes(build_authenticators(settings, limits_storage)),
         *workflow_routes(settings.modes),
         *chat_routes(settings.modes),
+        *run_routes(settings.modes),
         *(extra_routes or []),
     ]
     # Listed outermost first. Forwarded headers are believed only from BFF_TRUSTED_PROXIES, so the

@@ -14,8 +14,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from datetime import time as dt_time
 
@@ -37,8 +36,6 @@ DEFAULT_RATE_LIMITS = "mint=30/minute;relay=20/minute;login=10/minute"
 # Stream-slot lease: renewed every third of it while the stream runs; a crashed replica's slots
 # come back within this long.
 LEASE_SECONDS = 30.0
-# Renewals in flight together, so a slow storage delays one round by a few round trips, not thousands.
-RENEWALS_AT_ONCE = 100
 # The cap a lapsed slot is taken back under: none (see `Lease.renew`).
 UNCAPPED = 2**31
 
@@ -144,70 +141,39 @@ class RateLimiter:
 
 
 class Lease:
-    """One held stream slot: renewed while the stream runs, released when it ends."""
+    """One held stream slot: renewed while its run goes on (`RunManager.keep_forever`), released when
+    it ends."""
 
     def __init__(self, slots: StreamSlots, name: str, holder: str) -> None:
         self._slots = slots
         self._name = name
         self._holder = holder
-        self._watch: tuple[Callable[[], Awaitable[bool]], Callable[[], None]] | None = None
-
-    def watch(self, still_valid: Callable[[], Awaitable[bool]], ended: Callable[[], None]) -> None:
-        """At every renewal, also check `still_valid` (is the stream's session still live?), and call
-        `ended` once it is not. A logout stops the relays of the replica that served it at once; this
-        is how a relay running on another replica learns of it, within a third of the lease."""
-        self._watch = (still_valid, ended)
-
-    def kept(self) -> Lease:
-        """`with lease.kept():` renewed (by `StreamSlots.keep_forever`) for the duration of the block."""
-        return self
-
-    def __enter__(self) -> None:
-        self._slots.kept.add(self)
-
-    def __exit__(self, *exc: object) -> None:
-        self._slots.kept.discard(self)
-
-    @asynccontextmanager
-    async def held(self) -> AsyncIterator[None]:
-        """Kept for the duration of the block, then released (for relays that are not streams)."""
-        try:
-            with self.kept():
-                yield
-        finally:
-            await self.release()
+        self.held = True
 
     async def renew(self) -> None:
-        """One renewal. One that fails (storage briefly down) is retried next round: the stream goes
+        """One renewal. One that fails (storage briefly down) is retried next round: the run goes
         on, and at worst the slot lapses early, never late. A slot that did lapse (storage down for
-        longer than the lease) is taken back, even above the cap: the stream is still running, and
+        longer than the lease) is taken back, even above the cap: the run is still going, and
         counting it is what keeps the user's next stream out until one ends."""
-        if self not in self._slots.kept:  # ended since this round began
-            return
         slots = self._slots
         try:
             renewed = await slots.storage.renew_lease(self._name, self._holder, slots.lease_seconds)
-            # Not renewed: it lapsed while the stream runs, or the stream just ended and its release
-            # reached storage first. Only the first is taken back, and let go if the stream ends
+            # Not renewed: it lapsed while the run goes on, or the run just ended and its release
+            # reached storage first. Only the first is taken back, and let go if the run ends
             # while it is.
-            if not renewed and self in slots.kept:
+            if not renewed and self.held:
                 logger.warning("stream slot had lapsed; taking it back")
                 await slots.storage.acquire_lease(self._name, self._holder, UNCAPPED, slots.lease_seconds)
-                if self not in slots.kept:
-                    await self.release()
+                if not self.held:
+                    await self._release()
         except StorageUnavailable:
             logger.warning("stream slot renewal failed; retrying")
-        if self._watch is not None:
-            still_valid, ended = self._watch
-            try:
-                valid = await still_valid()
-            except StorageUnavailable:
-                valid = True  # not knowing is no reason to cut a stream
-            if not valid:
-                self._watch = None
-                ended()
 
     async def release(self) -> None:
+        self.held = False
+        await self._release()
+
+    async def _release(self) -> None:
         with anyio.CancelScope(shield=True):
             try:
                 await self._slots.storage.release_lease(self._name, self._holder)
@@ -215,18 +181,11 @@ class Lease:
                 logger.warning("stream slot release failed; it lapses by itself")
 
 
-async def _renew(lease: Lease) -> None:
-    try:
-        await lease.renew()
-    except Exception:  # one lease's surprise must not stop the renewals of every other stream
-        logger.exception("stream slot renewal failed")
-
-
 class StreamSlots:
-    """`BFF_MAX_CONCURRENT_STREAMS`: open relays per user, exact across replicas.
+    """`BFF_MAX_CONCURRENT_STREAMS`: open runs per user, exact across replicas.
 
-    A slot is a lease in the shared storage. A replica that crashes mid-stream cannot release its
-    slots, so leases are short and renewed while the stream runs: a dead replica's slots come back
+    A slot is a lease in the shared storage. A replica that crashes mid-run cannot release its
+    slots, so leases are short and renewed while the run goes on: a dead replica's slots come back
     within one `LEASE_SECONDS`.
     """
 
@@ -234,23 +193,10 @@ class StreamSlots:
         self.storage = storage
         self.limit = limit
         self.lease_seconds = lease_seconds
-        # The leases of the relays running in this process. One task renews them all
-        # (`keep_forever`): a task per stream cost ~4 KB of memory per open stream.
-        self.kept: set[Lease] = set()
 
-    async def keep_forever(self) -> None:
-        """Renew every kept lease each third of the lease time; runs for the life of the process."""
-        while True:
-            await anyio.sleep(self.lease_seconds / 3)
-            leases = list(self.kept)
-            for start in range(0, len(leases), RENEWALS_AT_ONCE):
-                async with anyio.create_task_group() as group:
-                    for lease in leases[start : start + RENEWALS_AT_ONCE]:
-                        group.start_soon(_renew, lease)
-
-    async def acquire(self, user_id: str) -> Lease:
+    async def acquire(self, user_id: str, holder: str | None = None) -> Lease:
         name = f"streams:{user_id}"
-        holder = secrets.token_hex(8)
+        holder = holder or secrets.token_hex(8)
         if not await self.storage.acquire_lease(name, holder, self.limit, self.lease_seconds):
             raise ApiError(
                 429,

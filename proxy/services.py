@@ -10,6 +10,7 @@ from starlette.requests import HTTPConnection
 from proxy.drain import Drain
 from proxy.limits import OutputBudget, RateLimiter, StreamSlots
 from proxy.metrics import Metrics
+from proxy.runs import RunManager
 from proxy.sessions import SessionManager
 from proxy.settings import Settings
 from proxy.storage import Storage
@@ -32,6 +33,7 @@ class Services:
     budget: OutputBudget
     drain: Drain
     tokens: TokenSource
+    runs: RunManager
 
 
 def services(connection: HTTPConnection) -> Services:

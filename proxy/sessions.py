@@ -25,7 +25,7 @@ from proxy.errors import ApiError, unauthenticated
 from proxy.metrics import Metrics
 from proxy.middleware.access_log import annotate
 from proxy.storage import SessionRecord, Storage
-from proxy.streams import StreamOwner, StreamRegistry
+from proxy.streams import StreamRegistry
 
 # A separate salt per purpose: a value signed for one use can never be replayed as another.
 COOKIE_SALT = "workflow-bff.session-cookie"
@@ -87,7 +87,7 @@ class SessionManager:
         # itsdangerous signs with the last key and verifies with all of them.
         self._serializer = URLSafeTimedSerializer(list(reversed(secrets_newest_first)), salt=COOKIE_SALT)
         self.audit = AuditLog(secrets_newest_first[0], metrics=metrics)
-        self.streams = StreamRegistry(self.audit)
+        self.streams = StreamRegistry()
         self.idle_seconds = idle_seconds
         self.max_seconds = max_seconds
         self.cookie_secure = cookie_secure
@@ -187,9 +187,6 @@ class SessionManager:
         for key in keys:
             self.audit.record("session.revoked", key, user_id=user.id, connection=connection, reason="logout_all")
         return stopped + len(keys)
-
-    def stream_owner(self, session: Session, what: str) -> StreamOwner:
-        return StreamOwner(self.streams, session.key, session.user.id, what)
 
     def set_cookie(self, response: Response, value: str) -> None:
         response.set_cookie(

@@ -58,6 +58,15 @@ class Settings(BaseSettings):
     max_input_chars: int = Field(default=16000, ge=1, le=1_000_000)
     token_ttl: int = Field(default=60, ge=1, le=300)
     max_stream_seconds: float = Field(default=300.0, gt=0, le=3600)
+    # Runs (CONTRACT C1, C5): a relayed answer outlives its connection, so a reload can resume it.
+    # Its log is kept this long after it ended ...
+    resume_seconds: float = Field(default=120.0, ge=0, le=86400)
+    # ... and with nobody following it, it goes on this long waiting for one (0: it stops at once).
+    resume_grace_seconds: float = Field(default=20.0, ge=0, le=3600)
+    # A follower (a response) that cannot take data this long is dropped; the run goes on.
+    send_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # The most answer bytes a run keeps; a longer answer ends with an in-band error.
+    resume_max_bytes: int = Field(default=1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     # Circuit breaker: after this many consecutive connection failures, timeouts or 502-504 answers,
     # upstream calls fail fast with 503 upstream_unavailable for the cooldown.
     upstream_failure_threshold: int = Field(default=5, ge=1, le=1000)

@@ -190,6 +190,9 @@ def proxy_env(upstream_url: str, **overrides: str) -> dict[str, str]:
         # Every test signs in from 127.0.0.1; limits are tested with their own proxies.
         "BFF_RATE_LIMITS": "mint=10000/minute;relay=10000/minute;login=10000/minute",
         "BFF_MAX_CONCURRENT_STREAMS": "100",
+        # A client that leaves ends its run at once, as before runs outlived connections; the grace
+        # period has its own tests (tests/test_runs.py).
+        "BFF_RESUME_GRACE_SECONDS": "0",
     }
     env.update(overrides)
     return env

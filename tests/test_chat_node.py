@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from proxy.emulator import generate_text, split_chunks
-from proxy.relay import INTERRUPTED
+from proxy.runs.ending import INTERRUPTED
 from tests.conftest import IN_CI, require_tool
 from tests.servers import ROOT, TEST_API_KEY, EmulatorControl, ServerProcess, start_proxy
 

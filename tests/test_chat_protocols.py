@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from proxy.emulator import generate_text, split_chunks
-from proxy.relay import INTERRUPTED, TOO_LONG
+from proxy.runs.ending import INTERRUPTED, TOO_LONG
 from tests.servers import EmulatorControl, ServerProcess, proxy_with
 
 QUESTION = "fractions"

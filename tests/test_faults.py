@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from proxy.emulator import generate_text, split_chunks
-from proxy.relay import INTERRUPTED, RESTARTING
+from proxy.runs.ending import INTERRUPTED, RESTARTING
 from tests.conftest import start_redis
 from tests.servers import EmulatorControl, ServerProcess, browser, eventually, free_port, start_proxy
 from tests.test_chat_protocols import REQUEST, data_parts, sse_events, text_of
@@ -471,10 +471,11 @@ def test_sigterm_with_50_open_streams_lets_them_finish_or_end_them_explicitly_wi
                     _stream_until_the_end,
                     client,
                     path_for(protocol).replace("tutor", alias),
-                    body_for(protocol),
+                    # A chat of its own each: a new message in a chat would end the chat's answer.
+                    body_for(protocol) if protocol == "text" else {**REQUEST, "id": f"chat-{n}"},
                     first_chunks,
                 )
-                for alias, protocol in plan
+                for n, (alias, protocol) in enumerate(plan)
             ]
             for _ in plan:  # every stream is open and has relayed its first chunk
                 assert first_chunks.acquire(timeout=30)

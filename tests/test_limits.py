@@ -122,23 +122,18 @@ class RenewalRecorder(MemoryStorage):
 
 
 @pytest.mark.anyio
-async def test_one_task_renews_every_running_streams_slot_and_only_while_it_runs() -> None:
+async def test_a_held_slot_outlives_its_lease_by_renewals_and_a_released_one_is_not_renewed() -> None:
     storage = RenewalRecorder()
-    slots = StreamSlots(storage, 2, lease_seconds=1.5)  # a round every 0.5 s
-    first, second = await slots.acquire("u1"), await slots.acquire("u1")
-    async with anyio.create_task_group() as keeper:
-        keeper.start_soon(slots.keep_forever)
-        with first.kept():
-            with second.kept():
-                await storage.renewals(2)
-                assert len(set(storage.renewed)) == 2  # one round renews both
-            left = len(storage.renewed)
-            await storage.renewals(left + 6)  # three seconds on: twice the lease
-            later = storage.renewed[left + 1 :]  # the round that was under way may still include it
-            assert len(set(later)) == 1  # only the stream still running is renewed
-            assert await slots.open("u1") == 1  # the other slot lapsed; this one outlived its lease
-        await first.release()
-        keeper.cancel_scope.cancel()
+    slots = StreamSlots(storage, 2, lease_seconds=0.2)
+    running, ended = await slots.acquire("u1"), await slots.acquire("u1")
+    await ended.release()
+    for _ in range(3):  # past the lease three times over: only the renewals keep it
+        await anyio.sleep(0.1)
+        await running.renew()
+        await ended.renew()
+    assert await slots.open("u1") == 1
+    assert set(storage.renewed) == {running._holder, ended._holder}
+    await running.release()
     assert await slots.open("u1") == 0
 
 
@@ -165,8 +160,7 @@ async def test_a_running_streams_lapsed_slot_is_taken_back_even_above_the_cap() 
     running = await slots.acquire("u1")
     await storage.lapse()
     later = await slots.acquire("u1")  # the lapsed place was free
-    with running.kept():
-        await running.renew()
+    await running.renew()
     assert await slots.open("u1") == 2  # both running streams count again
     with pytest.raises(ApiError) as refused:
         await slots.acquire("u1")
@@ -195,9 +189,8 @@ async def test_a_renewal_that_loses_the_race_with_the_release_does_not_take_the_
     slots = StreamSlots(storage, 1)
     lease = await slots.acquire("u1")
     async with anyio.create_task_group() as group:
-        with lease.kept():
-            group.start_soon(lease.renew)
-            await storage.renewing.wait()
+        group.start_soon(lease.renew)
+        await storage.renewing.wait()
         await lease.release()  # the stream ended, and its release reached storage first
         storage.go.set()
     assert await slots.open("u1") == 0  # not left held by nobody until the lease runs out

@@ -20,13 +20,14 @@ def event(chunk: dict[str, str]) -> bytes:
 
 
 class UiMessageStreamEncoder:
-    def __init__(self) -> None:
+    def __init__(self, message_id: str | None = None) -> None:
         self.media_type = "text/event-stream"
         self.headers = {"Connection": "keep-alive", "x-vercel-ai-ui-message-stream": "v1"}
         self.keepalive: bytes | None = b": keep-alive\n\n"
-        # Fresh for every response: the client updates the last message carrying this id, so a
-        # reused id would overwrite the previous answer instead of adding a new one.
-        self.message_id = "msg_" + secrets.token_hex(12)
+        # One per run (`RunMeta.message_id`), fresh for every answer: the client updates the last
+        # message carrying this id, so a resumed answer replaces its partial message, and a reused
+        # id would overwrite the previous answer instead of adding a new one.
+        self.message_id = message_id or "msg_" + secrets.token_hex(12)
         # Upstream chunks may split a UTF-8 character; JSON needs whole characters.
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 

@@ -1,9 +1,13 @@
-"""`/api/chat/{alias}`: the route a Vercel AI SDK `useChat` points at (CONTRACT B3, relay mode).
+"""`/api/chat/{alias}`: the route a Vercel AI SDK `useChat` points at (CONTRACT B3, C1; relay mode).
 
 `?protocol=ui` (default) answers with the AI SDK 5+ UI message stream for `DefaultChatTransport`,
 `?protocol=text` with plain text for `TextStreamChatTransport` (and v3/v4 `streamProtocol: "text"`),
 `?protocol=data` with the AI SDK 3/4 data stream. Errors found before the stream starts are short
 `text/plain` bodies, which useChat shows verbatim (proxy/errors.py).
+
+The answer is a run (proxy/runs/) bound to the chat's id, so `useChat({ resume: true })` gets it
+back after a reload, from any replica, and the chat's Stop button can end it with
+`POST /api/chat/{alias}/{chatId}/stop`.
 """
 
 from __future__ import annotations
@@ -14,41 +18,91 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy.admission import relay_response
 from proxy.body import read_json
 from proxy.chat import chat_inputs, parse_chat_request
 from proxy.errors import invalid_input
 from proxy.protocols import DataStreamEncoder, StreamEncoder, TextEncoder, UiMessageStreamEncoder
-from proxy.services import services
+from proxy.runs import RunRequest, RunStream
+from proxy.services import Services, services
+from proxy.storage import StorageUnavailable
+from proxy.storage.runlog import RunMeta
 
-ENCODERS: dict[str, Callable[[], StreamEncoder]] = {
-    "ui": UiMessageStreamEncoder,
-    "text": TextEncoder,
-    "data": DataStreamEncoder,
+ENCODERS: dict[str, Callable[[RunMeta], StreamEncoder]] = {
+    "ui": lambda meta: UiMessageStreamEncoder(meta.message_id),
+    "text": lambda meta: TextEncoder(),
+    "data": lambda meta: DataStreamEncoder(),
 }
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+def _protocol(request: Request, default: str = "ui") -> str:
+    protocol = request.query_params.get("protocol", default)
+    if protocol not in ENCODERS:
+        raise invalid_input("protocol must be ui, text or data.")
+    return protocol
 
 
 async def chat(request: Request) -> Response:
     bff = services(request)
     session = await bff.sessions.require(request)
     workflow = bff.workflows.get(request.path_params["alias"])
-    protocol = request.query_params.get("protocol", "ui")
-    if protocol not in ENCODERS:
-        raise invalid_input("protocol must be ui, text or data.")
+    protocol = _protocol(request)
     body = await read_json(request)
     chat = parse_chat_request(body, accepts_images=workflow.image_input is not None)
     inputs = chat_inputs(chat, workflow, bff.settings.max_input_chars)
+    chat_id = body.get("id") if isinstance(body, dict) else None
+    what = f"chat:{workflow.alias}:{protocol}"
     # The user's limits are checked last, so a request refused for bad input costs nothing against them.
-    return await relay_response(
-        bff, session, workflow, inputs, f"chat:{workflow.alias}:{protocol}", ENCODERS[protocol]()
+    run = await bff.runs.start(
+        session, RunRequest(workflow, inputs, what, chat_id=chat_id if isinstance(chat_id, str) and chat_id else None)
     )
+    return RunStream(bff.runs, run.meta, ENCODERS[protocol](run.meta), origin=True, headers=run.headers, what=what)
+
+
+async def _chat_run(bff: Services, request: Request, chat_id: str) -> RunMeta | None:
+    """The chat's run, if the signed-in user owns it; None for everything else, alike."""
+    session = await bff.sessions.current(request, touch=False)
+    if session is None or request.path_params["alias"] not in bff.workflows.aliases():
+        return None
+    try:
+        return await bff.runs.chat_run(session, request.path_params["alias"], chat_id)
+    except StorageUnavailable:  # a page load must not start in error because storage is down
+        return None
 
 
 async def resume(request: Request) -> Response:
-    """useChat `resume: true` asks here on every page load. Streams are not kept for resuming, and a
-    204 is the one answer that says so without putting the chat into its error state. No session is
-    needed: the answer reveals nothing, and a page loaded before sign-in must not start in error."""
-    return Response(status_code=204, headers={"Cache-Control": "no-store"})
+    """useChat `resume: true` asks here on every page load: the chat's run replayed from its first
+    chunk (same message id, so the client replaces its partial message), then live. 204 when there is
+    none, or no session, or it is someone else's chat: the one answer that reveals nothing and keeps
+    the chat out of its error state."""
+    bff = services(request)
+    protocol = _protocol(request)
+    meta = await _chat_run(bff, request, request.path_params["chat_id"])
+    if meta is None:
+        return Response(status_code=204, headers=NO_STORE)
+    return RunStream(bff.runs, meta, ENCODERS[protocol](meta), what=f"resume:{meta.alias}:{protocol}")
+
+
+async def resume_v4(request: Request) -> Response:
+    """AI SDK 4's `experimental_resume()` (`GET {api}?chatId=...`) in the data protocol; with no run, an
+    empty data stream, because that client takes a 204 for an error."""
+    bff = services(request)
+    protocol = _protocol(request, default="data")
+    meta = await _chat_run(bff, request, request.query_params.get("chatId", ""))
+    if meta is None:
+        encoder = DataStreamEncoder()
+        return Response(b"", headers={**encoder.headers, **NO_STORE}, media_type=encoder.media_type)
+    return RunStream(bff.runs, meta, ENCODERS[protocol](meta), what=f"resume:{meta.alias}:{protocol}")
+
+
+async def stop(request: Request) -> Response:
+    """The chat's Stop button: ends the chat's run on whichever replica holds it. 204 either way."""
+    bff = services(request)
+    session = await bff.sessions.require(request)
+    meta = await bff.runs.chat_run(session, request.path_params["alias"], request.path_params["chat_id"])
+    if meta is not None:
+        await bff.runs.stop(meta.run_id)
+    return Response(status_code=204, headers=NO_STORE)
 
 
 def chat_routes(modes: Sequence[str]) -> list[Route]:
@@ -56,5 +110,7 @@ def chat_routes(modes: Sequence[str]) -> list[Route]:
         return []
     return [
         Route("/api/chat/{alias}", chat, methods=["POST"]),
+        Route("/api/chat/{alias}", resume_v4, methods=["GET"]),
         Route("/api/chat/{alias}/{chat_id}/stream", resume, methods=["GET"]),
+        Route("/api/chat/{alias}/{chat_id}/stop", stop, methods=["POST"]),
     ]

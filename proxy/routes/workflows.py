@@ -9,14 +9,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.admission import admit, relay_response
 from proxy.body import read_json
-from proxy.errors import client_gone, invalid_input, shutting_down
+from proxy.errors import invalid_input
 from proxy.middleware.access_log import annotate
 from proxy.middleware.request_id import current_request_id
 from proxy.protocols import TextEncoder
-from proxy.relay import DisconnectWatch
 from proxy.routes.auth import iso
+from proxy.runs import DisconnectWatch, RunRequest, RunStream
 from proxy.services import Services, services
 from proxy.sessions import Session
 from proxy.workflows import Workflow
@@ -70,32 +69,29 @@ async def _workflow_and_inputs(request: Request) -> tuple[Services, Session, Wor
 
 async def stream(request: Request) -> Response:
     bff, session, workflow, inputs = await _workflow_and_inputs(request)
-    return await relay_response(bff, session, workflow, inputs, f"stream:{workflow.alias}", TextEncoder())
+    what = f"stream:{workflow.alias}"
+    run = await bff.runs.start(session, RunRequest(workflow, inputs, what))
+    return RunStream(bff.runs, run.meta, TextEncoder(), origin=True, headers=run.headers, what=what)
 
 
 async def run(request: Request) -> Response:
     bff, session, workflow, inputs = await _workflow_and_inputs(request)
-    admission = await admit(bff, session, workflow)
-    request_id = current_request_id()
-    async with admission.lease.held():
-        with (
-            bff.sessions.stream_owner(session, f"run:{workflow.alias}").cancellable() as stopped,
-            # A client that leaves cancels the upstream run, as it does a stream.
-            DisconnectWatch(request.receive, lambda: stopped.stop("client_gone")),
-        ):
-            if await bff.sessions.still_valid(session):  # registered: see admission.open_upstream
-                result = await bff.upstream.run(workflow.id, inputs, request_id=request_id)
-            else:
-                stopped.stop("revoked")
-    if stopped.reason == "revoked":
+    what = f"run:{workflow.alias}"
+    run = await bff.runs.start(session, RunRequest(workflow, inputs, what, streamed=False))
+    # A client that leaves cancels the upstream run: there is no log to come back to.
+    with DisconnectWatch(request.receive, lambda: run.stop("client_gone")):
+        await run.done.wait()
+    ending, result = run.ending, run.result
+    assert ending is not None
+    annotate(relay=what, run_id=run.id, end=ending.reason, chars=run.stats.chars)
+    if ending.reason == "revoked":
         raise bff.sessions.unauthenticated(request)
-    if stopped.reason == "shutdown":
-        raise shutting_down()
-    if stopped.reason == "client_gone":
-        annotate(end="client_gone")
-        raise client_gone()
-    await bff.budget.charge(session.user.id, len(result.result))
-    return JSONResponse({"result": result.result, "citations": result.citations}, headers=admission.headers)
+    if ending.error is not None:
+        raise ending.error
+    assert result is not None
+    return JSONResponse(
+        {"result": result.result, "citations": result.citations}, headers={**run.headers, "X-Run-Id": run.id}
+    )
 
 
 def workflow_routes(modes: Sequence[str]) -> list[Route]:

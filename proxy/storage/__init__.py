@@ -13,6 +13,8 @@ from proxy.storage.base import SessionRecord, Storage, StorageUnavailable
 from proxy.storage.limits_memory import MovingWindowMemory
 from proxy.storage.memory import MemoryStorage
 from proxy.storage.redis import RedisStorage, connection_pool
+from proxy.storage.runlog import MemoryRunLogs, RunLogs
+from proxy.storage.runlog_redis import RedisRunLogs
 
 MEMORY_SCHEMES = ("memory",)
 REDIS_SCHEMES = ("redis", "rediss")
@@ -35,6 +37,14 @@ def open_storage(url: str) -> Storage:
     if storage_scheme(url) in REDIS_SCHEMES:
         return RedisStorage(url)
     return MemoryStorage()
+
+
+def open_run_logs(url: str, *, alive_seconds: float) -> RunLogs:
+    """Where runs keep their chunk logs: with Redis, readable (and stoppable) from every replica; a
+    replica that stops renewing its runs for `alive_seconds` is taken for dead by their followers."""
+    if storage_scheme(url) in REDIS_SCHEMES:
+        return RedisRunLogs(url, alive_seconds=alive_seconds)
+    return MemoryRunLogs()
 
 
 def open_limits_storage(url: str) -> LimitsStorage:
@@ -67,6 +77,7 @@ __all__ = [
     "Storage",
     "StorageUnavailable",
     "open_limits_storage",
+    "open_run_logs",
     "open_storage",
     "storage_scheme",
 ]

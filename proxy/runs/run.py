@@ -1,0 +1,247 @@
+"""A run: one relayed generation, owned by a user (and a chat), not by the socket that asked for it.
+
+The run holds what it was admitted with (a stream slot, the rate-limit headers), mints, reads the
+upstream and appends what it reads to its chunk log, all under one deadline. It writes to no
+socket: followers (proxy/runs/follower.py) read the log, so nothing a client does or fails to do
+can keep a run, its slot or its upstream connection alive past its deadline.
+
+It ends in exactly one way (proxy/runs/ending.py): finished, stopped, its session revoked, the
+service shutting down, the deadline, the upstream failing, or, when nobody follows it any more, at
+the end of `BFF_RESUME_GRACE_SECONDS`. However it ends, in this order: the log gets its end (every
+follower learns it), the slot is released, the budget is charged once, and it is counted and audited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import anyio
+import httpx
+
+from proxy.errors import ApiError
+from proxy.limits import Lease
+from proxy.middleware.request_id import current_request_id
+from proxy.runs.ending import Ending
+from proxy.sessions import Session
+from proxy.storage.runlog import OPEN, TEXT, ChunkLog, RunMeta, utf8_chars
+from proxy.streams import RunningStream
+from proxy.transport import Body, open_body
+from proxy.upstream import RunResult
+from proxy.workflows import Workflow
+
+if TYPE_CHECKING:
+    from proxy.runs.manager import RunManager
+
+logger = logging.getLogger("proxy.runs")
+
+OPEN_ENTRY = (OPEN, b"")
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What a route asks to run: a workflow with its inputs, described for logs (`chat:tutor:ui`)."""
+
+    workflow: Workflow
+    inputs: dict[str, str]
+    what: str
+    chat_id: str | None = None
+    streamed: bool = True  # False: `/run`, the whole answer at once, with no log
+
+
+@dataclass
+class RunStats:
+    started_at: float = field(default_factory=time.monotonic)
+    first_byte_at: float | None = None
+    bytes_in: int = 0
+    chars: int = 0  # characters of generated text: what output budgets are charged
+    end: str = "running"
+
+
+class Run:
+    def __init__(
+        self,
+        runs: RunManager,
+        session: Session,
+        request: RunRequest,
+        meta: RunMeta,
+        lease: Lease,
+        headers: dict[str, str],
+        log: ChunkLog | None,
+    ) -> None:
+        self.id = meta.run_id
+        self.meta = meta
+        self.request = request
+        self.session = session
+        self.lease = lease
+        self.headers = headers  # X-RateLimit-*, for the response that started it
+        self.log = log
+        self.stats = RunStats()
+        self.ending: Ending | None = None
+        self.result: RunResult | None = None  # `/run` only
+        self.done = asyncio.Event()
+        self._runs = runs
+        self._entry = RunningStream(session.key, session.user.id, self.stop)
+        self._stop_reason: str | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._body: Body | None = None
+        self._followers = 0
+        self._remote_until = 0.0  # a follower on another replica said so until then
+        self._grace: asyncio.TimerHandle | None = None
+        self._request_id = current_request_id()
+        self._task = asyncio.get_running_loop().create_task(self._life())
+
+    # Followers and the grace period
+
+    def attach(self) -> None:
+        self._followers += 1
+        self._cancel_grace()
+
+    def detach(self) -> None:
+        self._followers -= 1
+        if self._followers == 0 and self.ending is None:
+            self._idle()
+
+    def followed_elsewhere(self, seconds: float) -> None:
+        """A follower on another replica is reading this run, and says so again within `seconds`."""
+        self._remote_until = time.monotonic() + seconds
+        if self._followers == 0 and self.ending is None:
+            self._idle()
+
+    def _idle(self) -> None:
+        """Nobody here follows the run: a streamed run waits the grace period for a follower (a
+        reload, another tab), then stops so that an abandoned answer costs no more than that."""
+        grace = self._runs.grace_seconds if self.log is not None else 0.0
+        wait = max(time.monotonic(), self._remote_until) + grace - time.monotonic()
+        self._cancel_grace()
+        if wait <= 0:
+            self.stop("client_gone")
+        else:
+            self._grace = asyncio.get_running_loop().call_later(wait, self._grace_over)
+
+    def _grace_over(self) -> None:
+        self._grace = None
+        if self._followers == 0 and self.ending is None:
+            self._idle()
+
+    def _cancel_grace(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+
+    # Ending
+
+    def stop(self, reason: str) -> None:
+        """End the run early; the first reason given is the one that counts."""
+        if self.ending is not None:
+            return
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def renew(self) -> None:
+        """Keep the slot, and end the run if its session ended (a logout on another replica)."""
+        await self.lease.renew()
+        try:
+            valid = await self._runs.storage.get_session(self.session.key) is not None
+        except ApiError:  # storage unreachable: not knowing is no reason to cut an answer
+            valid = True
+        if not valid:
+            self.stop("revoked")
+
+    async def _life(self) -> None:
+        runs = self._runs
+        runs.registry.add(self._entry)
+        if self.log is not None:  # the stream metrics count streams; `/run` has its request counts
+            runs.metrics.open_streams.inc()
+        runs.audit.record("relay.start", self.session.key, user_id=self.meta.user_id, relay=self.request.what)
+        ending = Ending.of("failed")
+        try:
+            with anyio.move_on_after(runs.max_seconds) as scope:
+                self._scope = scope
+                if self._stop_reason is not None:
+                    scope.cancel()
+                ending = await self._generate()
+            if scope.cancelled_caught:
+                reason = self._stop_reason or "deadline"
+                if reason == "client_gone" and self.log is not None and self.stats.first_byte_at is None:
+                    reason = "client_gone_early"
+                ending = Ending.of(reason)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._end(ending)
+
+    async def _generate(self) -> Ending:
+        runs, request = self._runs, self.request
+        try:
+            # Registered by now, so a logout from here on stops the run; one since the session check
+            # ends it before anything is minted.
+            if not await runs.sessions.still_valid(self.session):
+                return Ending.of("revoked")
+            if self.log is None:
+                self.result = await runs.upstream.run(request.workflow.id, request.inputs, request_id=self._request_id)
+                self.stats.first_byte_at = time.monotonic()
+                self.stats.chars = len(self.result.result)
+                return Ending.of("complete")
+            minted = await runs.tokens.take(request_id=self._request_id)
+            response = await runs.upstream.open_stream(
+                request.workflow.id, minted.token, request.inputs, request_id=self._request_id
+            )
+            self._body = open_body(response)
+            return await self._relay(self._body, self.log)
+        except ApiError as error:
+            return Ending.refused(error)
+        except httpx.TransportError as exc:
+            logger.warning("upstream stream broke off: %s", type(exc).__name__)
+            runs.metrics.upstream_errors.labels("cut").inc()
+            return Ending.of("upstream_cut")
+        except Exception:
+            logger.exception("run failed")
+            return Ending.of("failed")
+        finally:
+            if self._body is not None:
+                # Closing must finish even when we are being cancelled, or the connection leaks.
+                with anyio.CancelScope(shield=True):
+                    await self._body.aclose()
+
+    async def _relay(self, body: Body, log: ChunkLog) -> Ending:
+        log.append(OPEN_ENTRY)
+        stats, max_bytes = self.stats, self._runs.max_bytes
+        while data := await body.read_chunk():
+            if stats.first_byte_at is None:
+                stats.first_byte_at = time.monotonic()
+            stats.bytes_in += len(data)
+            if stats.bytes_in > max_bytes:
+                return Ending.of("too_large")
+            stats.chars += utf8_chars(data)
+            log.append((TEXT, data))
+        return Ending.of("complete")
+
+    async def _end(self, ending: Ending) -> None:
+        runs, stats = self._runs, self.stats
+        self.ending = ending
+        stats.end = ending.reason
+        self._cancel_grace()
+        runs.registry.discard(self._entry)
+        if self.log is not None:
+            await self.log.close(ending.entry(), runs.resume_seconds)
+        self.done.set()
+        runs.forget(self)
+        await self.lease.release()
+        if self.log is not None:
+            runs.observe(self)
+        await runs.budget.charge(self.meta.user_id, stats.chars)
+        runs.audit.record(
+            "relay.end",
+            self.session.key,
+            user_id=self.meta.user_id,
+            relay=self.request.what,
+            run_id=self.id,
+            end=ending.reason,
+            chars=stats.chars,
+            duration_ms=round((time.monotonic() - stats.started_at) * 1000, 1),
+        )

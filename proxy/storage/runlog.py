@@ -1,0 +1,214 @@
+"""Run logs: what a run produced, kept so that any follower can read it, live or after the fact.
+
+A run's log is a list of entries, each `(kind, value)`: `OPEN` when the upstream answered, `TEXT`
+with the upstream's bytes, and `END` last, with how the run ended. A follower reads "everything
+after the first `n` entries", so whoever is behind gets all that is waiting in one read.
+
+Two backends share this interface and one test suite (tests/test_runlog.py):
+- `MemoryRunLogs` keeps logs in this process: one process, the embedded default;
+- `RedisRunLogs` (proxy/storage/runlog_redis.py) mirrors them into Redis Streams, so a follower or
+  a stop can arrive at any replica.
+
+Logs are bounded: the run caps its bytes, and a log is forgotten `keep_seconds` after its run ended
+(`BFF_RESUME_SECONDS`), or `ttl` after it was created if its run never ends (a crashed replica).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+OPEN = "o"
+TEXT = "t"
+END = "e"
+Entry = tuple[str, bytes]
+# Control messages between replicas: "stop" a run, or a follower elsewhere is still "follow"ing it.
+ControlHandler = Callable[[str, str], None]
+PURGE_EVERY = 64
+_CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
+
+
+@dataclass(frozen=True)
+class RunMeta:
+    """Who a run belongs to, and what a resumed stream must repeat (the UI message id)."""
+
+    run_id: str
+    user_id: str
+    message_id: str
+    alias: str
+    chat_id: str | None = None
+
+
+def chat_key(user_id: str, alias: str, chat_id: str) -> str:
+    """The index key of a user's chat: a hash, so any chat id a client picks makes a safe key."""
+    return hashlib.sha256(f"{user_id}\0{alias}\0{chat_id}".encode()).hexdigest()
+
+
+class ChunkLog:
+    """One run's log as its producer writes it, readable in this process without waiting on storage."""
+
+    def __init__(self, meta: RunMeta) -> None:
+        self.meta = meta
+        self.entries: list[Entry] = []
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def ended(self) -> bool:
+        return bool(self.entries) and self.entries[-1][0] == END
+
+    def append(self, entry: Entry) -> None:
+        """Add an entry and wake every reader waiting for one. Never waits: a run writes to no one."""
+        self.entries.append(entry)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def close(self, ending: Entry, keep_seconds: float) -> None:
+        """Write the `END` entry; the log stays readable for `keep_seconds`."""
+        self.append(ending)
+
+    async def read(self, after: int, wait: float | None) -> list[Entry]:
+        """The entries after the first `after`, waiting up to `wait` seconds (None: for as long as
+        it takes) for one to arrive; [] when none did."""
+        if len(self.entries) <= after:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await (waiter if wait is None else asyncio.wait_for(waiter, wait))
+            except TimeoutError:
+                return []
+        return self.entries[after:]
+
+
+class RunLogs(Protocol):
+    async def create(self, meta: RunMeta, *, ttl: float) -> ChunkLog:
+        """A new log for a run starting now; if the run has a chat, it becomes that chat's run."""
+
+    async def meta(self, run_id: str) -> RunMeta | None:
+        """Whose run it is, while its log is kept; None for an unknown or forgotten run."""
+
+    async def chat_run(self, user_id: str, alias: str, chat_id: str) -> str | None:
+        """The id of the chat's latest run while its log is kept."""
+
+    async def read(self, run_id: str, after: int, wait: float | None) -> list[Entry]:
+        """As `ChunkLog.read`, from any replica. A log whose producer is gone without ending it (or
+        that was forgotten) reads as ended, with `END` and reason "lost", never as a wait forever."""
+
+    async def heartbeat(self, run_ids: list[str], ttl: float) -> None:
+        """The producer is alive and running these runs, for `ttl` seconds more."""
+
+    async def send(self, kind: str, run_id: str) -> None:
+        """A control message to whichever replica runs `run_id` (`listen` there receives it)."""
+
+    async def listen(self, handler: ControlHandler) -> None:
+        """Deliver control messages to `handler(kind, run_id)`, for the life of the process."""
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class _Kept:
+    log: ChunkLog
+    forget_at: float  # monotonic
+
+
+class MemoryRunLogs:
+    """Run logs in this process's memory: a control message goes straight to the handler."""
+
+    def __init__(self) -> None:
+        self._logs: dict[str, _Kept] = {}
+        self._chats: dict[str, tuple[str, float]] = {}
+        self._handler: ControlHandler | None = None
+        self._creates = 0
+
+    async def create(self, meta: RunMeta, *, ttl: float) -> ChunkLog:
+        self._creates += 1
+        if self._creates % PURGE_EVERY == 0:
+            self._purge()
+        forget_at = time.monotonic() + ttl
+        log = _MemoryChunkLog(meta, self)
+        self._logs[meta.run_id] = _Kept(log, forget_at)
+        if meta.chat_id is not None:
+            self._chats[chat_key(meta.user_id, meta.alias, meta.chat_id)] = (meta.run_id, forget_at)
+        return log
+
+    def _kept(self, run_id: str) -> ChunkLog | None:
+        kept = self._logs.get(run_id)
+        if kept is None or kept.forget_at <= time.monotonic():
+            self._logs.pop(run_id, None)
+            return None
+        return kept.log
+
+    def _keep(self, run_id: str, seconds: float) -> None:
+        kept = self._logs.get(run_id)
+        if kept is not None:
+            kept.forget_at = time.monotonic() + seconds
+            meta = kept.log.meta
+            if meta.chat_id is not None:
+                key = chat_key(meta.user_id, meta.alias, meta.chat_id)
+                if self._chats.get(key, ("",))[0] == run_id:
+                    self._chats[key] = (run_id, kept.forget_at)
+
+    async def meta(self, run_id: str) -> RunMeta | None:
+        log = self._kept(run_id)
+        return None if log is None else log.meta
+
+    async def chat_run(self, user_id: str, alias: str, chat_id: str) -> str | None:
+        found = self._chats.get(chat_key(user_id, alias, chat_id))
+        if found is None or found[1] <= time.monotonic() or self._kept(found[0]) is None:
+            return None
+        return found[0]
+
+    async def read(self, run_id: str, after: int, wait: float | None) -> list[Entry]:
+        log = self._kept(run_id)
+        if log is None:
+            return [lost_entry()]
+        return await log.read(after, wait)
+
+    async def heartbeat(self, run_ids: list[str], ttl: float) -> None:
+        return None  # one process: its runs are alive as long as it is
+
+    async def send(self, kind: str, run_id: str) -> None:
+        if self._handler is not None:
+            self._handler(kind, run_id)
+
+    async def listen(self, handler: ControlHandler) -> None:
+        self._handler = handler
+        await asyncio.Event().wait()  # until cancelled with the process
+
+    async def close(self) -> None:
+        self._logs.clear()
+        self._chats.clear()
+
+    def _purge(self) -> None:
+        now = time.monotonic()
+        for run_id in [run_id for run_id, kept in self._logs.items() if kept.forget_at <= now]:
+            del self._logs[run_id]
+        for key in [key for key, (_, forget_at) in self._chats.items() if forget_at <= now]:
+            del self._chats[key]
+
+
+class _MemoryChunkLog(ChunkLog):
+    def __init__(self, meta: RunMeta, logs: MemoryRunLogs) -> None:
+        super().__init__(meta)
+        self._logs = logs
+
+    async def close(self, ending: Entry, keep_seconds: float) -> None:
+        self.append(ending)
+        self._logs._keep(self.meta.run_id, keep_seconds)
+
+
+def lost_entry() -> Entry:
+    """The `END` a reader sees for a log that can no longer end by itself (proxy/runs/ending.py)."""
+    return (END, b'{"reason": "lost"}')
+
+
+def utf8_chars(data: bytes) -> int:
+    """Characters in UTF-8 `data`, counted by their first bytes, so a character split across two
+    chunks counts once, in the chunk where it starts (each byte that is no UTF-8 counts as one)."""
+    return len(data.translate(None, _CONTINUATION_BYTES))

@@ -1,0 +1,246 @@
+"""Run logs in Redis Streams, so a follower or a stop can arrive at any replica.
+
+The producing replica keeps its runs' logs in memory too (`ChunkLog`), so its own followers never
+wait on Redis, and mirrors every entry into a stream with an explicit id `0-<n>` (the entry's
+position): a reader elsewhere asks `XREAD BLOCK … 0-<after>` for everything past what it has, and a
+missing id means entries were lost, which it reports as the end of the run rather than skip them.
+
+Entries reach Redis from one flusher per run, which sends whatever has piled up since its last
+write in one pipeline: a busy replica makes fewer, larger writes instead of falling behind.
+
+Keys (under the storage prefix, `bff:`):
+- `run:<id>`: the run's `RunMeta` as JSON;
+- `runlog:<id>`: the stream of entries (`k` kind, `v` value);
+- `runalive:<id>`: present while the producer renews it (`heartbeat`); a reader that finds it gone
+  and no `END` knows the producer died;
+- `chat:<hash>`: the id of a chat's latest run.
+All of them expire: `ttl` after creation while the run goes on, `keep_seconds` after it ended.
+Control messages go over the pub/sub channel `runs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import redis.asyncio
+
+from proxy.storage.redis import (
+    KEY_PREFIX,
+    SOCKET_TIMEOUT_SECONDS,
+    UNREACHABLE,
+    connection_pool,
+    milliseconds,
+    reachable,
+)
+from proxy.storage.runlog import ChunkLog, ControlHandler, Entry, RunMeta, chat_key, lost_entry
+
+logger = logging.getLogger("proxy.storage")
+
+# How long a replica's runs stay "alive" without a heartbeat, unless the caller says otherwise.
+ALIVE_SECONDS = 30.0
+RECONNECT_SECONDS = 1.0
+# A reader past this many entries gives up on XREAD's COUNT and takes the rest next time.
+READ_COUNT = 10_000
+
+CLOSE = """
+-- KEYS: meta, log, alive, chat (or ""). ARGV: keep ms, run id
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3])
+if KEYS[4] ~= '' and redis.call('GET', KEYS[4]) == ARGV[2] then redis.call('PEXPIRE', KEYS[4], ARGV[1]) end
+"""
+
+
+class RedisRunLogs:
+    def __init__(self, url: str, *, key_prefix: str = KEY_PREFIX, alive_seconds: float = ALIVE_SECONDS) -> None:
+        self._client = redis.asyncio.Redis(connection_pool=connection_pool(url))
+        # Blocking reads and the subscription hold a connection each for seconds: a pool of their
+        # own, with a socket timeout above the longest block, keeps them from starving short commands.
+        self.block_seconds = alive_seconds / 3
+        self._blocking = redis.asyncio.Redis.from_url(
+            url,
+            socket_timeout=self.block_seconds + SOCKET_TIMEOUT_SECONDS,
+            socket_connect_timeout=SOCKET_TIMEOUT_SECONDS,
+        )
+        self._prefix = key_prefix
+        self.alive_seconds = alive_seconds
+        self._local: dict[str, tuple[RedisChunkLog, float]] = {}
+        self._close = self._client.register_script(CLOSE)
+
+    def key(self, kind: str, name: str) -> str:
+        return f"{self._prefix}{kind}:{name}"
+
+    async def create(self, meta: RunMeta, *, ttl: float) -> ChunkLog:
+        self._forget_local()
+        ttl_ms = milliseconds(ttl)
+        run_id = meta.run_id
+        with reachable():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.set(self.key("run", run_id), json.dumps(meta.__dict__), px=ttl_ms)
+                pipe.set(self.key("runalive", run_id), b"1", px=milliseconds(self.alive_seconds))
+                if meta.chat_id is not None:
+                    pipe.set(self._chat(meta.user_id, meta.alias, meta.chat_id), run_id, px=ttl_ms)
+                await pipe.execute()
+        log = RedisChunkLog(meta, self, ttl_ms)
+        self._local[run_id] = (log, time.monotonic() + ttl)
+        return log
+
+    def _chat(self, user_id: str, alias: str, chat_id: str) -> str:
+        return self.key("chat", chat_key(user_id, alias, chat_id))
+
+    def _forget_local(self) -> None:
+        now = time.monotonic()
+        for run_id in [run_id for run_id, (_, forget_at) in self._local.items() if forget_at <= now]:
+            del self._local[run_id]
+
+    def keep_local(self, run_id: str, seconds: float) -> None:
+        found = self._local.get(run_id)
+        if found is not None:
+            self._local[run_id] = (found[0], time.monotonic() + seconds)
+
+    async def meta(self, run_id: str) -> RunMeta | None:
+        with reachable():
+            raw = await self._client.get(self.key("run", run_id))
+        if raw is None:
+            return None
+        try:
+            fields = json.loads(raw)
+            return RunMeta(**fields)
+        except (TypeError, ValueError):  # not written by us
+            return None
+
+    async def chat_run(self, user_id: str, alias: str, chat_id: str) -> str | None:
+        with reachable():
+            raw = await self._client.get(self._chat(user_id, alias, chat_id))
+        if raw is None:
+            return None
+        run_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+        return run_id if await self.meta(run_id) is not None else None
+
+    async def read(self, run_id: str, after: int, wait: float | None) -> list[Entry]:
+        local = self._local.get(run_id)
+        if local is not None and local[1] > time.monotonic():
+            return await local[0].read(after, wait)
+        return await self._read_remote(run_id, after, wait)
+
+    async def _read_remote(self, run_id: str, after: int, wait: float | None) -> list[Entry]:
+        key = self.key("runlog", run_id)
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            block = self.block_seconds if deadline is None else min(self.block_seconds, deadline - time.monotonic())
+            with reachable():
+                found = await self._blocking.xread({key: f"0-{after}"}, count=READ_COUNT, block=milliseconds(block))
+            entries = _entries(found, after)
+            if entries:
+                return entries
+            with reachable():
+                alive = await self._client.exists(self.key("runalive", run_id))
+            if not alive:
+                # Ended (or died) while we waited: what it wrote before then, if anything, else lost.
+                with reachable():
+                    found = await self._client.xread({key: f"0-{after}"}, count=READ_COUNT)
+                return _entries(found, after) or [lost_entry()]
+            if deadline is not None and time.monotonic() >= deadline:
+                return []
+
+    async def heartbeat(self, run_ids: list[str], ttl: float) -> None:
+        if not run_ids:
+            return
+        with reachable():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for run_id in run_ids:
+                    pipe.set(self.key("runalive", run_id), b"1", px=milliseconds(ttl))
+                await pipe.execute()
+
+    async def send(self, kind: str, run_id: str) -> None:
+        with reachable():
+            await self._client.publish(self.key("channel", "runs"), f"{kind} {run_id}")
+
+    async def listen(self, handler: ControlHandler) -> None:
+        channel = self.key("channel", "runs")
+        while True:
+            try:
+                async with self._blocking.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(channel)
+                    while True:
+                        message = await pubsub.get_message(timeout=self.block_seconds)
+                        if message is not None and message.get("type") == "message":
+                            kind, _, run_id = bytes(message["data"]).decode(errors="replace").partition(" ")
+                            handler(kind, run_id)
+            except UNREACHABLE as exc:
+                logger.warning("run control channel lost; resubscribing", extra={"error": type(exc).__name__})
+                await asyncio.sleep(RECONNECT_SECONDS)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+        await self._blocking.aclose()
+
+    async def write(self, meta: RunMeta, batch: list[tuple[int, Entry]], ttl_ms: int) -> None:
+        key = self.key("runlog", meta.run_id)
+        with reachable():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for position, (kind, value) in batch:
+                    pipe.xadd(key, {"k": kind, "v": value}, id=f"0-{position}")
+                pipe.pexpire(key, ttl_ms, nx=True)
+                await pipe.execute()
+
+    async def finish(self, meta: RunMeta, keep_seconds: float) -> None:
+        chat = self._chat(meta.user_id, meta.alias, meta.chat_id) if meta.chat_id is not None else ""
+        run_id = meta.run_id
+        keys = [self.key("run", run_id), self.key("runlog", run_id), self.key("runalive", run_id), chat]
+        with reachable():
+            await self._close(keys, [milliseconds(keep_seconds), run_id])
+        self.keep_local(run_id, keep_seconds)
+
+
+class RedisChunkLog(ChunkLog):
+    """A producer's log: read here from memory, mirrored to Redis by one flusher at a time."""
+
+    def __init__(self, meta: RunMeta, logs: RedisRunLogs, ttl_ms: int) -> None:
+        super().__init__(meta)
+        self._logs = logs
+        self._ttl_ms = ttl_ms
+        self._pending: list[tuple[int, Entry]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    def append(self, entry: Entry) -> None:
+        super().append(entry)
+        self._pending.append((len(self.entries), entry))
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await self._logs.write(self.meta, batch, self._ttl_ms)
+                except Exception:  # a reader elsewhere sees the gap as a lost run; this replica goes on
+                    logger.warning("run log entries not mirrored to storage", extra={"entries": len(batch)})
+        finally:
+            self._flusher = None
+
+    async def close(self, ending: Entry, keep_seconds: float) -> None:
+        self.append(ending)
+        flusher = self._flusher
+        if flusher is not None:
+            await asyncio.shield(flusher)
+        try:
+            await self._logs.finish(self.meta, keep_seconds)
+        except Exception:
+            logger.warning("run log end not stored; it expires by itself")
+
+
+def _entries(found: Any, after: int) -> list[Entry]:
+    """Entries from an XREAD answer (`[[key, [(id, fields), ...]]]`), in order, up to the first gap."""
+    entries: list[Entry] = []
+    for _, items in found or []:
+        for entry_id, fields in items:
+            if int(entry_id.split(b"-")[1]) != after + len(entries) + 1:
+                return [*entries, lost_entry()]
+            entries.append((fields[b"k"].decode(), bytes(fields[b"v"])))
+    return entries
