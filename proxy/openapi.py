@@ -130,6 +130,18 @@ SESSION_OK = {"200": {"description": "Signed in", "content": _json(_ref("Session
 NO_CONTENT = {"204": {"description": "Done"}}
 TEXT_STREAM = {"text/plain": {"schema": {"type": "string"}}}
 
+PROTOCOL_PARAMETER: Schema = {
+    "name": "protocol",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string", "enum": ["ui", "text", "data"], "default": "ui"},
+}
+CHAT_STREAM_OK: dict[str, Schema] = {
+    "200": {
+        "description": "UI message stream (SSE), plain text, or v4 data stream",
+        "content": {"text/event-stream": {"schema": _ref("UiStreamEvent")}, **TEXT_STREAM},
+    }
+}
 OPERATIONS: dict[tuple[str, str], Schema] = {
     ("post", "/auth/guest"): {
         "summary": "Start an anonymous session",
@@ -191,20 +203,10 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
     },
     ("post", "/api/chat/{alias}"): {
         "summary": "Relay a workflow run in an AI SDK chat protocol (useChat)",
-        "parameters": [
-            {
-                "name": "protocol",
-                "in": "query",
-                "required": False,
-                "schema": {"type": "string", "enum": ["ui", "text", "data"], "default": "ui"},
-            }
-        ],
+        "parameters": [PROTOCOL_PARAMETER],
         "requestBody": {"required": True, "content": _json(_ref("ChatRequest"))},
         "responses": {
-            "200": {
-                "description": "UI message stream (SSE), plain text, or v4 data stream",
-                "content": {"text/event-stream": {"schema": _ref("UiStreamEvent")}, **TEXT_STREAM},
-            },
+            **CHAT_STREAM_OK,
             **{
                 str(status): {"description": "Error, as short text", "content": TEXT_STREAM}
                 for status in (401, 402, 403, 404, 413, 422, 429, 502, 503, 504)
@@ -212,13 +214,51 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
         },
     },
     ("get", "/api/chat/{alias}/{chat_id}/stream"): {
-        "summary": "Resume a chat stream: always 204, streams are not resumable",
-        # Any alias: the answer is the same for every one, so it reveals nothing.
+        "summary": "Resume a chat's answer (useChat resume: true): replayed from its first chunk, then live",
+        # Any alias: a 204 is the answer for every unknown one, so it reveals nothing.
+        "parameters": [
+            {"name": "alias", "in": "path", "required": True, "schema": {"type": "string"}},
+            {"name": "chat_id", "in": "path", "required": True, "schema": {"type": "string"}},
+            PROTOCOL_PARAMETER,
+        ],
+        "responses": {**CHAT_STREAM_OK, **NO_CONTENT, **_errors(422)},
+    },
+    ("get", "/api/chat/{alias}"): {
+        "summary": "Resume a chat's answer for AI SDK 4 (experimental_resume); an empty stream when none",
+        "parameters": [
+            {"name": "alias", "in": "path", "required": True, "schema": {"type": "string"}},
+            {"name": "chatId", "in": "query", "required": True, "schema": {"type": "string"}},
+            {**PROTOCOL_PARAMETER, "schema": {"type": "string", "enum": ["ui", "text", "data"], "default": "data"}},
+        ],
+        "responses": {**CHAT_STREAM_OK, **_errors(422)},
+    },
+    ("post", "/api/chat/{alias}/{chat_id}/stop"): {
+        "summary": "Stop a chat's answer on whichever replica runs it",
         "parameters": [
             {"name": "alias", "in": "path", "required": True, "schema": {"type": "string"}},
             {"name": "chat_id", "in": "path", "required": True, "schema": {"type": "string"}},
         ],
-        "responses": NO_CONTENT,
+        "responses": {
+            **NO_CONTENT,
+            **{
+                str(status): {"description": "Error, as short text", "content": TEXT_STREAM}
+                for status in (401, 403, 413, 422, 503)
+            },
+        },
+    },
+    ("get", "/api/runs/{run_id}/stream"): {
+        "summary": "A relayed answer as plain text from character `from`: replayed, then live",
+        "parameters": [
+            {"name": "from", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}},
+        ],
+        "responses": {
+            "200": {"description": "The answer's text from that character", "content": TEXT_STREAM},
+            **_errors(401, 404, 422, 503),
+        },
+    },
+    ("post", "/api/runs/{run_id}/stop"): {
+        "summary": "Stop a relayed answer on whichever replica runs it",
+        "responses": {**NO_CONTENT, **_errors(401, 403, 404, 413, 422, 503)},
     },
     ("get", "/healthz"): {
         "summary": "Process alive",

@@ -3,6 +3,9 @@
 The app is built with Vite from its pinned dependencies, served by workflow-bff itself at `/` (one
 origin, as behind one host), and driven by playwright-core in headless Debian Chromium
 (tests/node/browser.mjs). A screenshot of the finished chat goes to test-artifacts/chat.png.
+
+The relay runs with the default grace period: a run goes on generating for 20 s after its reader
+leaves, so a reload can resume it, and only the chat's stop route ends it sooner.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from tests.test_chat_node import NODE_DIR, require_node_modules
 APP_DIR = ROOT / "examples" / "react-chat"
 ARTIFACTS = ROOT / "test-artifacts"
 NO_CREDITS = "The upstream account has no credits left."
+QUESTIONS = ("first question", "question to stop", "question to resume")
 
 
 @dataclass
@@ -66,7 +70,7 @@ def built_app(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def app_server(built_app: Path, emulator: ServerProcess) -> Iterator[ServerProcess]:
-    server = AppServer(["--static", str(built_app)], proxy_env(emulator.url)).start()
+    server = AppServer(["--static", str(built_app)], proxy_env(emulator.url, BFF_RESUME_GRACE_SECONDS="20")).start()
     yield server
     server.stop()
 
@@ -86,28 +90,48 @@ def drive_browser(app: ServerProcess, upstream: EmulatorControl, chromium: str, 
     return report
 
 
-def test_the_react_example_chats_stops_and_shows_errors_in_chromium(
+def test_the_react_example_chats_stops_resumes_and_shows_errors_in_chromium(
     app_server: ServerProcess, upstream: EmulatorControl
 ) -> None:
     chromium = require_tool("chromium")
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "chat.png"
+    first, to_stop, to_resume = (generate_text("wf_tutor", {"message": q}) for q in QUESTIONS[:3])
 
     report = drive_browser(app_server, upstream, chromium, screenshot)
 
-    # useChat({resume: true}) on page load: the 204 leaves the chat ready, not in error.
-    assert report["onLoad"] == {"status": "ready", "error": 0}
-    # The answer streams in and is exactly what the upstream produced.
-    assert report["answered"] == {
+    # useChat({id, resume: true}) on page load: the tab's new chat id has no run, and the 204 leaves
+    # the chat ready, not in error.
+    chat_id = report["onLoad"]["chatId"]
+    assert chat_id
+    assert report["onLoad"] == {
         "status": "ready",
-        "answers": [generate_text("wf_tutor", {"message": "first question"})],
+        "error": 0,
+        "chatId": chat_id,
+        "resumes": [{"path": f"/api/chat/tutor/{chat_id}/stream", "status": 204}],
     }
-    # stop() mid-stream: the upstream request was cancelled, the partial answer stays.
+    # The answer streams in and is exactly what the upstream produced.
+    assert report["answered"] == {"status": "ready", "answers": [first]}
+    # Stop mid-stream: the Stop button called the chat's stop route, which cancelled the upstream
+    # request well inside the grace period; the partial answer stays.
     stopped = report["stopped"]
     assert stopped["statusWhileStreaming"] == "streaming"
     assert stopped["upstreamCancelled"] is True
+    assert stopped["stops"] == [{"path": f"/api/chat/tutor/{chat_id}/stop", "status": 204}]
     assert stopped["status"] == "ready"
-    assert stopped["answers"][1] == split_chunks(generate_text("wf_tutor", {"message": "question to stop"}))[0]
+    assert stopped["answers"][1] == split_chunks(to_stop)[0]
+    # Reloaded mid-answer: the same chat, its saved messages, and the answer resumed from the one
+    # upstream stream (nothing asked again). The replay's message id matches the saved partial
+    # message, so the whole answer shows once, in its place.
+    assert report["resumed"] == {
+        "sameChat": True,
+        "statusWhileHeld": "streaming",
+        "status": "ready",
+        "questions": list(QUESTIONS[:3]),
+        "answers": [first, split_chunks(to_stop)[0], to_resume],
+        "resumes": [{"path": f"/api/chat/tutor/{chat_id}/stream", "status": 200}],
+        "upstreamStarts": 1,
+    }
     # An upstream 402 becomes the relay's short plain-text body, shown as the chat's error.
     assert report["refused"] == {"status": "error", "error": NO_CREDITS}
     assert report["consoleErrors"] == []

@@ -197,9 +197,13 @@ def test_regenerate_edit_resume_and_images_work_with_the_real_client(
     assert edit["upstream"][2] == inputs("first question, edited")
     assert shown(edit) == [("user", "first question, edited"), ("assistant", answer("first question, edited"))]
 
-    # resume: true finds no stream to resume (204) and stays out of the error state.
+    # resume: true on a chat that never ran: the route answers 204, and the chat stays ready and empty
+    # (resuming a run that did: tests/test_resume_node.py).
     if protocol == "ui":
         resumed = report["resume"]
+        assert resumed["response"]["method"] == "GET"
+        assert resumed["response"]["url"].endswith("/stream")
+        assert (resumed["response"]["status"], resumed["response"]["head"]) == (204, "")
         assert (resumed["status"], resumed["error"], resumed["messages"]) == ("ready", None, [])
 
     # An attached https image reaches the workflow's image input.

@@ -89,7 +89,8 @@ class Run:
         self._scope: anyio.CancelScope | None = None
         self._body: Body | None = None
         self._followers = 0
-        self._remote_until = 0.0  # a follower on another replica said so until then
+        self._idle_since = 0.0  # when the last follower here left
+        self._remote_until = 0.0  # a follower on another replica said it is there until then
         self._grace: asyncio.TimerHandle | None = None
         self._request_id = current_request_id()
         self._task = asyncio.get_running_loop().create_task(self._life())
@@ -103,29 +104,28 @@ class Run:
     def detach(self) -> None:
         self._followers -= 1
         if self._followers == 0 and self.ending is None:
-            self._idle()
+            self._idle_since = time.monotonic()
+            self._wait_for_follower()
 
     def followed_elsewhere(self, seconds: float) -> None:
         """A follower on another replica is reading this run, and says so again within `seconds`."""
         self._remote_until = time.monotonic() + seconds
         if self._followers == 0 and self.ending is None:
-            self._idle()
+            self._wait_for_follower()
 
-    def _idle(self) -> None:
-        """Nobody here follows the run: a streamed run waits the grace period for a follower (a
-        reload, another tab), then stops so that an abandoned answer costs no more than that."""
-        grace = self._runs.grace_seconds if self.log is not None else 0.0
-        wait = max(time.monotonic(), self._remote_until) + grace - time.monotonic()
+    def _wait_for_follower(self) -> None:
+        """Nobody follows the run: a streamed run waits the grace period for a follower (a reload,
+        another tab), counted from when the last one left, then stops, so that an abandoned answer
+        costs no more than that."""
         self._cancel_grace()
+        if self._followers or self.ending is not None:
+            return
+        grace = self._runs.grace_seconds if self.log is not None else 0.0
+        wait = max(self._idle_since, self._remote_until) + grace - time.monotonic()
         if wait <= 0:
             self.stop("client_gone")
         else:
-            self._grace = asyncio.get_running_loop().call_later(wait, self._grace_over)
-
-    def _grace_over(self) -> None:
-        self._grace = None
-        if self._followers == 0 and self.ending is None:
-            self._idle()
+            self._grace = asyncio.get_running_loop().call_later(wait, self._wait_for_follower)
 
     def _cancel_grace(self) -> None:
         if self._grace is not None:

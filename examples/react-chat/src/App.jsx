@@ -19,8 +19,16 @@ const textTransport = new TextStreamChatTransport({
 });
 
 const DEMOS = {
-  ui: { title: "useChat · DefaultChatTransport", render: () => <ChatPanel transport={uiTransport} resume /> },
-  text: { title: "useChat · TextStreamChatTransport", render: () => <ChatPanel transport={textTransport} /> },
+  // resume: only with the UI message stream, whose replay carries the answer's message id (a text
+  // stream has none, so a resumed text answer would be added next to the saved one).
+  ui: {
+    title: "useChat · DefaultChatTransport",
+    render: () => <ChatPanel transport={uiTransport} storageKey="chat:ui" resume />,
+  },
+  text: {
+    title: "useChat · TextStreamChatTransport",
+    render: () => <ChatPanel transport={textTransport} storageKey="chat:text" />,
+  },
   token: { title: "fetch + ReadableStream · token mode", render: () => <TokenModeStream /> },
 };
 
