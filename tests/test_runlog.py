@@ -135,8 +135,8 @@ async def test_an_ended_log_is_forgotten_after_its_keep_time(replicas: tuple[Run
     assert await reader.meta(log.meta.run_id) is not None
 
     with anyio.fail_after(WAIT):
-        while await reader.meta(log.meta.run_id) is not None:  # noqa: ASYNC110 - expiry sends no event
-            await anyio.sleep(0.05)
+        while await reader.meta(log.meta.run_id) is not None:  # noqa: ASYNC110
+            await anyio.sleep(0.05)  # an expiry sends no event to wait for
     assert await reader.chat_run("guest:a", "tutor", "chat-1") is None
     [(kind, value)] = await reader.read(log.meta.run_id, 0, 1.0)
     assert (kind, json.loads(value)["reason"]) == (END, "lost")
