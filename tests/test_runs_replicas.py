@@ -168,16 +168,18 @@ def test_followers_of_a_killed_replica_end_with_an_in_band_error_within_the_leas
         upstream.fault(op="stream", workflow="wf_tutor", hold_after=1)
         with browser(doomed.url) as on_doomed:
             on_doomed.post("/auth/guest").raise_for_status()
-            with browser(survivor.url, cookies=on_doomed.cookies) as on_survivor:
-                with on_doomed.stream("POST", "/api/chat/tutor", json=chat_body("doomed")) as response:
-                    next(response.iter_raw())
-                    with on_survivor.stream("GET", "/api/chat/tutor/doomed/stream") as follower:
-                        body = follower.iter_raw()
-                        head = next(body)
-                        doomed.stop(signal.SIGKILL)
-                        killed_at = time.monotonic()
-                        events = sse_events((head + b"".join(body)).decode())
-                        ended_after = time.monotonic() - killed_at
+            with (
+                browser(survivor.url, cookies=on_doomed.cookies) as on_survivor,
+                on_doomed.stream("POST", "/api/chat/tutor", json=chat_body("doomed")) as response,
+            ):
+                next(response.iter_raw())
+                with on_survivor.stream("GET", "/api/chat/tutor/doomed/stream") as follower:
+                    body = follower.iter_raw()
+                    head = next(body)
+                    doomed.stop(signal.SIGKILL)
+                    killed_at = time.monotonic()
+                    events = sse_events((head + b"".join(body)).decode())
+                    ended_after = time.monotonic() - killed_at
     finally:
         doomed.stop(signal.SIGKILL)
 
