@@ -130,6 +130,12 @@ SESSION_OK = {"200": {"description": "Signed in", "content": _json(_ref("Session
 NO_CONTENT = {"204": {"description": "Done"}}
 TEXT_STREAM = {"text/plain": {"schema": {"type": "string"}}}
 
+
+def _text_errors(*statuses: int) -> dict[str, Schema]:
+    """The chat routes' errors: a short text body, which useChat shows as it is."""
+    return {str(status): {"description": "Error, as short text", "content": TEXT_STREAM} for status in statuses}
+
+
 PROTOCOL_PARAMETER: Schema = {
     "name": "protocol",
     "in": "query",
@@ -207,10 +213,7 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
         "requestBody": {"required": True, "content": _json(_ref("ChatRequest"))},
         "responses": {
             **CHAT_STREAM_OK,
-            **{
-                str(status): {"description": "Error, as short text", "content": TEXT_STREAM}
-                for status in (401, 402, 403, 404, 413, 422, 429, 502, 503, 504)
-            },
+            **_text_errors(401, 402, 403, 404, 413, 422, 429, 502, 503, 504),
         },
     },
     ("get", "/api/chat/{alias}/{chat_id}/stream"): {
@@ -221,7 +224,7 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
             {"name": "chat_id", "in": "path", "required": True, "schema": {"type": "string"}},
             PROTOCOL_PARAMETER,
         ],
-        "responses": {**CHAT_STREAM_OK, **NO_CONTENT, **_errors(422)},
+        "responses": {**CHAT_STREAM_OK, **NO_CONTENT, **_text_errors(422, 503)},
     },
     ("get", "/api/chat/{alias}"): {
         "summary": "Resume a chat's answer for AI SDK 4 (experimental_resume); an empty stream when none",
@@ -230,7 +233,7 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
             {"name": "chatId", "in": "query", "required": True, "schema": {"type": "string"}},
             {**PROTOCOL_PARAMETER, "schema": {"type": "string", "enum": ["ui", "text", "data"], "default": "data"}},
         ],
-        "responses": {**CHAT_STREAM_OK, **_errors(422)},
+        "responses": {**CHAT_STREAM_OK, **_text_errors(422, 503)},
     },
     ("post", "/api/chat/{alias}/{chat_id}/stop"): {
         "summary": "Stop a chat's answer on whichever replica runs it",
@@ -238,13 +241,7 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
             {"name": "alias", "in": "path", "required": True, "schema": {"type": "string"}},
             {"name": "chat_id", "in": "path", "required": True, "schema": {"type": "string"}},
         ],
-        "responses": {
-            **NO_CONTENT,
-            **{
-                str(status): {"description": "Error, as short text", "content": TEXT_STREAM}
-                for status in (401, 403, 413, 422, 503)
-            },
-        },
+        "responses": {**NO_CONTENT, **_text_errors(401, 403, 413, 422, 503)},
     },
     ("get", "/api/runs/{run_id}/stream"): {
         "summary": "A relayed answer as plain text from character `from`: replayed, then live",

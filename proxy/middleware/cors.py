@@ -21,8 +21,11 @@ from proxy.middleware.response import on_response_start
 ALLOWED_METHODS = "GET, POST"
 # Authorization: POST /auth/exchange carries the identity provider's token in it.
 ALLOWED_HEADERS = "Authorization, Content-Type, X-CSRF, X-Request-ID"
-# What a cross-origin app needs to read: request ids for support, limits for back-off.
-EXPOSED_HEADERS = "Retry-After, X-Error-Code, X-Request-ID, X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset"
+# What a cross-origin app needs to read: request ids for support, limits for back-off, the run id
+# to resume or stop an answer.
+EXPOSED_HEADERS = (
+    "Retry-After, X-Error-Code, X-Request-ID, X-Run-Id, X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset"
+)
 PREFLIGHT_MAX_AGE = "600"
 
 

@@ -54,9 +54,9 @@ async def chat(request: Request) -> Response:
     what = f"chat:{workflow.alias}:{protocol}"
     # The user's limits are checked last, so a request refused for bad input costs nothing against them.
     run = await bff.runs.start(
-        session, RunRequest(workflow, inputs, what, chat_id=chat_id if isinstance(chat_id, str) and chat_id else None)
+        session, RunRequest(workflow, inputs, what, chat_id=chat_id if isinstance(chat_id, str) else None)
     )
-    return RunStream(bff.runs, run.meta, ENCODERS[protocol](run.meta), origin=True, headers=run.headers, what=what)
+    return RunStream(bff.runs, run.meta, ENCODERS[protocol](run.meta), headers=run.headers, what=what)
 
 
 async def _chat_run(bff: Services, request: Request, chat_id: str) -> RunMeta | None:
@@ -73,14 +73,16 @@ async def _chat_run(bff: Services, request: Request, chat_id: str) -> RunMeta | 
 async def resume(request: Request) -> Response:
     """useChat `resume: true` asks here on every page load: the chat's run replayed from its first
     chunk (same message id, so the client replaces its partial message), then live. 204 when there is
-    none, or no session, or it is someone else's chat: the one answer that reveals nothing and keeps
-    the chat out of its error state."""
+    none, or no session, or it is someone else's chat, or its run failed before it said anything: the
+    one answer that reveals nothing and keeps the chat out of its error state."""
     bff = services(request)
     protocol = _protocol(request)
     meta = await _chat_run(bff, request, request.path_params["chat_id"])
+    nothing = Response(status_code=204, headers=NO_STORE)
     if meta is None:
-        return Response(status_code=204, headers=NO_STORE)
-    return RunStream(bff.runs, meta, ENCODERS[protocol](meta), what=f"resume:{meta.alias}:{protocol}")
+        return nothing
+    encoder = ENCODERS[protocol](meta)
+    return RunStream(bff.runs, meta, encoder, instead_of_error=nothing, what=f"resume:{meta.alias}:{protocol}")
 
 
 async def resume_v4(request: Request) -> Response:
@@ -89,10 +91,12 @@ async def resume_v4(request: Request) -> Response:
     bff = services(request)
     protocol = _protocol(request, default="data")
     meta = await _chat_run(bff, request, request.query_params.get("chatId", ""))
+    empty = DataStreamEncoder()
+    nothing = Response(b"", headers={**empty.headers, **NO_STORE}, media_type=empty.media_type)
     if meta is None:
-        encoder = DataStreamEncoder()
-        return Response(b"", headers={**encoder.headers, **NO_STORE}, media_type=encoder.media_type)
-    return RunStream(bff.runs, meta, ENCODERS[protocol](meta), what=f"resume:{meta.alias}:{protocol}")
+        return nothing
+    encoder = ENCODERS[protocol](meta)
+    return RunStream(bff.runs, meta, encoder, instead_of_error=nothing, what=f"resume:{meta.alias}:{protocol}")
 
 
 async def stop(request: Request) -> Response:

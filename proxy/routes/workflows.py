@@ -71,7 +71,7 @@ async def stream(request: Request) -> Response:
     bff, session, workflow, inputs = await _workflow_and_inputs(request)
     what = f"stream:{workflow.alias}"
     run = await bff.runs.start(session, RunRequest(workflow, inputs, what))
-    return RunStream(bff.runs, run.meta, TextEncoder(), origin=True, headers=run.headers, what=what)
+    return RunStream(bff.runs, run.meta, TextEncoder(), headers=run.headers, what=what)
 
 
 async def run(request: Request) -> Response:

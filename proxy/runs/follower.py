@@ -11,9 +11,8 @@ model can take minutes to its first token. So a follower watches `receive()` for
 from the start, and leaving is what detaches it (`Run.detach`, which may end the run).
 
 Until the run's first text, protocols that can say nothing (SSE comments, blank lines) send
-keep-alives, so proxies with an idle timeout do not cut a long wait. The POST's 200 is committed when
-the upstream answers, or at the first keep-alive if it has not yet; a resume commits at once.
-Errors after that go in-band.
+keep-alives, so proxies with an idle timeout do not cut a long wait. The 200 is committed when the
+upstream answers, or at the first keep-alive if it has not yet; errors after that go in-band.
 """
 
 from __future__ import annotations
@@ -87,7 +86,7 @@ class RunStream(Response):
         meta: RunMeta,
         encoder: StreamEncoder,
         *,
-        origin: bool = False,
+        instead_of_error: Response | None = None,
         headers: dict[str, str] | None = None,
         skip_chars: int = 0,
         what: str = "",
@@ -96,9 +95,9 @@ class RunStream(Response):
         self.runs = runs
         self.meta = meta
         self.encoder = encoder
-        # The POST that started the run answers its errors with a status while it can; a resume has
-        # nothing to refuse once it found the run, so it commits its 200 at once.
-        self.origin = origin
+        # A run that failed before its answer started is answered with the error's status, or, for a
+        # resume, with `instead_of_error`: a reload must not open the chat in its error state.
+        self.instead_of_error = instead_of_error
         self.extra_headers = {**(headers or {}), "X-Run-Id": meta.run_id}
         self.skip = _CharSkip(skip_chars) if skip_chars else None
         self.what = what
@@ -149,8 +148,6 @@ class RunStream(Response):
         consumed = 0
         keepalive_at = time.monotonic() + self.keepalive_seconds if encoder.keepalive is not None else None
         announce_at = 0.0
-        if not self.origin:
-            await self._start(send)
         while True:
             now = time.monotonic()
             wait: float | None = None
@@ -205,6 +202,8 @@ class RunStream(Response):
                 body += encoder.open()
             await self._start(send)
             await self._send(send, body + encoder.close(), more=False)
+        elif not self.started and self.instead_of_error is not None:
+            await self._bounded(self.instead_of_error({"type": "http"}, _no_receive, send))
         elif not self.started:
             await self._error(path, send, ending.error)
         else:

@@ -91,10 +91,12 @@ class RunManager:
         try:
             headers = await self.limiter.check("relay", user_id, workflow=alias)
             log = None
-            meta = RunMeta(run_id, user_id, "msg_" + secrets.token_hex(12), alias, request.chat_id)
+            # A chat id too long to be one of ours is no chat: the answer is still followable by run id.
+            chat_id = request.chat_id if request.chat_id and len(request.chat_id) <= MAX_CHAT_ID_CHARS else None
+            meta = RunMeta(run_id, user_id, "msg_" + secrets.token_hex(12), alias, chat_id)
             if request.streamed:
-                if request.chat_id is not None:  # a new message in a chat ends the chat's previous answer
-                    previous = await self.logs.chat_run(user_id, alias, request.chat_id)
+                if meta.chat_id is not None:  # a new message in a chat ends the chat's previous answer
+                    previous = await self.logs.chat_run(user_id, alias, meta.chat_id)
                     if previous is not None:
                         await self.stop(previous, "replaced")
                 ttl = self.max_seconds + self.resume_seconds + LOG_TTL_SLACK_SECONDS
