@@ -349,7 +349,8 @@ if (config.only?.includes("cut-resume")) {
     const first = await newChat(cookie, { chatId });
     const firstText = nextText(first);
     const sending = first.send(CUT_QUESTION);
-    const textAtCut = await firstText;
+    // (null, not a hang, if the answer ends without any text)
+    const textAtCut = await Promise.race([firstText, sending.then(() => null)]);
     const post = responses.at(-1);
     post.cut();
     await sending;
@@ -359,7 +360,7 @@ if (config.only?.includes("cut-resume")) {
     const reloaded = await newChat(cookie, { chatId, messages: first.saved().filter((m) => m.role === "user") });
     const replayed = nextText(reloaded);
     const resuming = reloaded.resume();
-    const textReplayed = await replayed;
+    const textReplayed = await Promise.race([replayed, resuming.then(() => null)]);
     const streamEndsAtReplay = await streamEnds();
     await release();
     await resuming;
