@@ -60,6 +60,7 @@ class Target:
     upstream: Endpoint
     upstream_server: Server
     proxy: Server | None
+    storage: Server | None = None  # the redis-server the proxy keeps its state in, if any
     tokens: list[str] = field(default_factory=list)
     cookies: list[str] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
@@ -116,6 +117,9 @@ class Target:
 
     def proxy_cpu(self) -> int:
         return self.proxy.cpu_ns() if self.proxy is not None else 0
+
+    def storage_cpu(self) -> int:
+        return self.storage.cpu_ns() if self.storage is not None else 0
 
     def proxy_cpu_ticks(self) -> int:
         """utime+stime from /proc/<pid>/stat (10 ms ticks): a cross-check of `proxy_cpu`."""
@@ -300,6 +304,7 @@ class Sample:
     upstream_cpu: int
     client_cpu: int
     proxy_rss: int
+    storage_cpu: int
 
 
 async def sampler(target: Target, samples: list[Sample], stop: asyncio.Event) -> None:
@@ -311,6 +316,7 @@ async def sampler(target: Target, samples: list[Sample], stop: asyncio.Event) ->
                 target.upstream_server.cpu_ns(),
                 client_cpu(),
                 target.proxy.rss() if target.proxy is not None else 0,
+                target.storage_cpu(),
             )
         )
         if stop.is_set():
@@ -511,6 +517,7 @@ async def held_streams(
         "held_cpu_chunk_us": us(b.proxy_cpu - a.proxy_cpu, relayed) if target.proxy is not None else None,
         "held_upstream_cpu_chunk_us": us(b.upstream_cpu - a.upstream_cpu, relayed),
         "held_client_cpu_chunk_us": us(b.client_cpu - a.client_cpu, relayed),
+        "held_storage_cpu_chunk_us": us(b.storage_cpu - a.storage_cpu, relayed) if target.storage is not None else None,
         "held_kb_per_stream": (
             (max(s.proxy_rss for s in samples) - baseline_rss) / 1024 / streams
             if target.proxy is not None and streams

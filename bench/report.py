@@ -24,6 +24,7 @@ COLORS = {
     "bare-aiohttp": "#1f77b4",
     "bare-httpx": "#9467bd",
     "bff": "#d62728",
+    "bff-redis": "#8c564b",
     "bff-pool": "#ff7f0e",
 }
 TITLES = {
@@ -32,6 +33,7 @@ TITLES = {
     "bare-aiohttp": "bare aiohttp",
     "bare-httpx": "bare httpx",
     "bff": "workflow-bff",
+    "bff-redis": "workflow-bff, Redis",
     "bff-pool": "workflow-bff, token pool",
 }
 
@@ -111,6 +113,7 @@ def rows(plan: Plan) -> list[tuple[str, list[Row]]]:
                 Row("held_upstream_cpu_chunk_us", "bench upstream CPU per chunk (µs, streams held open)"),
                 Row("req_client_cpu_us", f"load generator CPU per request (µs, concurrency {c})", 0),
                 Row("held_client_cpu_chunk_us", "load generator CPU per chunk (µs, streams held open)"),
+                Row("held_storage_cpu_chunk_us", "redis-server CPU per chunk (µs, streams held open)"),
                 Row("other_cpu_pct", "CPU used by anything else on the machine (% of all cores)"),
                 Row("steal_pct", "CPU time the hypervisor gave to other machines (steal, % of all cores)"),
             ],
@@ -162,6 +165,8 @@ def ran(plan: Plan, results: dict[str, TargetResults]) -> list[str]:
 # The goals' measures taken on the floors too, where they apply: a goal the floors miss as well is
 # beyond what this harness can show for any relay, not only for workflow-bff.
 FLOORS = ("bare-aiohttp", "direct")
+# workflow-bff with its state in Redis: every goal's measure is reported for it, none is judged.
+REDIS = "bff-redis"
 
 
 @dataclass(frozen=True)
@@ -172,14 +177,15 @@ class Goal:
     limit: float
     at_most: bool = True  # the value must stay at or below the limit (else at or above)
     floors: tuple[str, ...] = ()  # of FLOORS, those the measure means something for
+    per_target: bool = True  # False: one figure for workflow-bff alone (workers, token pool), none for REDIS
 
     def met(self, value: float) -> bool:
         return value <= self.limit if self.at_most else value >= self.limit
 
 
 def goals(plan: Plan, results: dict[str, TargetResults]) -> list[tuple[str, dict[str, str], bool | None]]:
-    """Issue 7's targets: the label, workflow-bff's value and the floors' (formatted, by target), and
-    whether workflow-bff meets it."""
+    """Issue 7's targets and the runs': the label, the values of workflow-bff, of workflow-bff with
+    Redis and of the floors (formatted, by target), and whether workflow-bff meets it."""
 
     def m(key: str) -> Callable[[str], float | None]:
         return lambda target: median(results, target, key)
@@ -212,20 +218,27 @@ def goals(plan: Plan, results: dict[str, TargetResults]) -> list[tuple[str, dict
         Goal(f"{n} streams: ≤ 30 KB per open stream{at}", m("held_kb_per_stream"), " KB", 30, floors=bare),
         Goal("≥ 90% of upstream requests on reused connections", m("req_reuse_pct"), " %", 90, at_most=False,
              floors=bare),
+        # The runs: every relay appends to a chunk log that its response follows.
+        Goal(f"runs, log in memory: CPU per relayed chunk at model pace ≤ 1.1× the bare aiohttp relay{at}",
+             over("held_cpu_chunk_us", "bare-aiohttp"), "×", 1.1),
+        Goal(f"runs: {n} streams opened at once, CPU per relayed chunk ≤ 1.0× the bare aiohttp relay",
+             over("st_cpu_chunk_all_us", "bare-aiohttp"), "×", 1.0),
+        Goal(f"runs: {n} streams opened at once, inter-chunk gap p99 ≤ the bare aiohttp relay's",
+             over("st_gap_p99_ms", "bare-aiohttp"), "×", 1.0),
     ]  # fmt: skip
     most, factor = scaling(results) or (max(plan.worker_counts, default=2), None)
     measured.append(
         Goal(f"throughput grows near-linearly with workers (≥ {NEAR_LINEAR * most:g}× one worker's at {most})",
-             lambda _: factor, "×", NEAR_LINEAR * most, at_most=False)
+             lambda _: factor, "×", NEAR_LINEAR * most, at_most=False, per_target=False)
     )  # fmt: skip
     direct, minting, pooled = (pool_p50(results, name) for name in ("direct", "bff", "bff-pool"))
     if direct is not None and (minting is not None or pooled is not None):
         rtt = plan.pool_rtt_ms
         measured += [
             Goal(f"with the token pool, idle TTFB p50 within 5% of direct (upstream {rtt:g} ms away)",
-                 lambda _: divide(pooled, direct), "×", 1.05),
+                 lambda _: divide(pooled, direct), "×", 1.05, per_target=False),
             Goal(f"without the pool, about one round trip ({rtt:g} ms) more than direct",
-                 lambda _: subtract(minting, direct), " ms", 1.5 * rtt),
+                 lambda _: subtract(minting, direct), " ms", 1.5 * rtt, per_target=False),
         ]  # fmt: skip
 
     def shown(goal: Goal, value: float | None) -> str:
@@ -234,7 +247,7 @@ def goals(plan: Plan, results: dict[str, TargetResults]) -> list[tuple[str, dict
     table = []
     for goal in measured:
         value = goal.measure("bff")
-        values = {"bff": shown(goal, value)}
+        values = {"bff": shown(goal, value), REDIS: shown(goal, goal.measure(REDIS)) if goal.per_target else "–"}
         values |= {floor: shown(goal, goal.measure(floor)) if floor in goal.floors else "–" for floor in FLOORS}
         table.append((goal.label, values, None if value is None else goal.met(value)))
     return table
@@ -310,7 +323,13 @@ def markdown(
         "each library.",
         "- **workflow-bff**: `python -m proxy serve`, one worker, its full production middleware stack; a "
         "signed-in guest session and `X-CSRF: 1` on `POST /api/workflows/{alias}/stream`. Per relayed request "
-        "it mints a token upstream (one extra round trip, by design) and then opens the stream.",
+        "it mints a token upstream (one extra round trip, by design) and then opens the stream. Each relay is "
+        "a run: the run appends the upstream's chunks to a chunk log in memory, and the response follows the "
+        "log (everything waiting in one send when it is behind).",
+        "- **workflow-bff, Redis**: the same with `BFF_STORAGE_URL` at a local redis-server started for it: "
+        "sessions and limits live there, and every run's log, still kept in memory for its own response, is "
+        "mirrored to a Redis stream by one flusher per run (so other replicas can follow it). The proxy's CPU "
+        "and memory are its own; redis-server's CPU is shown apart.",
         "",
         f"Medians of {plan.repeats} repeat(s), smallest–largest in small print. Every target starts afresh for "
         "each repeat, in a rotated order. Every relayed body is checked byte for byte.",
@@ -338,21 +357,23 @@ def markdown(
         )
     out[-2:-2] = [line for warning in warnings for line in (warning, "")]
     if "bff" in names:
-        floors = [TITLES[floor] for floor in FLOORS]
+        others = ([REDIS] if REDIS in names else []) + list(FLOORS)
         out += [
-            "## Issue 7 targets for workflow-bff",
+            "## Targets for workflow-bff",
             "",
-            "The last columns take the same measure on the floors, where it applies. The bare aiohttp relay has "
-            "no sessions, limits or token mint: a target it misses too is beyond a Python relay on this "
-            "machine, not only workflow-bff. One that direct misses is beyond this harness, whose load "
-            "generator and upstream share the machine's cores with the proxy.",
+            "Issue 7's targets, then the runs'. workflow-bff (its state in memory) is judged; with its state in "
+            "Redis the same measure is reported beside it, not judged. The last columns take the same measure "
+            "on the floors, where it applies. The bare aiohttp relay has no sessions, limits, token mint or run "
+            "log: a target it misses too is beyond a Python relay on this machine, not only workflow-bff. One "
+            "that direct misses is beyond this harness, whose load generator and upstream share the machine's "
+            "cores with the proxy.",
             "",
-            f"| target | workflow-bff | met | {' | '.join(floors)} |",
-            "|---|---:|:---:|" + "---:|" * len(FLOORS),
+            f"| target | workflow-bff | met | {' | '.join(TITLES[name] for name in others)} |",
+            "|---|---:|:---:|" + "---:|" * len(others),
         ]
         for label, values, met in goals(plan, results):
             verdict = "–" if met is None else "yes" if met else "**no**"
-            out.append(f"| {label} | {values['bff']} | {verdict} | " + " | ".join(values[f] for f in FLOORS) + " |")
+            out.append(f"| {label} | {values['bff']} | {verdict} | " + " | ".join(values[o] for o in others) + " |")
         out.append("")
     out += ["## Results", ""]
     for title, group in rows(plan):
@@ -530,7 +551,7 @@ def _method(plan: Plan, info: dict[str, str]) -> list[str]:
         "## How to reproduce",
         "",
         "```sh",
-        "apt-get install -y nginx redis-server   # the reference proxy, and Redis for --workers; node >= 18 on PATH",
+        "apt-get install -y nginx redis-server   # the reference proxy; Redis for bff-redis and --workers; node >= 18",
         "make bench                      # full run, a few minutes; rewrites docs/PERFORMANCE.md and the plot",
         "make bench-quick                # seconds; part of `make test`: every target relays byte-exact",
         ".venv/bin/python -m bench --help   # targets, repeats, stream counts, capacity levels, --no-pool, --rtt-ms",
@@ -585,8 +606,9 @@ def _method(plan: Plan, info: dict[str, str]) -> list[str]:
             if "bff-pool" in plan.targets
             else []
         ),
-        f"- workflow-bff runs with its defaults except, so that the bench is never refused, {env}: the limiter "
-        "still runs on every request.",
+        f"- workflow-bff runs with its defaults except {env}: limits it never reaches, so the bench is never "
+        "refused (the limiter still runs on every request), and no resume grace, so a run stops as soon as "
+        "its client leaves instead of generating on into the next phase.",
         "- The token pool section comes from its own phase (`--no-pool` skips it): direct, workflow-bff and "
         "workflow-bff with the pool, each started afresh with its own upstream, in a rotated order per repeat. "
         "`--targets bff-pool` adds the pool to every other phase too, and `--rtt-ms` moves every phase's "

@@ -1,4 +1,5 @@
-"""`python -m bench`: measure direct, nginx, bare relays and workflow-bff side by side in one run.
+"""`python -m bench`: measure direct, nginx, bare relays and workflow-bff (its state in memory and in
+Redis) side by side in one run.
 
     python -m bench                 # `make bench`: the full run (minutes); writes docs/PERFORMANCE.md + PNG
     python -m bench --quick         # `make bench-quick` (seconds, inside `make test`): small numbers,
@@ -36,6 +37,7 @@ from bench.servers import (
     BFF_BENCH_ENV,
     BFF_POOL_SIZE,
     DEFAULT_TARGETS,
+    REDIS_MISSING,
     ROOT,
     TARGETS,
     Server,
@@ -48,6 +50,7 @@ from bench.servers import (
     start_nginx,
     start_redis,
     start_upstream,
+    storage_env,
 )
 from bench.stats import thin
 
@@ -135,10 +138,12 @@ def available(target: str) -> str | None:
         return "nginx is not installed (apt-get install -y nginx)"
     if target == "bare-aiohttp" and importlib.util.find_spec("aiohttp") is None:
         return "aiohttp is not installed (pip install -e '.[bench]')"
+    if target == "bff-redis" and shutil.which("redis-server") is None:
+        return REDIS_MISSING
     return None
 
 
-def start_target(name: str, workdir: Path, upstream: Server, plan: Plan) -> Server | None:
+def start_target(name: str, workdir: Path, upstream: Server, storage: Server | None) -> Server | None:
     if name == "direct":
         return None
     if name == "nginx":
@@ -147,11 +152,14 @@ def start_target(name: str, workdir: Path, upstream: Server, plan: Plan) -> Serv
         return start_bare(workdir, upstream.port, name.removeprefix("bare-"))
     if name == "bff-pool":
         return start_bff(workdir, upstream.port, {"BFF_TOKEN_POOL": BFF_POOL_SIZE}, name)
+    if storage is not None:
+        return start_bff(workdir, upstream.port, storage_env(storage), name)
     return start_bff(workdir, upstream.port)
 
 
 class Running:
-    """One target with its own upstream, started fresh and stopped on exit."""
+    """One target with its own upstream (and bff-redis its own redis-server), started fresh and
+    stopped on exit."""
 
     def __init__(self, name: str, workdir: Path, plan: Plan) -> None:
         self.name, self.workdir, self.plan = name, workdir, plan
@@ -160,8 +168,12 @@ class Running:
     def __enter__(self) -> Target:
         upstream = start_upstream(self.workdir, self.plan.upstream_rtt_ms)
         self.servers.append(upstream)
+        storage = None
         try:
-            proxy = start_target(self.name, self.workdir, upstream, self.plan)
+            if self.name == "bff-redis":
+                storage = start_redis(self.workdir)
+                self.servers.append(storage)
+            proxy = start_target(self.name, self.workdir, upstream, storage)
         except BaseException:
             self.__exit__()
             raise
@@ -169,7 +181,7 @@ class Running:
             self.servers.append(proxy)
         upstream_endpoint = Endpoint("127.0.0.1", upstream.port)
         endpoint = Endpoint("127.0.0.1", proxy.port) if proxy is not None else upstream_endpoint
-        return Target(self.name, endpoint, upstream_endpoint, upstream, proxy)
+        return Target(self.name, endpoint, upstream_endpoint, upstream, proxy, storage)
 
     def __exit__(self, *exc: object) -> None:
         for server in reversed(self.servers):
@@ -234,7 +246,7 @@ async def measure(
             "other_cpu_pct": pct_of_cores(elsewhere, started),
             "steal_pct": pct_of_cores(machine_steal_ns() - steal_before, started),
         }
-        for server in (target.upstream_server, target.proxy):
+        for server in (target.upstream_server, target.proxy, target.storage):
             if server is not None and not server.alive():
                 target.failures.append(phases.Failure(name, "server", "-", f"{server.name} exited"))
     metrics = {**idle, **token, **low, **load, **streams, **held, **machine}
@@ -251,8 +263,9 @@ def pct_of_cores(cpu_ns: float, since: float) -> float:
 
 
 def ours(target: Target) -> int:
-    """CPU time of the processes this run measures: proxy, bench upstream, load generator."""
-    return target.proxy_cpu() + target.upstream_server.cpu_ns() + phases.client_cpu()
+    """CPU time of the processes this run measures: proxy (and its redis-server), bench upstream,
+    load generator."""
+    return target.proxy_cpu() + target.storage_cpu() + target.upstream_server.cpu_ns() + phases.client_cpu()
 
 
 async def measure_capacity(name: str, workdir: Path, plan: Plan) -> tuple[list[Level], list[phases.Failure]]:
@@ -282,11 +295,10 @@ async def measure_workers(workdir: Path, plan: Plan, count: int) -> tuple[Metric
         servers.append(upstream)
         redis = start_redis(workdir)
         servers.append(redis)
-        env = {"BFF_STORAGE_URL": f"redis://127.0.0.1:{redis.port}/0"}
-        proxy = start_bff(workdir, upstream.port, env, f"bff-{count}w", workers=count)
+        proxy = start_bff(workdir, upstream.port, storage_env(redis), f"bff-{count}w", workers=count)
         servers.append(proxy)
         endpoint, upstream_endpoint = Endpoint("127.0.0.1", proxy.port), Endpoint("127.0.0.1", upstream.port)
-        target = Target("bff", endpoint, upstream_endpoint, upstream, proxy)
+        target = Target("bff", endpoint, upstream_endpoint, upstream, proxy, redis)
         busy_before, started = machine_busy_ns(), time.monotonic()
         load = await phases.bounded(
             phases.requests(target, plan.requests, plan.concurrency, plan.request_timeout, "w"), PHASE_LIMIT_SECONDS
@@ -450,11 +462,10 @@ async def run(
         search = measure_capacity(name, workroot / f"capacity-{name}", plan)
         results[name].capacity = await recorded(failures, name, "capacity", "-", search) or []
     worker_counts = plan.worker_counts if "bff" in runnable else ()
-    if worker_counts and shutil.which("redis-server") is None:
-        reason = "redis-server is not installed (apt-get install -y redis-server)"
-        log(f"skipping the workers phase: {reason}")
+    if worker_counts and available("bff-redis") is not None:
+        log(f"skipping the workers phase: {REDIS_MISSING}")
         if os.environ.get("CI") == "true":
-            failures.append(phases.Failure("bff", "workers", "-", reason))
+            failures.append(phases.Failure("bff", "workers", "-", REDIS_MISSING))
         worker_counts = ()
     for repeat in range(plan.repeats) if worker_counts else []:
         for count in worker_counts:

@@ -6,6 +6,8 @@ Targets (each a black box on a loopback port):
   bare-aiohttp  a bare Starlette relay with an aiohttp client (bench/bare_relay.py)
   bare-httpx    the same bare relay with an httpx client
   bff           workflow-bff: `python -m proxy serve`, full middleware stack, guest sessions, CSRF
+  bff-redis     the same with BFF_STORAGE_URL at a throwaway redis-server: sessions, limits and every
+                run's chunk log (mirrored to Redis Streams) there
 CPU time comes from /proc/<pid>/task/*/schedstat (nanoseconds on CPU, every thread of every process
 in the tree), memory from VmRSS in /proc/<pid>/status.
 """
@@ -30,18 +32,21 @@ STOP_TIMEOUT = 15.0
 BENCH_API_KEY = "sk_bench_" + secrets.token_hex(16)
 WORKFLOW_ALIAS = "bench"
 WORKFLOW_ID = "wf_bench"
-TARGETS = ("direct", "nginx", "bare-aiohttp", "bare-httpx", "bff", "bff-pool")
+TARGETS = ("direct", "nginx", "bare-aiohttp", "bare-httpx", "bff", "bff-redis", "bff-pool")
 # bare-httpx is left out unless asked for: it shows what the httpx client costs, and takes as long as
-# the other four together. bff-pool is workflow-bff with pre-minted tokens (BFF_TOKEN_POOL), to be
-# compared with bff and direct under an emulated upstream round trip (--rtt-ms 50).
+# direct, nginx, bare-aiohttp and bff together. bff-pool is workflow-bff with pre-minted tokens
+# (BFF_TOKEN_POOL), to be compared with bff and direct under an emulated upstream round trip (--rtt-ms 50).
 BFF_POOL_SIZE = "16"
-DEFAULT_TARGETS = ("direct", "nginx", "bare-aiohttp", "bff")
+DEFAULT_TARGETS = ("direct", "nginx", "bare-aiohttp", "bff", "bff-redis")
 # Limits far above what the bench sends: the limiter still runs on every request (its cost is
-# measured), it just never refuses.
+# measured), it just never refuses. No resume grace: a run nobody follows any more stops at once, so
+# the streams a phase abandons (the held phase's clients leave) do not go on generating into the next.
 BFF_BENCH_ENV = {
     "BFF_RATE_LIMITS": "mint=10000000/minute;relay=10000000/minute;login=10000000/minute",
     "BFF_MAX_CONCURRENT_STREAMS": "10000",  # the highest it accepts; 200 guest sessions share the streams
+    "BFF_RESUME_GRACE_SECONDS": "0",
 }
+REDIS_MISSING = "redis-server is not installed (apt-get install -y redis-server)"
 
 
 # --- /proc ---------------------------------------------------------------------------------------
@@ -328,14 +333,19 @@ def start_bare(workdir: Path, upstream_port: int, client: str) -> Server:
 
 
 def start_redis(workdir: Path) -> Server:
-    """A throwaway redis-server (no persistence) for the workers phase: workers share sessions there."""
+    """A throwaway redis-server (no persistence, loopback only) for bff-redis and the workers phase."""
     binary = shutil.which("redis-server")
     if binary is None:
-        raise RuntimeError("redis-server is required for the workers phase")
+        raise RuntimeError(REDIS_MISSING)
     port = free_port()
     command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
     server = _spawn("redis", command, workdir)
     return _wait_for_port(server, lambda line: port if "Ready to accept connections" in line else None)
+
+
+def storage_env(redis: Server) -> dict[str, str]:
+    """workflow-bff's environment for keeping its sessions, limits and run logs in `redis`."""
+    return {"BFF_STORAGE_URL": f"redis://127.0.0.1:{redis.port}/0"}
 
 
 def start_bff(
