@@ -5,8 +5,9 @@ wait on Redis, and mirrors every entry into a stream with an explicit id `0-<n>`
 position): a reader elsewhere asks `XREAD BLOCK … 0-<after>` for everything past what it has, and a
 missing id means entries were lost, which it reports as the end of the run rather than skip them.
 
-Entries reach Redis from one flusher per run, which sends whatever has piled up since its last
-write in one pipeline: a busy replica makes fewer, larger writes instead of falling behind.
+Entries reach Redis from one writer per replica, which sends whatever has piled up since its last
+write, from every run, in one pipeline: a busy replica makes fewer, larger writes instead of falling
+behind.
 
 Keys (under the storage prefix, `bff:`):
 - `run:<id>`: the run's `RunMeta` as JSON;
@@ -69,6 +70,8 @@ class RedisRunLogs:
         self._prefix = key_prefix
         self.alive_seconds = alive_seconds
         self._local: dict[str, tuple[RedisChunkLog, float]] = {}
+        self._pending: list[tuple[RedisChunkLog, int, Entry]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._close = self._client.register_script(CLOSE)
 
     def key(self, kind: str, name: str) -> str:
@@ -179,14 +182,40 @@ class RedisRunLogs:
         await self._client.aclose()
         await self._blocking.aclose()
 
-    async def write(self, meta: RunMeta, batch: list[tuple[int, Entry]], ttl_ms: int) -> None:
-        key = self.key("runlog", meta.run_id)
+    def enqueue(self, log: RedisChunkLog, position: int, entry: Entry) -> None:
+        self._pending.append((log, position, entry))
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        """One writer for every run of this replica: whatever piled up since its last write, from
+        every run, goes to Redis in one pipeline, so a busy replica makes fewer, larger writes."""
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await self._write(batch)
+                except Exception:  # a reader elsewhere sees the gap as a lost run; this replica goes on
+                    logger.warning("run log entries not mirrored to storage", extra={"entries": len(batch)})
+                for log, position, _ in batch:
+                    log.mirrored = position
+        finally:
+            self._flusher = None
+
+    async def _write(self, batch: list[tuple[RedisChunkLog, int, Entry]]) -> None:
         with reachable():
             async with self._client.pipeline(transaction=False) as pipe:
-                for position, (kind, value) in batch:
+                for log, position, (kind, value) in batch:
+                    key = self.key("runlog", log.meta.run_id)
                     pipe.xadd(key, {"k": kind, "v": value}, id=f"0-{position}")
-                pipe.pexpire(key, ttl_ms, nx=True)
+                    if position == 1:  # the first entry made the stream
+                        pipe.pexpire(key, log.ttl_ms)
                 await pipe.execute()
+
+    async def mirrored(self, log: RedisChunkLog) -> None:
+        """Until every entry of `log` so far was written (or given up on)."""
+        while log.mirrored < len(log.entries) and self._flusher is not None:
+            await asyncio.shield(self._flusher)
 
     async def finish(self, meta: RunMeta, keep_seconds: float) -> None:
         chat = self._chat(meta.user_id, meta.alias, meta.chat_id) if meta.chat_id is not None else ""
@@ -198,37 +227,21 @@ class RedisRunLogs:
 
 
 class RedisChunkLog(ChunkLog):
-    """A producer's log: read here from memory, mirrored to Redis by one flusher at a time."""
+    """A producer's log: read here from memory, mirrored to Redis by the replica's one writer."""
 
     def __init__(self, meta: RunMeta, logs: RedisRunLogs, ttl_ms: int) -> None:
         super().__init__(meta)
         self._logs = logs
-        self._ttl_ms = ttl_ms
-        self._pending: list[tuple[int, Entry]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self.ttl_ms = ttl_ms
+        self.mirrored = 0  # entries written to Redis so far
 
     def append(self, entry: Entry) -> None:
         super().append(entry)
-        self._pending.append((len(self.entries), entry))
-        if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
-
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    await self._logs.write(self.meta, batch, self._ttl_ms)
-                except Exception:  # a reader elsewhere sees the gap as a lost run; this replica goes on
-                    logger.warning("run log entries not mirrored to storage", extra={"entries": len(batch)})
-        finally:
-            self._flusher = None
+        self._logs.enqueue(self, len(self.entries), entry)
 
     async def close(self, ending: Entry, keep_seconds: float) -> None:
         self.append(ending)
-        flusher = self._flusher
-        if flusher is not None:
-            await asyncio.shield(flusher)
+        await self._logs.mirrored(self)
         try:
             await self._logs.finish(self.meta, keep_seconds)
         except Exception:
