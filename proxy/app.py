@@ -117,6 +117,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
             async with anyio.create_task_group() as background:
                 background.start_soon(runs.keep_forever)
                 background.start_soon(runs.listen_forever)
+                background.start_soon(runs.watch_sends_forever)
                 if settings.token_pool:
                     background.start_soon(tokens.refill_forever)
                 yield {"services": services}

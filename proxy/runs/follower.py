@@ -2,9 +2,9 @@
 socket. The POST that started a run is its first follower; a resume is another.
 
 A follower that is behind reads everything the log holds in one go and writes it in one send, so
-under load the cost per chunk falls instead of rising. Every write waits at most
-`BFF_SEND_TIMEOUT_SECONDS`: a client that does not read that long is dropped, and the run goes on
-without it (a follower never holds the run, its slot or its upstream connection).
+under load the cost per chunk falls instead of rising. No write waits much longer than
+`BFF_SEND_TIMEOUT_SECONDS` (a second at most): a client that does not read that long is dropped,
+and the run goes on without it (a follower never holds the run, its slot or its upstream connection).
 
 Starlette's StreamingResponse only notices a client that left once the response has started, and a
 model can take minutes to its first token. So a follower watches `receive()` for `http.disconnect`
@@ -44,10 +44,6 @@ STREAM_HEADERS = {
 # Below the usual proxy idle timeouts (nginx and AWS ALB: 60 s).
 KEEPALIVE_SECONDS = 15.0
 Read = Callable[[int, float | None], Awaitable[list[Entry]]]
-
-
-class TooSlow(Exception):
-    """The client took no data for `BFF_SEND_TIMEOUT_SECONDS`."""
 
 
 class DisconnectWatch:
@@ -109,6 +105,11 @@ class RunStream(Response):
         self.first_text_at: float | None = None
         self.end = "incomplete"
         self._left = anyio.CancelScope()
+        # When the send in progress began (0: none is). `RunManager.watch_sends_forever` drops a
+        # follower whose send has waited longer than the send timeout: one check a second for all
+        # of them, rather than a timer armed and disarmed around every chunk.
+        self.sending_since = 0.0
+        self.too_slow = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         runs = self.runs
@@ -118,14 +119,16 @@ class RunStream(Response):
             read: Read = run.log.read
         else:
             read = self._remote_read
+        runs.followers.add(self)
         try:
             with self._left, DisconnectWatch(receive, self._left.cancel):
                 await self._follow(scope["path"], send, read, remote=run is None)
-            if self._left.cancelled_caught:
+            if self.too_slow:
+                self.end = "send_timeout"
+            elif self._left.cancelled_caught:
                 self.end = "client_gone" if self.sent_chars else "client_gone_early"
-        except TooSlow:
-            self.end = "send_timeout"
         finally:
+            runs.followers.discard(self)
             if run is not None and run.log is not None:
                 run.detach()
             runs.metrics.bytes_relayed.inc(self.sent_bytes)
@@ -236,10 +239,14 @@ class RunStream(Response):
         await self._bounded(response({"type": "http"}, _no_receive, send))
 
     async def _bounded(self, sending: Awaitable[None]) -> None:
-        with anyio.move_on_after(self.runs.send_timeout) as scope:
-            await sending
-        if scope.cancelled_caught:
-            raise TooSlow
+        self.sending_since = time.monotonic()
+        await sending
+        self.sending_since = 0.0
+
+    def drop(self) -> None:
+        """The client took no data for `BFF_SEND_TIMEOUT_SECONDS`: end this response, not the run."""
+        self.too_slow = True
+        self._left.cancel()
 
     def _start_headers(self) -> list[tuple[bytes, bytes]]:
         headers = {

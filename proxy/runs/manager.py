@@ -12,6 +12,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -24,6 +25,9 @@ from proxy.storage import Storage, StorageUnavailable
 from proxy.storage.runlog import RunLogs, RunMeta
 from proxy.token_pool import TokenSource
 from proxy.upstream import UpstreamClient
+
+if TYPE_CHECKING:
+    from proxy.runs.follower import RunStream
 
 logger = logging.getLogger("proxy.runs")
 
@@ -79,6 +83,7 @@ class RunManager:
         self.budget = budget
         self.metrics = metrics
         self.live: dict[str, Run] = {}
+        self.followers: set[RunStream] = set()
         # A follower elsewhere says it is there this often, and counts for twice as long.
         self.follow_seconds = min(FOLLOW_SECONDS, max(settings.grace_seconds / 2, 0.5))
 
@@ -161,6 +166,18 @@ class RunManager:
                 await self.logs.heartbeat([run.id for run in runs if run.log is not None], lease_seconds)
             except StorageUnavailable:
                 logger.warning("run heartbeat failed; retrying")
+
+    async def watch_sends_forever(self) -> None:
+        """Drop every follower whose client has taken no data for the send timeout (a client that
+        stopped reading, with its socket's buffers full). Runs for the life of the process."""
+        every = min(1.0, self.send_timeout / 4)
+        while True:
+            await anyio.sleep(every)
+            now = time.monotonic()
+            for follower in [
+                f for f in self.followers if f.sending_since and now - f.sending_since > self.send_timeout
+            ]:
+                follower.drop()
 
     async def close(self) -> None:
         """At shutdown: end what is still running, and wait (briefly) for the ends to be written."""
