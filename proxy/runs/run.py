@@ -27,7 +27,7 @@ from proxy.limits import Lease
 from proxy.middleware.request_id import current_request_id
 from proxy.runs.ending import Ending
 from proxy.sessions import Session
-from proxy.storage.runlog import OPEN, TEXT, ChunkLog, RunMeta, utf8_chars
+from proxy.storage.runlog import OPEN_ENTRY, TEXT, ChunkLog, RunMeta, utf8_chars
 from proxy.streams import RunningStream
 from proxy.transport import Body, open_body
 from proxy.upstream import RunResult
@@ -37,8 +37,6 @@ if TYPE_CHECKING:
     from proxy.runs.manager import RunManager
 
 logger = logging.getLogger("proxy.runs")
-
-OPEN_ENTRY = (OPEN, b"")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -30,6 +31,7 @@ Entry = tuple[str, bytes]
 ControlHandler = Callable[[str, str], None]
 PURGE_EVERY = 64
 _CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
+OPEN_ENTRY: Entry = (OPEN, b"")
 
 
 @dataclass(frozen=True)
@@ -49,20 +51,38 @@ def chat_key(user_id: str, alias: str, chat_id: str) -> str:
 
 
 class ChunkLog:
-    """One run's log as its producer writes it, readable in this process without waiting on storage."""
+    """One run's log as its producer writes it, readable in this process without waiting on storage.
+
+    Stored compactly, because an open stream keeps its whole answer: the text of every `TEXT` entry
+    in one buffer with the offset where each ends (a few bytes per chunk beyond the text itself,
+    where a list of entries cost over a hundred). Entries are built again when they are read.
+    """
 
     def __init__(self, meta: RunMeta) -> None:
         self.meta = meta
-        self.entries: list[Entry] = []
+        self._opened = False
+        self._text = bytearray()
+        self._ends = array("I")  # where each TEXT entry ends in `_text` (below 4 GiB: see BFF_RESUME_MAX_BYTES)
+        self._ending: bytes | None = None
         self._waiters: list[asyncio.Future[None]] = []
+
+    def __len__(self) -> int:
+        return self._opened + len(self._ends) + (self._ending is not None)
 
     @property
     def ended(self) -> bool:
-        return bool(self.entries) and self.entries[-1][0] == END
+        return self._ending is not None
 
     def append(self, entry: Entry) -> None:
         """Add an entry and wake every reader waiting for one. Never waits: a run writes to no one."""
-        self.entries.append(entry)
+        kind, value = entry
+        if kind == TEXT:
+            self._text += value
+            self._ends.append(len(self._text))
+        elif kind == OPEN:
+            self._opened = True
+        else:
+            self._ending = value
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -75,14 +95,28 @@ class ChunkLog:
     async def read(self, after: int, wait: float | None) -> list[Entry]:
         """The entries after the first `after`, waiting up to `wait` seconds (None: for as long as
         it takes) for one to arrive; [] when none did."""
-        if len(self.entries) <= after:
+        if len(self) <= after:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
                 await (waiter if wait is None else asyncio.wait_for(waiter, wait))
             except TimeoutError:
                 return []
-        return self.entries[after:]
+        return self._entries(after)
+
+    def _entries(self, after: int) -> list[Entry]:
+        entries: list[Entry] = []
+        if self._opened and after == 0:
+            entries.append(OPEN_ENTRY)
+        ends, text = self._ends, self._text
+        first = max(after - self._opened, 0)
+        start = ends[first - 1] if first else 0
+        for index in range(first, len(ends)):
+            entries.append((TEXT, bytes(text[start : ends[index]])))
+            start = ends[index]
+        if self._ending is not None:
+            entries.append((END, self._ending))
+        return entries
 
 
 class RunLogs(Protocol):

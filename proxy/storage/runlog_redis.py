@@ -214,7 +214,7 @@ class RedisRunLogs:
 
     async def mirrored(self, log: RedisChunkLog) -> None:
         """Until every entry of `log` so far was written (or given up on)."""
-        while log.mirrored < len(log.entries) and self._flusher is not None:
+        while log.mirrored < len(log) and self._flusher is not None:
             await asyncio.shield(self._flusher)
 
     async def finish(self, meta: RunMeta, keep_seconds: float) -> None:
@@ -237,7 +237,7 @@ class RedisChunkLog(ChunkLog):
 
     def append(self, entry: Entry) -> None:
         super().append(entry)
-        self._logs.enqueue(self, len(self.entries), entry)
+        self._logs.enqueue(self, len(self), entry)
 
     async def close(self, ending: Entry, keep_seconds: float) -> None:
         self.append(ending)
