@@ -27,7 +27,7 @@ from proxy.middleware.security_headers import SecurityHeadersMiddleware
 from proxy.openapi import openapi_route
 from proxy.routes.auth import auth_routes
 from proxy.routes.chat import chat_routes
-from proxy.routes.ops import ops_routes
+from proxy.routes.ops import index_route, ops_routes
 from proxy.routes.runs import run_routes
 from proxy.routes.workflows import workflow_routes
 from proxy.runs import RunManager, RunSettings
@@ -139,6 +139,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         *chat_routes(settings.modes),
         *run_routes(settings.modes),
         *(extra_routes or []),
+        index_route(),
     ]
     # Listed outermost first. Forwarded headers are believed only from BFF_TRUSTED_PROXIES, so the
     # CSRF check sees the scheme the browser used. CORS answers preflights before the CSRF check, and

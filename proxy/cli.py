@@ -1,22 +1,26 @@
-"""`python -m proxy serve | demo | check | emulator` (CONTRACT B9)."""
+"""workflow-bff's command line: serve | demo | check | emulator | secret | users (CONTRACT B9)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import math
 import secrets
 import socket
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 import uvicorn
 from pydantic import ValidationError
 from starlette.routing import Mount
 from starlette.types import ASGIApp
 
+from proxy import __version__
 from proxy.app import create_app
 from proxy.auth import AuthConfigError, build_authenticators
 from proxy.auth.users_cli import add_users_command
@@ -25,8 +29,8 @@ from proxy.emulator import create_emulator
 from proxy.errors import ApiError
 from proxy.logging import configure_logging
 from proxy.routes.demo import demo_routes
-from proxy.settings import Settings, describe_errors
-from proxy.storage import REDIS_SCHEMES, open_limits_storage, storage_scheme
+from proxy.settings import Settings, describe_errors, invalid_fields
+from proxy.storage import REDIS_SCHEMES, open_limits_storage, open_storage, storage_scheme
 from proxy.upstream import UpstreamClient, build_http_client
 from proxy.workers import run_workers
 from proxy.workflows import WorkflowConfigError, parse_workflows
@@ -50,27 +54,62 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 def checked_settings() -> Settings:
-    settings = load_settings()
+    """The settings `serve` and `check` run with, or a ConfigError naming every problem at once: the
+    invalid values, what is missing, the workflows and the sign-in methods, not one stage at a time."""
+    problems: list[str] = []
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        problems += describe_errors(exc)
+        # The rest is checked with those settings at their defaults, so its problems are found too.
+        invalid = invalid_fields(exc)
+        settings = Settings(
+            **{name: Settings.model_fields[name].get_default(call_default_factory=True) for name in invalid}
+        )
+    else:
+        invalid = set()
     missing = settings.missing_for_serve()
-    if missing:
-        raise ConfigError("\n".join(f"{name}: required" for name in missing))
-    try:
-        parse_workflows(settings.workflows, settings.workflows_file)
-    except WorkflowConfigError as exc:
-        raise ConfigError(f"BFF_WORKFLOWS: {exc}") from None
-    try:
-        # Reads the users file: a bad one stops start-up, named. (The limits storage connects lazily.)
-        build_authenticators(settings, open_limits_storage(settings.storage_url))
-    except AuthConfigError as exc:
-        raise ConfigError(str(exc)) from None
+    problems += [f"{name}: required" for name in missing if not _names_any(name, invalid)]
+    if not invalid & {"workflows", "workflows_file"} and not any("BFF_WORKFLOWS" in m for m in missing):
+        try:
+            parse_workflows(settings.workflows, settings.workflows_file)
+        except WorkflowConfigError as exc:
+            problems.append(str(exc))
+    # Sign-in methods whose settings are there (a missing one was said above).
+    if not invalid & {"auth", "jwt_secret", "jwks_url", "users_file"} and not any("BFF_AUTH" in m for m in missing):
+        try:
+            # Reads the users file: a bad one stops start-up, named. (The limits storage connects lazily.)
+            build_authenticators(settings, open_limits_storage(settings.storage_url))
+        except AuthConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(dict.fromkeys(problems)))
     return settings
+
+
+def _names_any(requirement: str, fields: set[str]) -> bool:
+    """Whether a `missing_for_serve` line ("BFF_WORKFLOWS or BFF_WORKFLOWS_FILE") is about `fields`,
+    whose invalid values were reported already."""
+    return any(f"BFF_{field.upper()}" in requirement.split() for field in fields)
+
+
+class PortInUse(Exception):
+    pass
 
 
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(
+                f"{host}:{port} is already in use; stop what listens there, or pass --port (e.g. --port {port + 1})"
+            ) from None
+        raise
     # Listening before uvicorn starts means a client that connects as soon as we announce the
     # address waits in the backlog instead of being refused.
     sock.listen(2048)
@@ -153,28 +192,50 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
+    """Valid settings, reachable storage, and an upstream that mints with the key: each problem said
+    with its cause, and all of them in one run."""
     settings = checked_settings()
-    configure_logging(settings.secret_values(), level="WARNING")
+    configure_logging(settings.secret_values(), level="ERROR")
+    problems = asyncio.run(_live_problems(settings))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    print(
+        f"ok: configuration valid; storage {storage_scheme(settings.storage_url)}:// reachable; "
+        f"{settings.upstream_url} minted a test token with the API key"
+    )
+
+
+async def _live_problems(settings: Settings) -> list[str]:
     api_key = settings.api_key
     assert api_key is not None
-
-    async def mint_once() -> None:
+    problems = []
+    storage = open_storage(settings.storage_url)
+    try:
+        await storage.ping()
+    except ApiError:
+        problems.append(f"BFF_STORAGE_URL: cannot reach the storage: {_cause(settings.storage_url)}")
+    finally:
+        await storage.close()
+    try:
         async with build_http_client(30.0) as http:
             await UpstreamClient(http, settings.upstream_url, api_key).mint_token(ttl=1)
-
-    try:
-        asyncio.run(mint_once())
     except ApiError as exc:
-        raise ConfigError(
-            f"the upstream at {settings.upstream_url} refused a test mint: {exc.code}: {exc.message}"
-        ) from None
-    print(f"ok: configuration valid; {settings.upstream_url} minted a test token with the API key")
+        # The transport's own words (connection refused, name not known), which the API error hides.
+        cause = f" ({type(exc.__context__).__name__}: {exc.__context__})" if exc.__context__ is not None else ""
+        minted = f"{settings.upstream_url} did not mint a test token"
+        problems.append(f"BFF_UPSTREAM_URL / BFF_API_KEY: {minted}: {exc.code}: {exc.message}{cause}")
+    return problems
+
+
+def _cause(storage_url: str) -> str:
+    parts = urlsplit(storage_url)
+    return f"nothing answers at {parts.hostname}:{parts.port or 6379} (is Redis running, and the URL right?)"
 
 
 def emulator(args: argparse.Namespace) -> None:
     settings = load_settings()
-    if settings.api_key is None:
-        raise ConfigError("BFF_API_KEY: required (the key the emulator accepts)")
+    if settings.api_key is None or not settings.api_key.get_secret_value():
+        raise ConfigError("BFF_API_KEY: required (the key the emulator accepts, as serve sends it)")
     configure_logging(settings.secret_values())
     app = create_emulator(
         settings.api_key.get_secret_value(),
@@ -185,17 +246,37 @@ def emulator(args: argparse.Namespace) -> None:
     run_server(app, bind(args.host, args.port), "emulated upstream")
 
 
+def secret(args: argparse.Namespace) -> None:
+    print(secrets.token_urlsafe(48))
+
+
+CONFIGURATION = (
+    "Configuration comes from BFF_* environment variables, and from a .env file in the working directory "
+    "(see .env.example and the README)."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m proxy", description="workflow-bff")
+    # The `workflow-bff` entry point names itself; `python -m proxy` otherwise.
+    prog = "workflow-bff" if Path(sys.argv[0]).name == "workflow-bff" else "python -m proxy"
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog=prog, description=f"workflow-bff {__version__}: {__doc__.splitlines()[0]}", epilog=CONFIGURATION
+    )
+    parser.add_argument("--version", action="version", version=f"workflow-bff {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, handler, help_text in (
         ("serve", serve, "run the service (production)"),
         ("demo", demo, "run with an emulated upstream and a demo page; no API key needed"),
         ("emulator", emulator, "run only the emulated upstream API, for local development"),
     ):
-        command = commands.add_parser(name, help=help_text)
-        command.add_argument("--host", default="127.0.0.1")
-        command.add_argument("--port", type=int, default=9000 if name == "emulator" else 8000)
+        command = commands.add_parser(
+            name, help=help_text, description=help_text, epilog=CONFIGURATION, formatter_class=defaults
+        )
+        command.add_argument("--host", default="127.0.0.1", help="address to listen on")
+        command.add_argument(
+            "--port", type=int, default=9000 if name == "emulator" else 8000, help="port to listen on (0: any free one)"
+        )
         command.set_defaults(handler=handler)
         if name == "serve":
             command.add_argument(
@@ -203,9 +284,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         if name == "emulator":
             command.add_argument("--chunk-delay", type=float, default=0.05, help="seconds between chunks")
-            command.add_argument("--max-stream-seconds", type=float, default=300.0)
+            command.add_argument("--max-stream-seconds", type=float, default=300.0, help="the upstream's stream cap")
             command.add_argument("--rate-limit", type=int, default=600, help="keyed requests per minute")
-    commands.add_parser("check", help="validate configuration and mint one test token").set_defaults(handler=check)
+    check_help = "validate the configuration, reach the storage, and mint one (unused) test token"
+    commands.add_parser("check", help=check_help, description=check_help, epilog=CONFIGURATION).set_defaults(
+        handler=check
+    )
+    new_key = "print a new random key for BFF_SESSION_SECRETS (or any other secret)"
+    commands.add_parser("secret", help=new_key, description=new_key).set_defaults(handler=secret)
     add_users_command(commands)
     args = parser.parse_args(argv)
     try:
@@ -213,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error:\n{exc}", file=sys.stderr)
         return 2
+    except PortInUse as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 1

@@ -12,6 +12,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Send
 
+from proxy.middleware.access_log import annotate
+
 CHAT_PATH_PREFIX = "/api/chat/"
 
 
@@ -55,7 +57,9 @@ def error_response(error: ApiError, *, text: bool = False) -> Response:
 
 
 async def send_error(error: ApiError, path: str, send: Send) -> None:
-    """Answer from pure-ASGI code (middleware, streaming responses) before any byte was sent."""
+    """Answer from pure-ASGI code (middleware, streaming responses) before any byte was sent. The
+    request's summary line says why (a CSRF refusal is answered before any route matched)."""
+    annotate(end=f"refused:{error.code}")
     response = error_response(error, text=wants_text_errors(path))
     await response({"type": "http"}, _no_receive, send)
 

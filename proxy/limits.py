@@ -57,8 +57,14 @@ def _parse_rate_limits(value: str) -> dict[str, list[RateLimitItem]]:
             continue
         name, sep, spec = entry.partition("=")
         name = name.strip()
-        if not sep or name not in LIMIT_NAMES:
-            raise RateLimitConfigError(f"{entry!r}: expected one of {', '.join(sorted(LIMIT_NAMES))}=<limits>")
+        example = "as in mint=30/minute;relay=20/minute,500/day"
+        if not sep:
+            raise RateLimitConfigError(f"{entry!r} names no limit: write name=limits, {example}")
+        if name not in LIMIT_NAMES:
+            names = ", ".join(sorted(LIMIT_NAMES))
+            raise RateLimitConfigError(f"{name!r} is not a limit name (use {names}), {example}")
+        if "=" in spec:  # "mint=30/minute,relay=20/minute"
+            raise RateLimitConfigError(f"{entry!r}: separate the limits of different names with ';', {example}")
         parsed[name] = parse_limit(spec)
     return parsed
 
@@ -66,8 +72,8 @@ def _parse_rate_limits(value: str) -> dict[str, list[RateLimitItem]]:
 def parse_limit(spec: str) -> list[RateLimitItem]:
     try:
         items = parse_many(spec)
-    except ValueError as exc:
-        raise RateLimitConfigError(f"{spec!r} is not a limit like 30/minute: {exc}") from None
+    except ValueError:
+        raise RateLimitConfigError(f"{spec!r} is not a limit like 30/minute or 30/minute,500/day") from None
     if not items:
         raise RateLimitConfigError(f"{spec!r} names no limit")
     return items

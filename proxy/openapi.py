@@ -257,6 +257,10 @@ OPERATIONS: dict[tuple[str, str], Schema] = {
         "summary": "Stop a relayed answer on whichever replica runs it",
         "responses": {**NO_CONTENT, **_errors(401, 403, 404, 413, 422, 503)},
     },
+    ("get", "/"): {
+        "summary": "What this service is, its version, and where its routes are described",
+        "responses": {"200": {"description": "The service", "content": _json({"type": "object"})}},
+    },
     ("get", "/healthz"): {
         "summary": "Process alive",
         "responses": {"200": {"description": "Alive", "content": _json(_ref("Status"))}},

@@ -7,6 +7,8 @@ name of the variable at fault (see `describe_errors`).
 from __future__ import annotations
 
 import ipaddress
+import math
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -21,7 +23,26 @@ AuthMethod = Literal["guest", "jwt", "password"]
 Mode = Literal["token", "relay"]
 
 MIN_SECRET_CHARS = 32
+# A key's character-by-character entropy times its length: 32 random hex characters measure ~120
+# bits, 32 random URL-safe ones ~145; "a" * 32 measures 0, a word repeated ~90.
+MIN_SECRET_BITS = 100
+PLACEHOLDER_MARKS = ("replace_me", "replace-me", "replaceme", "changeme", "change_me", "change-me", "your-", "your_")
+HOW_TO_GENERATE = (
+    'generate one with `python -m proxy secret` (or: python -c "import secrets; print(secrets.token_urlsafe(48))")'
+)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def secret_problem(value: str) -> str | None:
+    """Why `value` cannot be a signing key, if it cannot: a placeholder, or too little entropy to be
+    anything but typed by hand."""
+    if any(mark in value.lower() for mark in PLACEHOLDER_MARKS):
+        return "is a placeholder"
+    counts = Counter(value)
+    bits = sum(n * math.log2(len(value) / n) for n in counts.values())
+    if bits < MIN_SECRET_BITS:
+        return f"has too little entropy (about {bits:.0f} bits; at least {MIN_SECRET_BITS} needed)"
+    return None
 
 
 def _split_commas(value: object) -> object:
@@ -104,16 +125,30 @@ class Settings(BaseSettings):
     @classmethod
     def _secrets_long_enough(cls, value: list[SecretStr]) -> list[SecretStr]:
         for position, secret in enumerate(value, start=1):
-            if len(secret.get_secret_value()) < MIN_SECRET_CHARS:
-                raise ValueError(f"key {position} is shorter than {MIN_SECRET_CHARS} characters")
+            key = secret.get_secret_value()
+            if len(key) < MIN_SECRET_CHARS:
+                raise ValueError(f"key {position} is shorter than {MIN_SECRET_CHARS} characters; {HOW_TO_GENERATE}")
+            if (problem := secret_problem(key)) is not None:
+                raise ValueError(f"key {position} {problem}; {HOW_TO_GENERATE}")
         return value
 
     @field_validator("jwt_secret")
     @classmethod
     def _jwt_secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return value
         # RFC 7518 §3.2: an HS256 key must be at least as long as the hash (256 bits).
-        if value is not None and len(value.get_secret_value().encode()) < MIN_SECRET_CHARS:
+        if len(value.get_secret_value().encode()) < MIN_SECRET_CHARS:
             raise ValueError(f"must be at least {MIN_SECRET_CHARS} bytes (HS256 needs a 256-bit key)")
+        if (problem := secret_problem(value.get_secret_value())) is not None:
+            raise ValueError(f"{problem}; use the secret your identity provider signs with")
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key_not_a_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and any(mark in value.get_secret_value().lower() for mark in PLACEHOLDER_MARKS):
+            raise ValueError("is a placeholder: set the upstream API key (sk_...)")
         return value
 
     @field_validator("jwks_url")
@@ -197,10 +232,25 @@ class Settings(BaseSettings):
         return [s for s in secrets if s]
 
 
+# Comma-separated settings: an item's error names the item, and how items are separated.
+LIST_HINTS = {
+    "auth": "a comma list of guest, jwt, password",
+    "modes": "a comma list of token, relay",
+}
+
+
 def describe_errors(error: ValidationError) -> list[str]:
-    """One line per invalid setting, named as the user set it (`BFF_TOKEN_TTL: ...`)."""
+    """One line per invalid setting, named as the user set it (`BFF_TOKEN_TTL: ...`), with the value
+    at fault where it is no secret."""
     lines = []
     for item in error.errors():
-        name = "BFF_" + "_".join(str(part) for part in item["loc"][:1]).upper()
-        lines.append(f"{name}: {item['msg']}")
-    return lines
+        field = str(item["loc"][0])
+        message = item["msg"].removeprefix("Value error, ")
+        if field in LIST_HINTS and len(item["loc"]) > 1:  # one item of the list
+            message = f"{item['input']!r} is not valid here; use {LIST_HINTS[field]}"
+        lines.append(f"BFF_{field.upper()}: {message}")
+    return list(dict.fromkeys(lines))
+
+
+def invalid_fields(error: ValidationError) -> set[str]:
+    return {str(item["loc"][0]) for item in error.errors()}

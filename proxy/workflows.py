@@ -19,7 +19,18 @@ INPUT_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 class WorkflowConfigError(ValueError):
-    pass
+    """A problem with the workflows, named by the setting that holds it."""
+
+    def __init__(self, message: str, setting: str = "BFF_WORKFLOWS") -> None:
+        super().__init__(message)
+        self.setting = setting
+
+    def __str__(self) -> str:
+        return f"{self.setting}: {self.args[0]}"
+
+
+FILE_SETTING = "BFF_WORKFLOWS_FILE"
+WORKFLOW_KEYS = frozenset({"id", "chat_input", "history_input", "image_input", "inputs", "fixed", "rate_limit"})
 
 
 def is_https_url(url: str) -> bool:
@@ -96,10 +107,17 @@ def parse_workflows(simple: str, file: Path | None) -> WorkflowRegistry:
             continue
         alias, sep, workflow_id = entry.partition("=")
         if not sep:
-            raise WorkflowConfigError(f"{entry!r} is not of the form alias=workflow_id")
+            raise WorkflowConfigError(f"{entry!r} is not of the form alias=workflow_id, as in tutor=wf_abc123")
+        if "=" in workflow_id or ";" in workflow_id:
+            raise WorkflowConfigError(f"{entry!r}: separate workflows with ',', as in tutor=wf_abc123,story=wf_def456")
         workflows.append(_checked(Workflow(alias=alias.strip(), id=workflow_id.strip())))
     if file is not None:
         workflows.extend(_from_toml(file))
+    if not workflows:
+        if file is not None:
+            message = f"{file}: no workflow is configured: add [workflows.<alias>] tables (or set BFF_WORKFLOWS)"
+            raise WorkflowConfigError(message, FILE_SETTING)
+        raise WorkflowConfigError("no workflow is configured: set BFF_WORKFLOWS=alias=wf_id (or BFF_WORKFLOWS_FILE)")
     aliases = [workflow.alias for workflow in workflows]
     duplicates = sorted({alias for alias in aliases if aliases.count(alias) > 1})
     if duplicates:
@@ -109,29 +127,39 @@ def parse_workflows(simple: str, file: Path | None) -> WorkflowRegistry:
 
 def _from_toml(path: Path) -> list[Workflow]:
     try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise WorkflowConfigError(f"cannot read {path}: {exc}") from exc
+        text = path.read_text(encoding="utf-8")
+        document = tomllib.loads(text)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise WorkflowConfigError(f"cannot read {path}: {exc}", FILE_SETTING) from None
+
+    def problem(message: str, table: str | None = None) -> WorkflowConfigError:
+        line = _line_of(text, table) if table is not None else None
+        return WorkflowConfigError(f"{path}{f', line {line}' if line else ''}: {message}", FILE_SETTING)
+
+    for name in sorted(set(document) - {"workflows"}):
+        hint = " (did you mean [workflows.…]?)" if name.rstrip("s") == "workflow" else ""
+        raise problem(f"unknown table or key {name!r}{hint}; each workflow is a [workflows.<alias>] table", name)
     tables = document.get("workflows", {})
     if not isinstance(tables, dict):
-        raise WorkflowConfigError("[workflows] must be a table of tables")
+        raise problem("workflows must be a table of tables, as in [workflows.tutor]", "workflows")
     workflows = []
-    known = {"id", "chat_input", "history_input", "image_input", "inputs", "fixed", "rate_limit"}
     for alias, table in tables.items():
+        where = f"workflows.{alias}"
         if not isinstance(table, dict):
-            raise WorkflowConfigError(f"[workflows.{alias}] must be a table")
-        unknown = sorted(set(table) - known)
+            raise problem(f"[{where}] must be a table", where)
+        unknown = sorted(set(table) - WORKFLOW_KEYS)
         if unknown:
-            raise WorkflowConfigError(f"[workflows.{alias}] has unknown keys: {', '.join(unknown)}")
+            keys = ", ".join(sorted(WORKFLOW_KEYS))
+            raise problem(f"[{where}] has unknown keys: {', '.join(unknown)} (known: {keys})", where)
         inputs = table.get("inputs")
         fixed = table.get("fixed", {})
         if inputs is not None and not (isinstance(inputs, list) and all(isinstance(i, str) for i in inputs)):
-            raise WorkflowConfigError(f"[workflows.{alias}] inputs must be a list of names")
+            raise problem(f"[{where}] inputs must be a list of names", where)
         if not (isinstance(fixed, dict) and all(isinstance(v, str) for v in fixed.values())):
-            raise WorkflowConfigError(f"[workflows.{alias}] fixed must map names to strings")
+            raise problem(f"[{where}] fixed must map names to strings", where)
         for key in ("history_input", "image_input", "rate_limit"):
             if not isinstance(table.get(key, ""), str):
-                raise WorkflowConfigError(f"[workflows.{alias}] {key} must be a string")
+                raise problem(f"[{where}] {key} must be a string", where)
         workflow = Workflow(
             alias=alias,
             id=str(table.get("id", "")),
@@ -142,8 +170,20 @@ def _from_toml(path: Path) -> list[Workflow]:
             fixed=dict(fixed),
             rate_limit=table.get("rate_limit"),
         )
-        workflows.append(_checked(workflow))
+        try:
+            workflows.append(_checked(workflow))
+        except WorkflowConfigError as exc:
+            raise problem(str(exc.args[0]), where) from None
     return workflows
+
+
+def _line_of(text: str, table: str) -> int | None:
+    """The line that opens `[table]` (or `[table.…]`, or sets `table =`), for error messages."""
+    pattern = re.compile(rf"^\s*(\[\s*{re.escape(table)}\s*[\].]|{re.escape(table)}\s*=)")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if pattern.match(line):
+            return number
+    return None
 
 
 def _checked(workflow: Workflow) -> Workflow:

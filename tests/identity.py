@@ -24,7 +24,7 @@ from itsdangerous import URLSafeTimedSerializer
 from proxy.auth.password import hash_password, save_users
 from proxy.sessions import COOKIE_SALT
 
-JWT_SECRET = "test-jwt-hs256-secret-" + "j" * 32
+JWT_SECRET = "test-jwt-hs256-secret-fc93cb07e1ad92898527100e58a1cf1d1e7f65e9"
 ISSUER = "https://id.example.test/"
 AUDIENCE = "workflow-bff-tests"
 PASSWORD = "correct horse battery staple"

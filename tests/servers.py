@@ -24,7 +24,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_API_KEY = "sk_test_" + "k3y" * 12
-SESSION_SECRET = "test-session-secret-" + "s" * 40
+SESSION_SECRET = "test-session-secret-3f3af1ecebbd1410ab417ec0d27bbfcb5d340e177ae1"
 START_TIMEOUT = 20.0
 REDIS_START_SECONDS = 10.0
 # Loopback only; every write appended and synced to disk before the reply, no snapshots.

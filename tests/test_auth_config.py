@@ -34,7 +34,7 @@ def serve(**overrides: str) -> subprocess.CompletedProcess[str]:
         ({"BFF_AUTH": "password", "BFF_USERS_FILE": "/nonexistent/users.json"}, "BFF_USERS_FILE"),
         ({"BFF_AUTH": "jwt", "BFF_JWT_SECRET": "short"}, "BFF_JWT_SECRET"),
         ({"BFF_AUTH": "jwt", "BFF_JWKS_URL": "http://id.example.com/jwks.json"}, "BFF_JWKS_URL"),
-        ({"BFF_SESSION_SECRETS": "n" * 40 + ",too-short-old-key"}, "BFF_SESSION_SECRETS"),
+        ({"BFF_SESSION_SECRETS": "11507a0e2f5e69d5dfa40a62a1bd7b6ee57e6bcd,too-short-old-key"}, "BFF_SESSION_SECRETS"),
     ],
 )
 def test_a_sign_in_method_that_cannot_work_stops_start_up(overrides: dict[str, str], named: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -130,3 +131,166 @@ def test_a_workflows_file_that_would_lose_the_users_message_is_refused_at_start_
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# A first hour that explains itself: every problem of a configuration, named, in one run
+
+
+def check_with(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("check", env={**proxy_env("http://127.0.0.1:9"), **env})
+
+
+def workflows_file(tmp_path: Path, text: str) -> dict[str, str]:
+    path = tmp_path / "workflows.toml"
+    path.write_text(text)
+    return {"BFF_WORKFLOWS": "", "BFF_WORKFLOWS_FILE": str(path)}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('# tutors\n[workflow.tutor]\nid = "wf_tutor"\n', ["line 2", "'workflow'", "did you mean [workflows."]),
+        ("# nothing configured yet\n", ["no workflow is configured", "[workflows.<alias>]"]),
+        ('[workflows.tutor]\nid = "wf_tutor"\nchatinput = "q"\n', ["line 1", "unknown keys: chatinput", "chat_input"]),
+        ('[workflows.tutor]\nid = "wf_tutor"\n[limits]\nrelay = 1\n', ["line 3", "'limits'"]),
+    ],
+    ids=["misspelt-table", "no-workflows", "unknown-key", "unknown-table"],
+)
+def test_a_workflows_file_with_a_typo_or_no_workflows_stops_start_up_naming_the_file_and_line(
+    tmp_path: Path, text: str, expected: list[str]
+) -> None:
+    result = check_with(tmp_path, **workflows_file(tmp_path, text))
+
+    assert result.returncode == 2
+    assert "BFF_WORKFLOWS_FILE:" in result.stderr
+    assert str(tmp_path / "workflows.toml") in result.stderr
+    for words in expected:
+        assert words in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "secret",
+    ["REPLACE_ME_with_at_least_32_random_characters", "a" * 32, "passwordpasswordpasswordpassword"],
+    ids=["shipped-placeholder", "one-character", "a-word-repeated"],
+)
+def test_placeholder_and_guessable_session_secrets_are_refused_saying_how_to_make_one(
+    tmp_path: Path, secret: str
+) -> None:
+    result = check_with(tmp_path, BFF_SESSION_SECRETS=secret)
+
+    assert result.returncode == 2
+    assert "BFF_SESSION_SECRETS: key 1" in result.stderr
+    assert "python -m proxy secret" in result.stderr
+    assert secret not in result.stderr
+
+
+def test_the_secret_command_makes_a_key_serve_accepts(tmp_path: Path, emulator: ServerProcess) -> None:
+    made = run_cli("secret", env={})
+    key = made.stdout.strip()
+
+    assert made.returncode == 0
+    assert len(key) >= 48
+    assert run_cli("check", env=proxy_env(emulator.url, BFF_SESSION_SECRETS=key)).returncode == 0
+
+
+def test_every_problem_of_a_broken_configuration_is_reported_in_one_run(tmp_path: Path) -> None:
+    result = run_cli(
+        "check",
+        env={
+            "BFF_SESSION_SECRETS": "REPLACE_ME_with_at_least_32_random_characters",
+            "BFF_AUTH": "guests",
+            "BFF_RATE_LIMITS": "mint=30/minute,relay=20/minute",
+            "BFF_WORKFLOWS": "tutor=wf_1;math=wf_2",
+            "BFF_TOKEN_TTL": "900",
+        },
+    )
+
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()[1:]
+    named = [line.split(":", 1)[0] for line in lines]
+    assert named == [
+        "BFF_SESSION_SECRETS",
+        "BFF_AUTH",
+        "BFF_RATE_LIMITS",
+        "BFF_TOKEN_TTL",
+        "BFF_API_KEY",
+        "BFF_WORKFLOWS",
+    ]
+    # Each says what is wrong with the value as written, and how values are separated.
+    assert "'guests'" in result.stderr and "comma list" in result.stderr
+    assert "separate the limits of different names with ';'" in result.stderr
+    assert "separate workflows with ','" in result.stderr
+    assert "Value error" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [
+        ("foo=1/minute", "'foo' is not a limit name (use login, mint, relay)"),
+        ("mint=lots", "not a limit like 30/minute"),
+    ],
+)
+def test_a_rate_limit_typo_says_what_names_and_syntax_are_accepted(tmp_path: Path, limits: str, expected: str) -> None:
+    result = check_with(tmp_path, BFF_RATE_LIMITS=limits)
+
+    assert result.returncode == 2
+    assert "BFF_RATE_LIMITS: " in result.stderr
+    assert expected in result.stderr
+
+
+def test_check_names_an_unreachable_upstream_and_storage_with_their_causes(tmp_path: Path) -> None:
+    result = check_with(tmp_path, BFF_UPSTREAM_URL="http://127.0.0.1:1", BFF_STORAGE_URL="redis://127.0.0.1:1/0")
+
+    assert result.returncode == 2
+    assert "BFF_STORAGE_URL: cannot reach the storage" in result.stderr
+    assert "127.0.0.1:1" in result.stderr
+    assert "BFF_UPSTREAM_URL" in result.stderr and "ConnectError" in result.stderr
+    assert TEST_API_KEY not in result.stderr + result.stdout
+
+
+def test_a_busy_port_is_named_with_the_way_out(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("emulator", "--port", str(port), env={"BFF_API_KEY": TEST_API_KEY})
+
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port} is already in use" in result.stderr
+    assert "--port" in result.stderr
+
+
+def test_the_emulator_refuses_an_empty_key_as_serve_does() -> None:
+    result = run_cli("emulator", env={"BFF_API_KEY": ""})
+
+    assert result.returncode == 2
+    assert "BFF_API_KEY: required" in result.stderr
+
+
+def test_help_shows_defaults_and_where_configuration_comes_from_and_version_exists() -> None:
+    top = run_cli("--help", env={})
+    serve_help = run_cli("serve", "--help", env={})
+    version = run_cli("--version", env={})
+
+    assert "BFF_*" in top.stdout and ".env" in top.stdout
+    assert "(default: 8000)" in serve_help.stdout and "(default: 127.0.0.1)" in serve_help.stdout
+    assert version.stdout.startswith("workflow-bff ") and version.returncode == 0
+
+
+def test_serve_answers_its_root_with_what_it_is_and_nothing_secret(proxy: ServerProcess) -> None:
+    response = httpx.get(proxy.url + "/")
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["service"] == "workflow-bff"
+    assert body["openapi"] == "/openapi.json"
+    assert TEST_API_KEY not in response.text
+
+
+def test_a_csrf_refusal_is_logged_with_its_code(proxy: ServerProcess) -> None:
+    refused = httpx.post(proxy.url + "/auth/guest", headers={"X-Request-ID": "csrf-refused"})
+
+    assert refused.status_code == 403
+    line = proxy.wait_for_log(lambda e: e.get("message") == "request end" and e.get("request_id") == "csrf-refused")
+    assert (line["status"], line["end"]) == (403, "refused:csrf_failed")

@@ -421,7 +421,7 @@ def test_a_logout_on_one_replica_refuses_the_cookie_on_the_other_and_ends_its_st
     second.wait_for_log(lambda entry: entry.get("end") == "revoked")
 
 
-NEW_SECRET = "rotated-in-session-secret-" + "n" * 40
+NEW_SECRET = "rotated-in-session-secret-f42546d5ecdd452509808b2d6d0413b5a738c70a"
 
 
 def test_a_key_rotation_reaching_one_replica_first_logs_nobody_out(

@@ -16,8 +16,8 @@ from proxy.sessions import session_key
 from tests.identity import AUDIENCE, ISSUER, JWT_SECRET, PASSWORD, cookie_for, hs256, session_id_of, write_users
 from tests.servers import SESSION_SECRET, EmulatorControl, ServerProcess, browser, eventually, start_proxy
 
-NEW_SECRET = "rotated-in-session-secret-" + "n" * 40
-RETIRED_SECRET = "retired-session-secret-" + "r" * 40
+NEW_SECRET = "rotated-in-session-secret-f42546d5ecdd452509808b2d6d0413b5a738c70a"
+RETIRED_SECRET = "retired-session-secret-5b720147b6918dfc19baa0d7767cab75b76e1799"
 COOKIE = "bff_session"
 # Expiry is clock-driven: there is no event to await for time passing, so those tests poll.
 EXPIRY_WAIT_SECONDS = 15.0

@@ -7,6 +7,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy import __version__
 from proxy.services import services
 
 STORAGE_PING_SECONDS = 2.0
@@ -28,5 +29,23 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready"})
 
 
+async def index(request: Request) -> Response:
+    """What a person who opens the service's address sees: what it is, and where to read on."""
+    return JSONResponse(
+        {
+            "service": "workflow-bff",
+            "version": __version__,
+            "message": "Running. Browsers sign in at /auth/* and stream at /api/*; /openapi.json lists the routes.",
+            "openapi": "/openapi.json",
+            "health": "/healthz",
+        }
+    )
+
+
 def ops_routes() -> list[Route]:
     return [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"])]
+
+
+def index_route() -> Route:
+    """`/`, listed after every other route, so that the demo's page takes it first."""
+    return Route("/", index, methods=["GET"])
