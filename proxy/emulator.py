@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -31,22 +32,73 @@ MAX_TTL = 300
 DEFAULT_TTL = 60
 RELEASE_WAIT_LIMIT = 60.0
 
-_SENTENCES = (
-    "Let's work through {topic} together, step by step.",
-    "First, notice what the question is really asking — that is half the work.",
-    "Next, break the idea into smaller pieces you already understand.",
-    "A quick example helps: imagine explaining it to a friend in one café conversation.",
-    "Finally, check your answer by working backwards from the result.",
-    "You are doing great; keep asking questions!",
+# The emulated tutor's answer: an opening, a nod to the question's key word and kind (what, why, how),
+# two study tips and a closing, each picked by a hash of the request. The question itself is never
+# pasted into a sentence; at most one of its words is named, in quotes, so the text stays grammatical
+# whatever was asked.
+_OPENINGS = (
+    "Great question!",
+    "Happy to help with this one.",
+    "Let's figure this out together.",
+    "Good thinking — this is worth understanding well.",
 )
+_KEYWORD = (
+    "The key word here is “{word}”, so let's start by saying what it means in plain language.",
+    "Everything turns on “{word}”: once that idea is clear, the rest follows.",
+    "Let's keep “{word}” in mind as we go and build the picture one piece at a time.",
+)
+_KINDS = {
+    "what": "A “what” question wants a clear definition first, then an example that makes it stick.",
+    "why": "A “why” question is a hunt for causes, so we ask what happens first and what it leads to.",
+    "how": "A “how” question asks for a process, so we walk through it one step at a time.",
+}
+_TIPS = (
+    "Start with what you already know and connect the new idea to it.",
+    "Break the idea into smaller pieces, and make sure each one feels solid before moving on.",
+    "An everyday example helps: picture explaining it to a friend over lunch.",
+    "A quick sketch often shows the pattern faster than a paragraph of words.",
+    "When you think you have it, check yourself by working backwards from the answer.",
+)
+_CLOSINGS = (
+    "You're doing great, so keep the questions coming!",
+    "Want to try a practice question together next?",
+    "Tell me which part feels trickiest, and we'll go deeper there.",
+    "Try explaining it back to me in one sentence — that's the best test of understanding.",
+)
+# Words that say what kind of answer is wanted rather than what it is about.
+_NOT_KEYWORD_TEXT = (
+    "about also between can could describe difference does explain give help how into me mean means please "
+    "should simple simply some tell than that the then there they this what when where which while who why "
+    "with would year years old"
+)
+_NOT_KEYWORDS = frozenset(_NOT_KEYWORD_TEXT.split())
+_MAX_KEYWORD_CHARS = 24
+
+
+def _keyword(question: str) -> str | None:
+    """The question's longest content word (the first of equals), or None."""
+    words = [word for word in re.findall(r"\w+(?:['\u2019]\w+)*", question) if any(c.isalpha() for c in word)]
+    candidates = [w for w in words if w.lower() not in _NOT_KEYWORDS and len(w) <= _MAX_KEYWORD_CHARS]
+    return max(candidates, key=len) if candidates else None
 
 
 def generate_text(workflow_id: str, inputs: dict[str, str]) -> str:
-    """Deterministic 'model output' for a request, so tests can check relays byte for byte."""
-    topic = next((value for value in inputs.values() if value), "this topic")[:80]
+    """Deterministic 'model output' for a request, so tests can check relays byte for byte: a few
+    sentences of a tutor's answer, separated by single spaces (see `split_chunks`)."""
+    question = next((value for value in inputs.values() if value), "")
     digest = hashlib.sha256(f"{workflow_id}|{sorted(inputs.items())}".encode()).digest()
-    count = 3 + digest[0] % 4
-    return " ".join(sentence.format(topic=topic) for sentence in _SENTENCES[:count])
+    sentences = [_OPENINGS[digest[0] % len(_OPENINGS)]]
+    word = _keyword(question)
+    if word is not None:
+        sentences.append(_KEYWORD[digest[1] % len(_KEYWORD)].format(word=word))
+    kind = re.match(r"\s*(what|why|how)\b", question, re.IGNORECASE)
+    if kind is not None:
+        sentences.append(_KINDS[kind[1].lower()])
+    first = digest[2] % len(_TIPS)
+    second = (first + 1 + digest[3] % (len(_TIPS) - 1)) % len(_TIPS)
+    sentences += [_TIPS[min(first, second)], _TIPS[max(first, second)]]
+    sentences.append(_CLOSINGS[digest[4] % len(_CLOSINGS)])
+    return " ".join(sentences)
 
 
 def split_chunks(text: str) -> list[str]:

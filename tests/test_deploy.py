@@ -31,7 +31,7 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE_ENV = {  # what an operator puts in deploy/.env
     "BFF_API_KEY": "sk_live_example",
-    "BFF_SESSION_SECRETS": "x" * 48,
+    "BFF_SESSION_SECRETS": "b7bd55c11b781b0ccc43aa6e57f9dadf0660e9d1d4e27e09",
     "BFF_WORKFLOWS": "tutor=wf_abc123",
 }
 PROXIES = ("proxy-1", "proxy-2")
@@ -145,9 +145,8 @@ def seconds(duration: str | int) -> float:
 
 @cache
 def app_paths() -> frozenset[str]:
-    settings = load_settings(
-        _env_file=None, api_key="k", session_secrets="s" * 40, workflows="tutor=wf_x", auth="guest"
-    )
+    secret = "b7bd55c11b781b0ccc43aa6e57f9dadf0660e9d1d4e27e09"
+    settings = load_settings(_env_file=None, api_key="k", session_secrets=secret, workflows="tutor=wf_x", auth="guest")
     return frozenset(route.path for route in create_app(settings).routes if isinstance(route, Route))
 
 

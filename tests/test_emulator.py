@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import httpx
@@ -59,6 +60,40 @@ def test_a_stream_arrives_as_word_sized_text_chunks(upstream: EmulatorControl) -
     assert response.headers["content-type"] == "text/plain; charset=utf-8"
     assert "".join(chunks) == generate_text("wf_x", {"topic": "owls"})
     assert len(chunks) == len(split_chunks("".join(chunks)))
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "Explain fractions to a 10 year old",
+        "Why is the sky blue?",
+        "how do volcanoes erupt",
+        "café ✓ 数学",
+        "?!",
+        "",
+        "x" * 200,
+    ],
+)
+def test_an_answer_reads_like_a_tutor_whatever_the_question(question: str) -> None:
+    text = generate_text("wf_tutor", {"message": question})
+
+    assert text == generate_text("wf_tutor", {"message": question})  # deterministic: tests compute it
+    assert 3 <= len(re.findall(r"[.!?](?= |$)", text)) <= 6  # a few whole sentences
+    assert text[0].isupper() and text[-1] in ".!?"
+    assert all(chunk.strip() for chunk in split_chunks(text))  # word-sized, never empty
+    assert "{" not in text and "Let's work through" not in text
+    if len(question) > 3:
+        assert question not in text  # never pasted in raw: the text stays grammatical whatever was asked
+
+
+def test_an_answer_names_the_questions_key_word_and_kind_and_varies_with_it() -> None:
+    fractions = generate_text("wf_tutor", {"message": "Explain fractions to a 10 year old"})
+    why = generate_text("wf_tutor", {"message": "Why do volcanoes erupt?"})
+    answers = {generate_text("wf_tutor", {"message": f"question {n}"}) for n in range(20)}
+
+    assert "“fractions”" in fractions and "Explain" not in fractions
+    assert "“volcanoes”" in why and "A “why” question" in why
+    assert len({answer.split(". ")[0] for answer in answers}) > 1  # several openings, picked by a hash
 
 
 def test_faults_answer_with_either_error_body_shape_or_not_json(upstream: EmulatorControl) -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 from importlib.resources import files
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from proxy.routes.auth import NO_STORE, session_body
+from proxy.services import services
 
 # A strict CSP: no inline script or style, and the page may only talk to its own origin.
 PAGE_CSP = (
@@ -17,7 +20,20 @@ ASSETS = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/demo.js": ("demo.js", "text/javascript; charset=utf-8"),
     "/demo.css": ("demo.css", "text/css; charset=utf-8"),
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+    "/favicon.ico": ("favicon.svg", "image/svg+xml"),  # for clients that ask before reading the page
 }
+
+
+async def demo_session(request: Request) -> Response:
+    """The page's start-up check: this browser's session, or `{"user": null}`, both with a 200.
+    `GET /auth/session` answers 401 without one (its contract), which a browser logs as a console error
+    on every first visit; the page signs in as a guest when this says there is no session. Also says
+    which modes the server serves, so the page offers only those."""
+    bff = services(request)
+    session = await bff.sessions.current(request, touch=False)
+    body = await session_body(bff, session) if session is not None else {"user": None}
+    return JSONResponse({**body, "modes": list(bff.settings.modes)}, headers=NO_STORE)
 
 
 def demo_routes() -> list[Route]:
@@ -32,4 +48,5 @@ def demo_routes() -> list[Route]:
 
         return endpoint  # type: ignore[return-value]
 
-    return [Route(path, serve(name, media_type), methods=["GET"]) for path, (name, media_type) in ASSETS.items()]
+    assets = [Route(path, serve(name, media_type), methods=["GET"]) for path, (name, media_type) in ASSETS.items()]
+    return [*assets, Route("/demo/session", demo_session, methods=["GET"])]
