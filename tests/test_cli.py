@@ -294,3 +294,14 @@ def test_a_csrf_refusal_is_logged_with_its_code(proxy: ServerProcess) -> None:
     assert refused.status_code == 403
     line = proxy.wait_for_log(lambda e: e.get("message") == "request end" and e.get("request_id") == "csrf-refused")
     assert (line["status"], line["end"]) == (403, "refused:csrf_failed")
+
+
+def test_the_installed_entry_point_names_itself() -> None:
+    entry_point = Path(sys.executable).parent / "workflow-bff"
+    if not entry_point.exists():
+        pytest.skip("workflow-bff is not installed in this environment (make test installs it)")
+
+    result = subprocess.run([str(entry_point), "--help"], capture_output=True, text=True, timeout=60, check=False)
+
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: workflow-bff ")
