@@ -432,3 +432,25 @@ def test_a_session_ended_mid_run_tells_every_follower_in_band(
             same_browser.post("/auth/logout").raise_for_status()
         events = sse_events((head + b"".join(body)).decode())
     assert events[-2:] == [{"type": "error", "errorText": SESSION_ENDED}, "[DONE]"]
+
+
+def test_a_client_that_leaves_during_a_burst_stops_the_reading_at_once(emulator: ServerProcess) -> None:
+    """The upstream sends back to back, faster than anyone reads: leaving must still end the run then,
+    not after the burst, and charge what was relayed, not the whole answer."""
+    server = start_proxy(emulator.url, BFF_DAILY_OUTPUT_CHARS="100000000", BFF_RESUME_MAX_BYTES=str(64 * 1024 * 1024))
+    control = EmulatorControl(emulator.url)
+    control.reset()
+    burst = ["y" * 65536] * 400  # 25 MiB, no pause between chunks
+    try:
+        control.fault(op="stream", workflow="wf_tutor", chunks=burst, delay=0)
+        with guest_of(server.url) as client:
+            with client.stream("POST", STREAM, json=INPUTS) as response:
+                first_bytes(response)
+            ended = server.wait_for_log(lambda e: e.get("audit") == "relay.end", 15)
+            used = client.get("/auth/session").json()["limits"]["daily_output_chars"]["used"]
+    finally:
+        server.stop()
+        control.reset()
+    assert ended["end"] == "client_gone"
+    assert ended["chars"] < len(burst) * 65536
+    assert used == ended["chars"]

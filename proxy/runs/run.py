@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.lowlevel
 import httpx
 
 from proxy.errors import ApiError
@@ -27,7 +28,7 @@ from proxy.limits import Lease
 from proxy.middleware.request_id import current_request_id
 from proxy.runs.ending import Ending
 from proxy.sessions import Session
-from proxy.storage.runlog import OPEN_ENTRY, TEXT, ChunkLog, RunMeta, utf8_chars
+from proxy.storage.runlog import MAX_ENTRIES, OPEN_ENTRY, TEXT, ChunkLog, RunMeta, utf8_chars
 from proxy.streams import RunningStream
 from proxy.transport import Body, open_body
 from proxy.upstream import RunResult
@@ -210,10 +211,14 @@ class Run:
         log.append(OPEN_ENTRY)
         stats, max_bytes = self.stats, self._runs.max_bytes
         while data := await body.read_chunk():
+            if self._stop_reason is not None:
+                # Stopped, while the upstream sends back to back: a read that finds data waiting never
+                # suspends, so the cancellation would wait for the burst's end. Take it here.
+                await anyio.lowlevel.checkpoint()
             if stats.first_byte_at is None:
                 stats.first_byte_at = time.monotonic()
             stats.bytes_in += len(data)
-            if stats.bytes_in > max_bytes:
+            if stats.bytes_in > max_bytes or len(log) >= MAX_ENTRIES:
                 return Ending.of("too_large")
             stats.chars += utf8_chars(data)
             log.append((TEXT, data))

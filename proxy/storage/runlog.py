@@ -30,6 +30,9 @@ Entry = tuple[str, bytes]
 # Control messages between replicas: "stop" a run, or a follower elsewhere is still "follow"ing it.
 ControlHandler = Callable[[str, str], None]
 PURGE_EVERY = 64
+# The most entries one run's log holds (a run that would write more ends as too large), so a stream of
+# one-byte chunks cannot make a log of millions of entries; Redis streams are capped at it too.
+MAX_ENTRIES = 100_000
 _CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
 OPEN_ENTRY: Entry = (OPEN, b"")
 

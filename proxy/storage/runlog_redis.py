@@ -37,7 +37,7 @@ from proxy.storage.redis import (
     milliseconds,
     reachable,
 )
-from proxy.storage.runlog import ChunkLog, ControlHandler, Entry, RunMeta, chat_key, lost_entry
+from proxy.storage.runlog import MAX_ENTRIES, ChunkLog, ControlHandler, Entry, RunMeta, chat_key, lost_entry
 
 logger = logging.getLogger("proxy.storage")
 
@@ -207,7 +207,7 @@ class RedisRunLogs:
             async with self._client.pipeline(transaction=False) as pipe:
                 for log, position, (kind, value) in batch:
                     key = self.key("runlog", log.meta.run_id)
-                    pipe.xadd(key, {"k": kind, "v": value}, id=f"0-{position}")
+                    pipe.xadd(key, {"k": kind, "v": value}, id=f"0-{position}", maxlen=MAX_ENTRIES + 2)
                     if position == 1:  # the first entry made the stream
                         pipe.pexpire(key, log.ttl_ms)
                 await pipe.execute()
