@@ -127,10 +127,11 @@ def _cut_for_trigger(
     if trigger == SUBMIT and index is not None and messages[index]["role"] == "user":
         return messages[: index + 1]
     if trigger == REGENERATE:
-        if index is not None and messages[index]["role"] == "assistant":
-            messages = messages[:index]
-        while messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
+        end = index if index is not None and messages[index]["role"] == "assistant" else len(messages)
+        # One cut at the end, not one copy of the list per trailing answer: linear in the body.
+        while end and messages[end - 1]["role"] == "assistant":
+            end -= 1
+        messages = messages[:end]
     return messages
 
 
