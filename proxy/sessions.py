@@ -171,7 +171,7 @@ class SessionManager:
         signed with a retired key), the answer also expires that cookie. Only ours: Clear-Site-Data
         would wipe every cookie of the site, including a fresh session another tab just signed in to."""
         error = unauthenticated()
-        if connection.cookies.get(self.cookie_name):
+        if self.cookie_name in connection.headers.get("cookie", ""):
             error.headers.update(self.clear_headers(site_data=False))
         return error
 
@@ -244,8 +244,24 @@ class SessionManager:
             "session.revoked", record.key, user_id=record.user_id, connection=connection, reason=reason, relays=stopped
         )
 
+    def _cookie(self, connection: HTTPConnection) -> str | None:
+        """The session cookie's value, matched by its exact name.
+
+        Not Starlette's `request.cookies`: its parser strips any Unicode whitespace around names, so
+        a cookie named "\xa0__Host-bff_session", which a sibling subdomain may set where the real
+        `__Host-` one can only be set by us, would be read as ours. Only the separators' ASCII spaces
+        are trimmed here. Two cookies of our exact name mean one of them was planted: neither counts,
+        and the request is unauthenticated (the answer expires ours, and the browser signs in again).
+        """
+        found = []
+        for pair in "; ".join(connection.headers.getlist("cookie")).split(";"):
+            name, sep, value = pair.partition("=")
+            if sep and name.strip(" \t") == self.cookie_name:
+                found.append(value.strip(" \t"))
+        return found[0] if len(found) == 1 else None
+
     def _session_id(self, connection: HTTPConnection) -> str | None:
-        value = connection.cookies.get(self.cookie_name)
+        value = self._cookie(connection)
         if not value or len(value) > MAX_COOKIE_BYTES:
             return None
         try:

@@ -3,6 +3,7 @@ revocation, fixation, timeouts, ending running relays on logout, and the audit l
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -342,3 +343,34 @@ def test_the_cookie_name_and_path_cannot_be_confused_by_a_lookalike(hardened: Se
     for name in ("Bff_session", "__Host-bff_session", "bff_session_old"):
         with with_cookie(hardened.url, value, name=name) as other:
             assert other.get("/auth/session").status_code == 401
+
+
+def _session_check(proxy: ServerProcess, cookie_header: bytes) -> int:
+    """GET /auth/session with exactly this Cookie header, bytes as written (httpx would re-encode)."""
+    host, port = proxy.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            f"GET /auth/session HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n".encode()
+            + b"Cookie: "
+            + cookie_header
+            + b"\r\n\r\n"
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_the_session_cookie_is_matched_by_its_exact_name_and_a_second_one_voids_both(
+    proxy: ServerProcess, guest: httpx.Client
+) -> None:
+    value = guest.cookies["bff_session"].encode()
+
+    assert _session_check(proxy, b"bff_session=" + value) == 200
+    assert _session_check(proxy, b"theme=dark;  bff_session=" + value + b"; lang=en") == 200
+    # A name with other whitespace around it is another cookie (a published __Host- prefix bypass).
+    # (Headers arrive as latin-1: \xa0 is a no-break space, \x85 a next-line, both whitespace to Python.)
+    for name in (b"\xa0bff_session", b"bff_session\xa0", b"\x85bff_session", b"\xc2\xa0bff_session"):
+        assert _session_check(proxy, name + b"=" + value) == 401, name
+    # Two cookies of our exact name: one of them was planted, so neither opens the session.
+    assert _session_check(proxy, b"bff_session=" + value + b"; bff_session=planted") == 401
