@@ -84,7 +84,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
                 max_seconds=settings.max_stream_seconds,
                 grace_seconds=settings.resume_grace_seconds,
                 resume_seconds=settings.resume_seconds,
-                max_bytes=settings.resume_max_bytes,
+                max_bytes=settings.max_answer_bytes,
                 send_timeout=settings.send_timeout_seconds,
             ),
             logs=run_logs,

@@ -43,14 +43,14 @@ _OPENINGS = (
     "Good thinking — this is worth understanding well.",
 )
 _KEYWORD = (
-    "The key word here is “{word}”, so let's start by saying what it means in plain language.",
+    "The key word here is “{word}”, so we start by saying what it means in plain language.",
     "Everything turns on “{word}”: once that idea is clear, the rest follows.",
-    "Let's keep “{word}” in mind as we go and build the picture one piece at a time.",
+    "We'll keep “{word}” in mind and build the picture piece by piece.",
 )
 _KINDS = {
     "what": "A “what” question wants a clear definition first, then an example that makes it stick.",
     "why": "A “why” question is a hunt for causes, so we ask what happens first and what it leads to.",
-    "how": "A “how” question asks for a process, so we walk through it one step at a time.",
+    "how": "A “how” question asks for a process, so we walk through what happens, in order.",
 }
 _TIPS = (
     "Start with what you already know and connect the new idea to it.",
@@ -123,6 +123,7 @@ class FaultRule:
     retry_after: int | str | None = None  # with status 429; a string is sent as it is (latin-1)
     drop: bool = False  # start a 200 answer, then drop the connection (a transport error for the client)
     garble: bool = False  # mint, run: a 200 whose body is not the gzip its Content-Encoding says
+    result_chars: int | None = None  # run: an answer of this many characters instead
     times: int | None = 1  # how many requests it applies to; None = until reset
 
     def matches(self, op: Operation, workflow: str | None) -> bool:
@@ -282,7 +283,7 @@ class Emulator:
         self.state.record_event("run", workflow=workflow_id)
         body = {
             "success": True,
-            "result": generate_text(workflow_id, inputs),
+            "result": generate_text(workflow_id, inputs) if rule.result_chars is None else "r" * rule.result_chars,
             "citations": [f"https://example.org/sources/{workflow_id}"],
         }
         return JSONResponse(body, headers=headers)

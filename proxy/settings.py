@@ -86,8 +86,9 @@ class Settings(BaseSettings):
     resume_grace_seconds: float = Field(default=20.0, ge=0, le=3600)
     # A follower (a response) that cannot take data this long is dropped; the run goes on.
     send_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
-    # The most answer bytes a run keeps; a longer answer ends with an in-band error.
-    resume_max_bytes: int = Field(default=1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    # The most bytes of one answer: a longer stream ends with an in-band error, a longer /run answer
+    # is refused (502 answer_too_large). It bounds what a run keeps in memory and in Redis.
+    max_answer_bytes: int = Field(default=1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     # Circuit breaker: after this many consecutive connection failures, timeouts or 502-504 answers,
     # upstream calls fail fast with 503 upstream_unavailable for the cooldown.
     upstream_failure_threshold: int = Field(default=5, ge=1, le=1000)

@@ -295,15 +295,27 @@ class UpstreamClient:
             raise _status_error(response.status_code, response.headers, body, "stream")
         return response
 
-    async def run(self, workflow_id: str, inputs: dict[str, str], *, request_id: str | None = None) -> RunResult:
-        """POST /api/v1/run/{id}: the whole answer at once."""
+    async def run(
+        self, workflow_id: str, inputs: dict[str, str], *, max_bytes: int, request_id: str | None = None
+    ) -> RunResult:
+        """POST /api/v1/run/{id}: the whole answer at once, if it is no larger than `max_bytes`.
+
+        Read as a stream with a cap, never whole: an upstream that answers with megabytes would
+        otherwise cost this process that much memory before anything could look at it."""
         request = self._request(
             "POST", self._run_url(workflow_id), {**self._auth(), **_request_id_header(request_id)}, body=inputs
         )
-        response = await self._send(request, "run")
-        if response.status_code != 200:
-            raise _status_error(response.status_code, response.headers, response.content, "run")
-        body = _json_object(response.content)
+        response = await self._send(request, "run", stream=True)
+        try:
+            if response.status_code != 200:
+                raise _status_error(response.status_code, response.headers, await _read_limited(response), "run")
+            content = await _read_limited(response, max_bytes + 1)
+        finally:
+            await response.aclose()
+        if len(content) > max_bytes:
+            logger.warning("upstream run answer larger than %s bytes; refused", max_bytes)
+            raise ApiError(502, "answer_too_large", "The answer was too large to return.")
+        body = _json_object(content)
         result = body.get("result")
         citations = body.get("citations") or []
         if not isinstance(result, str) or not isinstance(citations, list):
@@ -319,13 +331,16 @@ async def _backoff(attempt: int) -> None:
     await asyncio.sleep(MINT_BACKOFF_SECONDS * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
 
 
-async def _read_limited(response: httpx.Response) -> bytes:
-    body = b""
+async def _read_limited(response: httpx.Response, limit: int = ERROR_BODY_LIMIT) -> bytes:
+    """At most `limit` bytes of a streamed body (what is beyond is not read)."""
+    chunks: list[bytes] = []
+    size = 0
     async for chunk in response.aiter_raw():
-        body += chunk
-        if len(body) >= ERROR_BODY_LIMIT:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= limit:
             break
-    return body[:ERROR_BODY_LIMIT]
+    return b"".join(chunks)[:limit]
 
 
 def _json_object(content: bytes) -> dict[str, object]:

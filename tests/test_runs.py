@@ -349,7 +349,7 @@ def test_a_client_that_never_reads_cannot_hold_its_run_past_the_deadline(
         emulator.url,
         BFF_MAX_STREAM_SECONDS="2",
         BFF_MAX_CONCURRENT_STREAMS="1",
-        BFF_RESUME_MAX_BYTES=str(16 * 1024 * 1024),
+        BFF_MAX_ANSWER_BYTES=str(16 * 1024 * 1024),
     )
     control = EmulatorControl(emulator.url)
     control.reset()
@@ -374,7 +374,7 @@ def test_a_client_that_never_reads_cannot_hold_its_run_past_the_deadline(
 
 
 def test_a_client_that_never_reads_loses_its_run_at_logout(emulator: ServerProcess) -> None:
-    server = start_proxy(emulator.url, BFF_MAX_CONCURRENT_STREAMS="1", BFF_RESUME_MAX_BYTES=str(16 * 1024 * 1024))
+    server = start_proxy(emulator.url, BFF_MAX_CONCURRENT_STREAMS="1", BFF_MAX_ANSWER_BYTES=str(16 * 1024 * 1024))
     control = EmulatorControl(emulator.url)
     control.reset()
     try:
@@ -399,7 +399,7 @@ def test_a_follower_too_slow_for_the_send_timeout_is_dropped_and_the_run_goes_on
         emulator.url,
         BFF_SEND_TIMEOUT_SECONDS="1",
         BFF_RESUME_GRACE_SECONDS=GRACE,
-        BFF_RESUME_MAX_BYTES=str(16 * 1024 * 1024),
+        BFF_MAX_ANSWER_BYTES=str(16 * 1024 * 1024),
     )
     control = EmulatorControl(emulator.url)
     control.reset()
@@ -437,7 +437,7 @@ def test_a_session_ended_mid_run_tells_every_follower_in_band(
 def test_a_client_that_leaves_during_a_burst_stops_the_reading_at_once(emulator: ServerProcess) -> None:
     """The upstream sends back to back, faster than anyone reads: leaving must still end the run then,
     not after the burst, and charge what was relayed, not the whole answer."""
-    server = start_proxy(emulator.url, BFF_DAILY_OUTPUT_CHARS="100000000", BFF_RESUME_MAX_BYTES=str(64 * 1024 * 1024))
+    server = start_proxy(emulator.url, BFF_DAILY_OUTPUT_CHARS="100000000", BFF_MAX_ANSWER_BYTES=str(64 * 1024 * 1024))
     control = EmulatorControl(emulator.url)
     control.reset()
     burst = ["y" * 65536] * 400  # 25 MiB, no pause between chunks
@@ -454,3 +454,20 @@ def test_a_client_that_leaves_during_a_burst_stops_the_reading_at_once(emulator:
     assert ended["end"] == "client_gone"
     assert ended["chars"] < len(burst) * 65536
     assert used == ended["chars"]
+
+
+def test_a_run_answer_larger_than_the_cap_is_refused_as_too_large(emulator: ServerProcess) -> None:
+    server = start_proxy(emulator.url, BFF_MAX_ANSWER_BYTES="65536")
+    control = EmulatorControl(emulator.url)
+    control.reset()
+    try:
+        with guest_of(server.url) as client:
+            control.fault(op="run", result_chars=60_000)
+            fits = client.post("/api/workflows/tutor/run", json=INPUTS)
+            control.fault(op="run", result_chars=8 * 1024 * 1024)
+            refused = client.post("/api/workflows/tutor/run", json=INPUTS)
+    finally:
+        server.stop()
+        control.reset()
+    assert (fits.status_code, len(fits.json()["result"])) == (200, 60_000)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (502, "answer_too_large")

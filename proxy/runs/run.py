@@ -182,7 +182,9 @@ class Run:
             if not await runs.sessions.still_valid(self.session):
                 return Ending.of("revoked")
             if self.log is None:
-                self.result = await runs.upstream.run(request.workflow.id, request.inputs, request_id=self._request_id)
+                self.result = await runs.upstream.run(
+                    request.workflow.id, request.inputs, max_bytes=runs.max_bytes, request_id=self._request_id
+                )
                 self.stats.first_byte_at = time.monotonic()
                 self.stats.chars = len(self.result.result)
                 return Ending.of("complete")

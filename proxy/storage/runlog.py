@@ -65,7 +65,7 @@ class ChunkLog:
         self.meta = meta
         self._opened = False
         self._text = bytearray()
-        self._ends = array("I")  # where each TEXT entry ends in `_text` (below 4 GiB: see BFF_RESUME_MAX_BYTES)
+        self._ends = array("I")  # where each TEXT entry ends in `_text` (below 4 GiB: see BFF_MAX_ANSWER_BYTES)
         self._ending: bytes | None = None
         self._waiters: list[asyncio.Future[None]] = []
 
