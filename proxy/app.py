@@ -21,6 +21,7 @@ from proxy.middleware.access_log import AccessLogMiddleware
 from proxy.middleware.body_policy import BodyPolicyMiddleware
 from proxy.middleware.cors import CorsMiddleware
 from proxy.middleware.csrf import CsrfMiddleware
+from proxy.middleware.hosts import AllowedHostsMiddleware
 from proxy.middleware.request_id import RequestIdMiddleware
 from proxy.middleware.response import ResponseMiddleware
 from proxy.middleware.security_headers import SecurityHeadersMiddleware
@@ -150,6 +151,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         Middleware(AccessLogMiddleware),
         Middleware(MetricsMiddleware, metrics=metrics),
         Middleware(SecurityHeadersMiddleware, hsts=settings.cookie_secure),
+        *([Middleware(AllowedHostsMiddleware, allowed_hosts=settings.allowed_hosts)] if settings.allowed_hosts else []),
         *(
             [Middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)]
             if settings.trusted_proxies

@@ -158,6 +158,11 @@ def serve(args: argparse.Namespace) -> None:
             "worker would have its own sessions and limits"
         )
     configure_logging(settings.secret_values())
+    if not settings.allowed_hosts:
+        logger.warning(
+            "BFF_ALLOWED_HOSTS is empty: any Host header is answered; set it to the names browsers use "
+            "(e.g. app.example.com), so a rebound DNS name cannot pass the origin check"
+        )
     sock = bind(args.host, args.port)
 
     def work() -> None:

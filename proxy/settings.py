@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
@@ -31,6 +32,7 @@ HOW_TO_GENERATE = (
     'generate one with `python -m proxy secret` (or: python -c "import secrets; print(secrets.token_urlsafe(48))")'
 )
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+HOST_PATTERN = re.compile(r"(\*\.)?[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
 
 
 def secret_problem(value: str) -> str | None:
@@ -95,6 +97,8 @@ class Settings(BaseSettings):
     upstream_cooldown_seconds: float = Field(default=10.0, gt=0, le=600)
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Host names the service answers for (`*.example.com` for subdomains); empty: any, with a warning.
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     cookie_secure: bool = True
     cookie_samesite: Literal["strict", "lax"] = "strict"
     session_idle_seconds: int = Field(default=1800, ge=1)
@@ -111,9 +115,9 @@ class Settings(BaseSettings):
     login_failures_per_ip: int = Field(default=20, ge=1, le=100_000)
     login_failure_window_seconds: int = Field(default=900, ge=1, le=86400)
 
-    _split = field_validator("session_secrets", "auth", "modes", "allowed_origins", "trusted_proxies", mode="before")(
-        _split_commas
-    )
+    _split = field_validator(
+        "session_secrets", "auth", "modes", "allowed_origins", "trusted_proxies", "allowed_hosts", mode="before"
+    )(_split_commas)
 
     @field_validator("upstream_url")
     @classmethod
@@ -176,6 +180,14 @@ class Settings(BaseSettings):
         for origin in value:
             if origin == "*" or not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
                 raise ValueError(f"{origin!r} is not an exact origin like https://app.example.com")
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if not HOST_PATTERN.fullmatch(host):
+                raise ValueError(f"{host!r} is not a host name like app.example.com or *.example.com (no port)")
         return value
 
     @field_validator("trusted_proxies")

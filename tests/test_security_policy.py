@@ -314,3 +314,32 @@ def test_chat_image_attachments_must_be_https_urls(
     assert response.status_code == 422
     assert response.headers["content-type"].startswith("text/plain")
     assert upstream.requests() == []
+
+
+def test_a_host_not_allowed_is_refused_before_the_origin_check_can_be_fooled(emulator: ServerProcess) -> None:
+    """DNS rebinding's shape: the page's own name in both Host and Origin passes an origin check that
+    trusts Host. With BFF_ALLOWED_HOSTS, such a request never gets that far; probes still answer."""
+    server = start_proxy(emulator.url, BFF_ALLOWED_HOSTS="127.0.0.1,*.example.com")
+    try:
+        rebound = httpx.post(
+            server.url + "/auth/guest",
+            headers={"Host": "evil.example", "Origin": "http://evil.example", "X-CSRF": "1"},
+        )
+        allowed = httpx.post(
+            server.url + "/auth/guest",
+            headers={"Host": "app.example.com", "Origin": "http://app.example.com", "X-CSRF": "1"},
+        )
+        probe = httpx.get(server.url + "/healthz", headers={"Host": "10.1.2.3:8000"})
+        own = httpx.get(server.url + "/")
+    finally:
+        server.stop()
+    assert (rebound.status_code, rebound.json()["error"]["code"]) == (400, "invalid_host")
+    assert "set-cookie" not in rebound.headers
+    assert allowed.status_code == 200
+    assert probe.status_code == 200
+    assert own.status_code == 200
+
+
+def test_serve_warns_when_any_host_is_answered(proxy: ServerProcess) -> None:
+    warning = proxy.wait_for_log(lambda e: "BFF_ALLOWED_HOSTS is empty" in e.get("message", ""))
+    assert warning["level"] == "warning"

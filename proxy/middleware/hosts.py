@@ -1,0 +1,42 @@
+"""`BFF_ALLOWED_HOSTS`: answer only for the host names this service is deployed under (CONTRACT C4).
+
+The origin check (proxy/middleware/csrf.py) compares a request's `Origin` with its own `Host`, so a
+page on `evil.example` whose name an attacker points at this service (DNS rebinding, which matters
+for plain-http and internal deployments) would pass it: `Host: evil.example`, `Origin:
+http://evil.example`. Refusing unknown hosts first closes that. The rules are Starlette's
+`TrustedHostMiddleware`'s (exact names, `*.example.com` for subdomains, the port not compared); ours
+answers with the service's error format, and lets the operational routes through, since orchestrators
+probe them by pod address.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from proxy.errors import ApiError, send_error
+
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    name = host if host.endswith("]") else host.rsplit(":", 1)[0]  # the port is not compared; [::1] keeps its colons
+    name = name.lower().rstrip(".")
+    return any(pattern == name or (pattern.startswith("*.") and name.endswith(pattern[1:])) for pattern in allowed)
+
+
+class AllowedHostsMiddleware:
+    def __init__(self, app: ASGIApp, *, allowed_hosts: list[str]) -> None:
+        self.app = app
+        self.allowed = [host.lower().rstrip(".") for host in allowed_hosts]
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not async, and the inner app is not awaited here: see proxy/middleware/response.py.
+        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
+            return self.app(scope, receive, send)
+        if not host_allowed(Headers(scope=scope).get("host", ""), self.allowed):
+            error = ApiError(400, "invalid_host", "This service does not answer for that host name.")
+            return send_error(error, scope["path"], send)
+        return self.app(scope, receive, send)
