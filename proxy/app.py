@@ -16,7 +16,7 @@ from proxy.auth import build_authenticators
 from proxy.drain import Drain
 from proxy.errors import ApiError, handle_api_error
 from proxy.limits import OutputBudget, RateLimiter, StreamSlots, parse_limit, parse_rate_limits
-from proxy.metrics import Metrics, MetricsMiddleware, metrics_route
+from proxy.metrics import Metrics, MetricsMiddleware, MetricsPortMiddleware, metrics_route
 from proxy.middleware.access_log import AccessLogMiddleware
 from proxy.middleware.body_policy import BodyPolicyMiddleware
 from proxy.middleware.cors import CorsMiddleware
@@ -146,6 +146,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
     # CSRF check sees the scheme the browser used. CORS answers preflights before the CSRF check, and
     # wraps it so an allowed origin can read a refusal.
     middleware = [
+        *([Middleware(MetricsPortMiddleware, port=settings.metrics_port)] if settings.metrics_port else []),
         Middleware(ResponseMiddleware),
         Middleware(RequestIdMiddleware),
         Middleware(AccessLogMiddleware),

@@ -129,8 +129,9 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def run_server(app: ASGIApp, sock: socket.socket, name: str, *, drain: Drain | None = None) -> None:
-    host, port = sock.getsockname()[:2]
+def run_server(app: ASGIApp, sockets: list[socket.socket], name: str, *, drain: Drain | None = None) -> None:
+    """Serve `app` on `sockets`: the first is the public listener, a second the metrics one."""
+    host, port = sockets[0].getsockname()[:2]
     # uvicorn's own limit must leave the drain its full time, plus a margin to end streams cleanly.
     graceful = GRACEFUL_SHUTDOWN_SECONDS
     if drain is not None:
@@ -144,8 +145,12 @@ def run_server(app: ASGIApp, sock: socket.socket, name: str, *, drain: Drain | N
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         timeout_graceful_shutdown=graceful,
     )
-    logger.info("listening", extra={"service": name, "url": f"http://{host}:{port}"})
-    DrainingServer(config, drain).run(sockets=[sock])
+    extra: dict[str, object] = {"service": name, "url": f"http://{host}:{port}"}
+    if len(sockets) > 1:
+        metrics_host, metrics_port = sockets[1].getsockname()[:2]
+        extra["metrics_url"] = f"http://{metrics_host}:{metrics_port}/metrics"
+    logger.info("listening", extra=extra)
+    DrainingServer(config, drain).run(sockets=sockets)
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -163,11 +168,13 @@ def serve(args: argparse.Namespace) -> None:
             "BFF_ALLOWED_HOSTS is empty: any Host header is answered; set it to the names browsers use "
             "(e.g. app.example.com), so a rebound DNS name cannot pass the origin check"
         )
-    sock = bind(args.host, args.port)
+    sockets = [bind(args.host, args.port)]
+    if settings.metrics_port:
+        sockets.append(bind(args.host, settings.metrics_port))
 
     def work() -> None:
         app = create_app(settings)
-        run_server(app, sock, "workflow-bff", drain=app.state.drain)
+        run_server(app, sockets, "workflow-bff", drain=app.state.drain)
 
     if args.workers == 1:
         work()
@@ -193,7 +200,7 @@ def demo(args: argparse.Namespace) -> None:
     emulator = Mount("/_emulator", app=create_emulator(api_key, chunk_delay=0.05))
     app = create_app(settings, extra_routes=[*demo_routes(), emulator])
     print(f"workflow-bff demo: open http://{local_host}:{port}/  (Ctrl+C to stop)", file=sys.stderr)
-    run_server(app, sock, "workflow-bff demo", drain=app.state.drain)
+    run_server(app, [sock], "workflow-bff demo", drain=app.state.drain)
 
 
 def check(args: argparse.Namespace) -> None:
@@ -248,7 +255,7 @@ def emulator(args: argparse.Namespace) -> None:
         max_stream_seconds=args.max_stream_seconds,
         rate_limit_per_minute=args.rate_limit,
     )
-    run_server(app, bind(args.host, args.port), "emulated upstream")
+    run_server(app, [bind(args.host, args.port)], "emulated upstream")
 
 
 def secret(args: argparse.Namespace) -> None:

@@ -93,6 +93,23 @@ class MetricsMiddleware:
         return self.app(scope, receive, send)  # not awaited here: see proxy/middleware/response.py
 
 
+class MetricsPortMiddleware:
+    """`BFF_METRICS_PORT`: `/metrics` only on that listener, and nothing else there, so metrics never
+    share the public listener (which then answers 404 for them), whatever the proxy in front does."""
+
+    def __init__(self, app: ASGIApp, *, port: int) -> None:
+        self.app = app
+        self.port = port
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        if scope["type"] == "http":
+            server = scope.get("server")
+            on_metrics_port = server is not None and server[1] == self.port
+            if on_metrics_port != (scope["path"] == "/metrics"):
+                return Response("Not Found", 404, media_type="text/plain")(scope, receive, send)
+        return self.app(scope, receive, send)
+
+
 def metrics_route(metrics: Metrics) -> Route:
     async def endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     upstream_cooldown_seconds: float = Field(default=10.0, gt=0, le=600)
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Serve /metrics on this port only (a second listener), never on the public one.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # Host names the service answers for (`*.example.com` for subdomains); empty: any, with a warning.
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     cookie_secure: bool = True

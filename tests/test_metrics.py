@@ -6,7 +6,7 @@ import re
 
 import httpx
 
-from tests.servers import EmulatorControl
+from tests.servers import EmulatorControl, ServerProcess, free_port, start_proxy
 
 
 def sample(text: str, name: str, **labels: str) -> float:
@@ -46,3 +46,21 @@ def test_metrics_count_requests_by_route_template_mints_and_upstream_errors(
         sample(before, "bff_upstream_errors_total", kind="4xx") + 1
     )
     assert "guest_" not in text  # never a per-user label
+
+
+def test_with_a_metrics_port_metrics_are_served_there_only(emulator: ServerProcess) -> None:
+    port = free_port()
+    server = start_proxy(emulator.url, BFF_METRICS_PORT=str(port))
+    try:
+        listening = server.wait_for_log(lambda e: e.get("message") == "listening")
+        public = httpx.get(server.url + "/metrics")
+        private = httpx.get(f"http://127.0.0.1:{port}/metrics")
+        api_on_private = httpx.post(f"http://127.0.0.1:{port}/auth/guest", headers={"X-CSRF": "1"})
+        still_public = httpx.get(server.url + "/healthz")
+    finally:
+        server.stop()
+    assert listening["metrics_url"] == f"http://127.0.0.1:{port}/metrics"
+    assert public.status_code == 404
+    assert private.status_code == 200 and "bff_requests_total" in private.text
+    assert api_on_private.status_code == 404
+    assert still_public.status_code == 200
