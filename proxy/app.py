@@ -13,6 +13,7 @@ from starlette.routing import BaseRoute
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from proxy.auth import build_authenticators
+from proxy.auth.password import PasswordAuthenticator
 from proxy.drain import Drain
 from proxy.errors import ApiError, handle_api_error
 from proxy.limits import OutputBudget, RateLimiter, StreamSlots, parse_limit, parse_rate_limits
@@ -55,6 +56,8 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         per_workflow={w.alias: parse_limit(w.rate_limit) for w in workflows if w.rate_limit},
         metrics=metrics,
     )
+
+    authenticators = build_authenticators(settings, limits_storage)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
@@ -119,6 +122,9 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
                 background.start_soon(runs.keep_forever)
                 background.start_soon(runs.listen_forever)
                 background.start_soon(runs.watch_sends_forever)
+                for authenticator in authenticators:
+                    if isinstance(authenticator, PasswordAuthenticator):
+                        background.start_soon(sessions.watch_users_forever, authenticator.changed_users)
                 if settings.token_pool:
                     background.start_soon(tokens.refill_forever)
                 yield {"services": services}
@@ -135,7 +141,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         *ops_routes(),
         metrics_route(metrics),
         openapi_route(),
-        *auth_routes(build_authenticators(settings, limits_storage)),
+        *auth_routes(authenticators),
         *workflow_routes(settings.modes),
         *chat_routes(settings.modes),
         *run_routes(settings.modes),

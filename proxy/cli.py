@@ -29,6 +29,7 @@ from proxy.emulator import create_emulator
 from proxy.errors import ApiError
 from proxy.logging import configure_logging
 from proxy.routes.demo import demo_routes
+from proxy.sessions_cli import add_sessions_command
 from proxy.settings import Settings, describe_errors, invalid_fields
 from proxy.storage import REDIS_SCHEMES, open_limits_storage, open_storage, storage_scheme
 from proxy.upstream import UpstreamClient, build_http_client
@@ -305,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     new_key = "print a new random key for BFF_SESSION_SECRETS (or any other secret)"
     commands.add_parser("secret", help=new_key, description=new_key).set_defaults(handler=secret)
     add_users_command(commands)
+    add_sessions_command(commands)
     args = parser.parse_args(argv)
     try:
         args.handler(args)

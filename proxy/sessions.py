@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import secrets
 import time
+from collections.abc import Callable
 
+import anyio
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
@@ -24,14 +27,18 @@ from proxy.audit import AuditLog
 from proxy.errors import ApiError, unauthenticated
 from proxy.metrics import Metrics
 from proxy.middleware.access_log import annotate
-from proxy.storage import SessionRecord, Storage
+from proxy.storage import SessionRecord, Storage, StorageUnavailable
 from proxy.streams import StreamRegistry
+
+logger = logging.getLogger("proxy.sessions")
 
 # A separate salt per purpose: a value signed for one use can never be replayed as another.
 COOKIE_SALT = "workflow-bff.session-cookie"
 # Writing last_seen on every request would cost a storage write per request; a coarse grain is enough
 # for an idle timeout measured in minutes.
 TOUCH_GRAIN_SECONDS = 15.0
+# How often the users file is looked at for passwords that were reset (a stat(), and a read if changed).
+USERS_FILE_CHECK_SECONDS = 2.0
 MAX_COOKIE_BYTES = 1024
 # Sent when a session ends, by logout or by expiry (bff-security R8). "cookies" is the one directive
 # that matters to us; clearing the cache as well would slow every logout down in some browsers.
@@ -181,12 +188,32 @@ class SessionManager:
 
     async def end_all(self, connection: HTTPConnection, session: Session) -> int:
         """Logout everywhere: revoke every session of the user and stop all their relays."""
-        user = session.user
-        keys = await self._storage.delete_user_sessions(user.id)
-        stopped = self.streams.stop_user(user.id)
+        return await self.revoke_user(session.user.id, reason="logout_all", connection=connection)
+
+    async def revoke_user(self, user_id: str, *, reason: str, connection: HTTPConnection | None = None) -> int:
+        """End every session of `user_id`, on every replica (the records go; runs elsewhere end at
+        their next slot renewal), and stop the user's runs here."""
+        keys = await self._storage.delete_user_sessions(user_id)
+        stopped = self.streams.stop_user(user_id)
         for key in keys:
-            self.audit.record("session.revoked", key, user_id=user.id, connection=connection, reason="logout_all")
+            self.audit.record("session.revoked", key, user_id=user_id, connection=connection, reason=reason)
         return stopped + len(keys)
+
+    async def watch_users_forever(self, changed_users: Callable[[], list[str]]) -> None:
+        """End the sessions of password users whose password was reset, or who were removed
+        (`python -m proxy users add --replace` / `users remove`), within a few seconds, on every
+        replica that reads the users file. Runs for the life of the process."""
+        pending: set[str] = set()
+        while True:
+            await anyio.sleep(USERS_FILE_CHECK_SECONDS)
+            pending.update(changed_users())
+            for user_id in sorted(pending):
+                try:
+                    await self.revoke_user(user_id, reason="password_changed")
+                except StorageUnavailable:
+                    logger.warning("sessions of a changed user not ended yet: storage unreachable; retrying")
+                else:
+                    pending.discard(user_id)
 
     def set_cookie(self, response: Response, value: str) -> None:
         response.set_cookie(

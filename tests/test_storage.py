@@ -161,6 +161,19 @@ async def test_logout_all_ends_every_session_of_the_user_and_no_other(replicas: 
     assert await first.delete_user_sessions("nobody") == []
 
 
+async def test_a_users_live_sessions_are_listed_oldest_first_on_every_replica(
+    replicas: tuple[Storage, Storage],
+) -> None:
+    first, second = replicas
+    await first.save_session(record("a1", "alice"))
+    await first.save_session(record("b1", "bob"))
+    await first.save_session(record("a2", "alice"))
+    await first.save_session(record("gone", "alice", lifetime=-1))
+
+    assert [r.key for r in await second.user_sessions("alice")] == ["a1", "a2"]
+    assert await second.user_sessions("nobody") == []
+
+
 # Leases
 
 

@@ -87,14 +87,24 @@ class UsersFile:
         self._stamp = self._current_stamp()
 
     def hash_for(self, username: str) -> str | None:
-        stamp = self._current_stamp()
-        if stamp != self._stamp:
-            try:
-                self._users = load_users(self.path)
-            except AuthConfigError as exc:
-                logger.error("users file not reloaded; keeping the previous users", extra={"reason": str(exc)})
-            self._stamp = stamp
+        self.reload()
         return self._users.get(username)
+
+    def reload(self) -> list[str]:
+        """Re-read the file if it changed; returns the users whose password changed or who were
+        removed, whose sessions must end (a reset after a stolen password is worth nothing otherwise)."""
+        stamp = self._current_stamp()
+        if stamp == self._stamp:
+            return []
+        self._stamp = stamp
+        try:
+            users = load_users(self.path)
+        except AuthConfigError as exc:
+            logger.error("users file not reloaded; keeping the previous users", extra={"reason": str(exc)})
+            return []
+        changed = sorted(name for name, stored in self._users.items() if users.get(name) != stored)
+        self._users = users
+        return changed
 
     def _current_stamp(self) -> tuple[int, int]:
         try:
@@ -114,6 +124,10 @@ class PasswordAuthenticator:
         # What an unknown username is checked against: the same work as a real hash.
         self._dummy_hash = HASHER.hash(secrets.token_urlsafe(16))
         self._limiter = anyio.CapacityLimiter(CONCURRENT_VERIFICATIONS)
+
+    def changed_users(self) -> list[str]:
+        """The user ids whose password changed or who were removed since the last look."""
+        return self._users.reload()
 
     async def authenticate(self, request: Request) -> User:
         username, password = _credentials(await read_json(request))

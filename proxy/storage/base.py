@@ -66,6 +66,9 @@ class Storage(Protocol):
     async def delete_user_sessions(self, user_id: str) -> list[str]:
         """End every session of a user; returns the keys of the live sessions that were removed."""
 
+    async def user_sessions(self, user_id: str) -> list[SessionRecord]:
+        """The live sessions of a user, oldest first (for operators: `python -m proxy sessions list`)."""
+
     # Leases: a pool `name` of at most `limit` holders at a time
 
     async def acquire_lease(self, name: str, holder: str, limit: int, ttl: float) -> bool:

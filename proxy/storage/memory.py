@@ -63,6 +63,10 @@ class MemoryStorage:
                 removed.append(key)
         return removed
 
+    async def user_sessions(self, user_id: str) -> list[SessionRecord]:
+        found = [await self.get_session(key) for key in sorted(self._by_user.get(user_id, set()))]
+        return sorted((record for record in found if record is not None), key=lambda r: r.created_at)
+
     # Leases
 
     async def acquire_lease(self, name: str, holder: str, limit: int, ttl: float) -> bool:

@@ -237,6 +237,12 @@ class RedisStorage:
             removed = await self._delete_user_sessions([self._key("user", user_id)], [self._key("session", "")])
         return sorted(str(member) for member in removed)
 
+    async def user_sessions(self, user_id: str) -> list[SessionRecord]:
+        with reachable():
+            keys = await self._client.zrange(self._key("user", user_id), 0, -1)
+        found = [await self.get_session(str(key)) for key in keys]
+        return sorted((record for record in found if record is not None), key=lambda r: r.created_at)
+
     # Leases
 
     async def acquire_lease(self, name: str, holder: str, limit: int, ttl: float) -> bool:
