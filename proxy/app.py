@@ -14,9 +14,10 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from proxy.auth import build_authenticators
 from proxy.auth.password import PasswordAuthenticator
+from proxy.budget import OutputBudget
 from proxy.drain import Drain
 from proxy.errors import ApiError, handle_api_error
-from proxy.limits import OutputBudget, RateLimiter, StreamSlots, parse_limit, parse_rate_limits
+from proxy.limits import RateLimiter, StreamSlots, parse_limit, parse_rate_limits
 from proxy.metrics import Metrics, MetricsMiddleware, MetricsPortMiddleware, metrics_route
 from proxy.middleware.access_log import AccessLogMiddleware
 from proxy.middleware.body_policy import BodyPolicyMiddleware
@@ -81,7 +82,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         )
         tokens = TokenSource(upstream, settings.token_ttl, settings.token_pool)
         slots = StreamSlots(storage, settings.max_concurrent_streams, lease_seconds=settings.stream_lease_seconds)
-        budget = OutputBudget(storage, settings.daily_output_chars)
+        budget = OutputBudget(storage, settings.daily_output_chars, metrics=metrics)
         run_logs = open_run_logs(settings.storage_url, alive_seconds=settings.stream_lease_seconds)
         runs = RunManager(
             RunSettings(
@@ -122,6 +123,8 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
                 background.start_soon(runs.keep_forever)
                 background.start_soon(runs.listen_forever)
                 background.start_soon(runs.watch_sends_forever)
+                if settings.daily_output_chars:
+                    background.start_soon(budget.settle_forever)
                 for authenticator in authenticators:
                     if isinstance(authenticator, PasswordAuthenticator):
                         background.start_soon(sessions.watch_users_forever, authenticator.changed_users)

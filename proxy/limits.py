@@ -15,8 +15,6 @@ import math
 import secrets
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
-from datetime import time as dt_time
 
 import anyio
 from limits import RateLimitItem, parse_many
@@ -214,44 +212,3 @@ class StreamSlots:
 
     async def open(self, user_id: str) -> int:
         return await self.storage.count_leases(f"streams:{user_id}")
-
-
-class OutputBudget:
-    """`BFF_DAILY_OUTPUT_CHARS`: generated characters a user may receive through relays per UTC day.
-
-    Charged from what was actually relayed, when a relay ends; refused up front once spent. So the
-    relay that crosses the line completes, and the next one is refused (post-hoc, like every
-    gateway that meters streams). Token-mode mints are not charged here: their output never passes
-    through us, so they are bounded by the `mint` rate limit instead.
-    """
-
-    def __init__(self, storage: Storage, daily_chars: int) -> None:
-        self._storage = storage
-        self.daily_chars = daily_chars
-
-    @staticmethod
-    def _key(user_id: str) -> str:
-        return f"output:{user_id}:{datetime.now(UTC).date().isoformat()}"
-
-    async def ensure_left(self, user_id: str) -> None:
-        if self.daily_chars and await self.used(user_id) >= self.daily_chars:
-            midnight = datetime.combine(datetime.now(UTC).date() + timedelta(days=1), dt_time(), UTC)
-            wait = max(1, math.ceil((midnight - datetime.now(UTC)).total_seconds()))
-            raise ApiError(
-                429,
-                "budget_exhausted",
-                "Today's answer budget is used up; it renews at midnight UTC.",
-                headers={"Retry-After": str(wait)},
-            )
-
-    async def charge(self, user_id: str, chars: int) -> None:
-        if self.daily_chars and chars > 0:
-            try:
-                # Kept two days, so a stream that ends just after midnight still finds yesterday's key.
-                await self._storage.incr(self._key(user_id), chars, ttl=2 * 86400)
-            except StorageUnavailable:
-                # The answer was already delivered; all that is left to do is say what went uncharged.
-                logger.warning("output budget charge lost: storage unreachable", extra={"chars": chars})
-
-    async def used(self, user_id: str) -> int:
-        return await self._storage.get_counter(self._key(user_id)) if self.daily_chars else 0

@@ -65,6 +65,12 @@ class Metrics:
         )
         self.mints = Counter("bff_mints", "Upstream stream tokens minted, by outcome.", ["outcome"], registry=r)
         self.rate_limited = Counter("bff_rate_limited", "Requests refused by a limit, by limit.", ["limit"], registry=r)
+        self.budget_charges = Counter(
+            "bff_budget_charged_chars",
+            "Output budget charges the storage could not take at once: deferred, later settled, or dropped.",
+            ["outcome"],
+            registry=r,
+        )
         self.sessions = Counter("bff_session_events", "Session events (created, revoked, ...).", ["event"], registry=r)
 
     def render(self) -> bytes:

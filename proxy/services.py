@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import httpx
 from starlette.requests import HTTPConnection
 
+from proxy.budget import OutputBudget
 from proxy.drain import Drain
-from proxy.limits import OutputBudget, RateLimiter, StreamSlots
+from proxy.limits import RateLimiter, StreamSlots
 from proxy.metrics import Metrics
 from proxy.runs import RunManager
 from proxy.sessions import SessionManager

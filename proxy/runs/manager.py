@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import anyio
 
 from proxy.audit import AuditLog
-from proxy.limits import OutputBudget, RateLimiter, StreamSlots
+from proxy.budget import OutputBudget
+from proxy.limits import RateLimiter, StreamSlots
 from proxy.metrics import Metrics
 from proxy.runs.run import Run, RunRequest
 from proxy.sessions import Session, SessionManager

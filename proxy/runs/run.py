@@ -92,6 +92,7 @@ class Run:
         self._remote_until = 0.0  # a follower on another replica said it is there until then
         self._grace: asyncio.TimerHandle | None = None
         self._request_id = current_request_id()
+        self._meter = runs.budget.meter(meta.user_id) if log is not None else None
         self._task = asyncio.get_running_loop().create_task(self._life())
 
     # Followers and the grace period
@@ -186,6 +187,9 @@ class Run:
                     request.workflow.id, request.inputs, max_bytes=runs.max_bytes, request_id=self._request_id
                 )
                 self.stats.first_byte_at = time.monotonic()
+                # Charged before it is sent, and only if it fits: an answer that would cross the
+                # budget is refused (429 budget_exhausted), not delivered.
+                await runs.budget.charge_whole(self.meta.user_id, len(self.result.result))
                 self.stats.chars = len(self.result.result)
                 return Ending.of("complete")
             minted = await runs.tokens.take(request_id=self._request_id)
@@ -211,7 +215,7 @@ class Run:
 
     async def _relay(self, body: Body, log: ChunkLog) -> Ending:
         log.append(OPEN_ENTRY)
-        stats, max_bytes = self.stats, self._runs.max_bytes
+        stats, max_bytes, meter = self.stats, self._runs.max_bytes, self._meter
         while data := await body.read_chunk():
             if self._stop_reason is not None:
                 # Stopped, while the upstream sends back to back: a read that finds data waiting never
@@ -222,8 +226,12 @@ class Run:
             stats.bytes_in += len(data)
             if stats.bytes_in > max_bytes or len(log) >= MAX_ENTRIES:
                 return Ending.of("too_large")
-            stats.chars += utf8_chars(data)
+            chars = utf8_chars(data)
+            stats.chars += chars
             log.append((TEXT, data))
+            # Charged as it flows, a batch at a time: the run that crosses the budget ends here.
+            if meter is not None and meter.add(chars) and await meter.charge():
+                return Ending.of("budget")
         return Ending.of("complete")
 
     async def _end(self, ending: Ending) -> None:
@@ -239,7 +247,8 @@ class Run:
         await self.lease.release()
         if self.log is not None:
             runs.observe(self)
-        await runs.budget.charge(self.meta.user_id, stats.chars)
+        if self._meter is not None:
+            await self._meter.charge()  # what the last batch left
         runs.audit.record(
             "relay.end",
             self.session.key,

@@ -92,6 +92,9 @@ class Storage(Protocol):
         """Add `amount` and return the new value; a new counter is forgotten `ttl` seconds after
         its first increment (later increments do not extend it)."""
 
+    async def incr_up_to(self, key: str, amount: int, limit: int, ttl: float) -> int | None:
+        """As `incr`, but only if the new value stays within `limit`; None (and nothing added) if not."""
+
     async def get_counter(self, key: str) -> int:
         """The current value; 0 for a counter that does not exist or has expired."""
 

@@ -105,6 +105,12 @@ class MemoryStorage:
         counter.value += amount
         return counter.value
 
+    async def incr_up_to(self, key: str, amount: int, limit: int, ttl: float) -> int | None:
+        counter = self._live_counter(key)
+        if (0 if counter is None else counter.value) + amount > limit:
+            return None
+        return await self.incr(key, amount, ttl)
+
     async def get_counter(self, key: str) -> int:
         counter = self._live_counter(key)
         return 0 if counter is None else counter.value

@@ -141,6 +141,15 @@ if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]
 return value
 """
 
+INCR_UP_TO = """
+-- KEYS: counter. ARGV: amount, limit, ttl ms. Adds only if the result stays within the limit.
+local value = tonumber(redis.call('GET', KEYS[1]) or '0') + tonumber(ARGV[1])
+if value > tonumber(ARGV[2]) then return -1 end
+redis.call('INCRBY', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return value
+"""
+
 
 def milliseconds(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
@@ -190,6 +199,7 @@ class RedisStorage:
         self._renew_lease = register(RENEW_LEASE)
         self._count_leases = register(COUNT_LEASES)
         self._incr = register(INCR)
+        self._incr_up_to = register(INCR_UP_TO)
 
     # Sessions
 
@@ -267,6 +277,11 @@ class RedisStorage:
     async def incr(self, key: str, amount: int, ttl: float) -> int:
         with reachable():
             return int(await self._incr([self._key("counter", key)], [amount, milliseconds(ttl)]))
+
+    async def incr_up_to(self, key: str, amount: int, limit: int, ttl: float) -> int | None:
+        with reachable():
+            value = int(await self._incr_up_to([self._key("counter", key)], [amount, limit, milliseconds(ttl)]))
+        return None if value < 0 else value
 
     async def get_counter(self, key: str) -> int:
         with reachable():

@@ -1,0 +1,124 @@
+"""Output budgets exact across replicas (issue 16): charged as the text flows, a batch at a time, so
+the budget is exceeded by at most one batch per open run; `/run` is refused an answer that would
+cross it; and a charge the storage cannot take is kept and applied when it is back.
+
+Two `python -m proxy serve` processes share a real `redis-server`, and every figure the test checks
+is what the clients received or what the storage holds.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from proxy.budget import BATCH_CHARS
+from proxy.runs.ending import BUDGET_SPENT
+from tests.conftest import start_redis
+from tests.servers import EmulatorControl, RedisServer, ServerProcess, browser, eventually, start_proxy
+from tests.test_chat_protocols import sse_events, text_of
+
+BUDGET = 20_000
+CHUNK = "c" * 50
+ANSWER = [CHUNK] * 800  # 40,000 characters, twice the budget, in chunks the size of a few tokens
+
+
+def chat_body(chat_id: str) -> dict[str, Any]:
+    return {"id": chat_id, "messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": "go"}]}]}
+
+
+def used(client: httpx.Client) -> int:
+    value: int = client.get("/auth/session").json()["limits"]["daily_output_chars"]["used"]
+    return value
+
+
+@pytest.fixture
+def replicas(emulator: ServerProcess, redis_server: RedisServer) -> Iterator[list[ServerProcess]]:
+    env = {"BFF_STORAGE_URL": redis_server.url, "BFF_DAILY_OUTPUT_CHARS": str(BUDGET)}
+    servers = [start_proxy(emulator.url, **env)]
+    try:
+        servers.append(start_proxy(emulator.url, **env))
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_parallel_answers_on_two_replicas_overshoot_the_budget_by_at_most_a_batch_each(
+    replicas: list[ServerProcess], upstream: EmulatorControl
+) -> None:
+    first, second = replicas
+    runs = 4
+    upstream.fault(op="stream", workflow="wf_tutor", chunks=ANSWER, delay=0.002, times=runs)
+    with browser(first.url) as on_first:
+        on_first.post("/auth/guest").raise_for_status()
+        with browser(second.url, cookies=on_first.cookies) as on_second:
+            clients = [on_first, on_second] * (runs // 2)
+            with ThreadPoolExecutor(runs) as pool:
+                answers = list(
+                    pool.map(lambda n: clients[n].post("/api/chat/tutor", json=chat_body(f"c{n}")).text, range(runs))
+                )
+            eventually(lambda: used(on_first) > BUDGET, "the charges")
+            total = used(on_second)
+
+    events = [sse_events(answer) for answer in answers]
+    delivered = sum(len(text_of(answer)) for answer in events)
+    # Every answer ended at the budget, in-band, with what it had relayed so far kept.
+    assert all(answer[-2:] == [{"type": "error", "errorText": BUDGET_SPENT}, "[DONE]"] for answer in events)
+    # What the storage holds is exactly what the clients received, and the overshoot is bounded.
+    assert total == delivered
+    assert BUDGET <= total <= BUDGET + runs * (BATCH_CHARS + len(CHUNK))
+
+
+def test_run_refuses_an_answer_that_would_cross_the_budget_and_charges_nothing_for_it(
+    replicas: list[ServerProcess], upstream: EmulatorControl
+) -> None:
+    first, _ = replicas
+    with browser(first.url) as client:
+        client.post("/auth/guest").raise_for_status()
+        upstream.fault(op="run", result_chars=BUDGET + 1)
+        too_much = client.post("/api/workflows/tutor/run", json={"message": "x"})
+        upstream.fault(op="run", result_chars=BUDGET)
+        fits = client.post("/api/workflows/tutor/run", json={"message": "x"})
+        after = used(client)
+
+    assert (too_much.status_code, too_much.json()["error"]["code"]) == (429, "budget_exhausted")
+    assert fits.status_code == 200
+    assert after == BUDGET  # the refused answer cost nothing against the budget
+
+
+def metric(server: ServerProcess, name: str, outcome: str) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    found = re.search(rf'^{name}\{{outcome="{outcome}"\}} (\S+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_charge_the_storage_cannot_take_is_kept_and_applied_when_it_is_back(
+    emulator: ServerProcess, upstream: EmulatorControl, tmp_path: Path
+) -> None:
+    redis = start_redis(tmp_path)
+    server = start_proxy(emulator.url, BFF_STORAGE_URL=redis.url, BFF_DAILY_OUTPUT_CHARS=str(10 * BUDGET))
+    try:
+        upstream.fault(op="stream", workflow="wf_tutor", chunks=ANSWER[:100], hold_after=1)
+        with browser(server.url) as client:
+            client.post("/auth/guest").raise_for_status()
+            with client.stream("POST", "/api/chat/tutor", json=chat_body("down")) as response:
+                body = response.iter_raw()
+                head = next(body)
+                redis.stop()  # the rest of the answer is charged while nothing can take the charge
+                upstream.release()
+                answer = text_of(sse_events((head + b"".join(body)).decode()))
+            assert answer == "".join(ANSWER[:100])
+            eventually(lambda: metric(server, "bff_budget_charged_chars_total", "deferred") > 0, "a deferred charge")
+            redis.start()
+            eventually(lambda: metric(server, "bff_budget_charged_chars_total", "settled") > 0, "the charge settling")
+            eventually(lambda: client.get("/auth/session").status_code == 200, "the storage answering again")
+            assert used(client) == len(answer)
+    finally:
+        server.stop()
+        redis.stop()
