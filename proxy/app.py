@@ -72,6 +72,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
             cookie_secure=settings.cookie_secure,
             samesite=settings.cookie_samesite,
             metrics=metrics,
+            guests_share_ip=settings.guest_limits == "ip",
         )
         upstream = UpstreamClient(
             http,

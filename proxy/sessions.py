@@ -29,6 +29,7 @@ from proxy.metrics import Metrics
 from proxy.middleware.access_log import annotate
 from proxy.storage import SessionRecord, Storage, StorageUnavailable
 from proxy.streams import StreamRegistry
+from proxy.throttle import client_ip
 
 logger = logging.getLogger("proxy.sessions")
 
@@ -56,6 +57,9 @@ class Session:
     record: SessionRecord
     idle_seconds: int
     revocations_seen: int = 0  # StreamRegistry.revocations when the session was checked
+    # Whom the per-user limits, stream cap and budget count against: the user, or for guests (who
+    # anyone can become again with one request) their client IP, unless BFF_GUEST_LIMITS=session.
+    limit_key: str = ""
 
     @property
     def user(self) -> User:
@@ -87,6 +91,7 @@ class SessionManager:
         cookie_secure: bool,
         samesite: str = "strict",
         metrics: Metrics | None = None,
+        guests_share_ip: bool = True,
     ) -> None:
         if not secrets_newest_first:
             raise ValueError("at least one session secret is required")
@@ -99,6 +104,7 @@ class SessionManager:
         self.max_seconds = max_seconds
         self.cookie_secure = cookie_secure
         self.samesite = samesite
+        self.guests_share_ip = guests_share_ip
         # The __Host- prefix makes browsers refuse the cookie unless it is Secure, Path=/ and has no
         # Domain; plain-http development cannot meet that, so it gets the plain name.
         self.cookie_name = "__Host-bff_session" if cookie_secure else "bff_session"
@@ -156,7 +162,12 @@ class SessionManager:
                 return None
             record = dataclasses.replace(record, last_seen=now)
         annotate(user_hash=self.audit.user_hash(record.user_id))  # for the request's summary line
-        return Session(record, self.idle_seconds, revocations_seen)
+        return Session(record, self.idle_seconds, revocations_seen, self._limit_key(record, connection))
+
+    def _limit_key(self, record: SessionRecord, connection: HTTPConnection) -> str:
+        if record.kind == "guest" and self.guests_share_ip:
+            return f"ip:{client_ip(connection)}"
+        return record.user_id
 
     async def still_valid(self, session: Session) -> bool:
         """Whether `session`, checked earlier in this request, has not been revoked since. For a relay

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     rate_limits: str = DEFAULT_RATE_LIMITS
     max_concurrent_streams: int = Field(default=3, ge=1, le=10_000)
     daily_output_chars: int = Field(default=0, ge=0)
+    # Guests' per-user limits, stream cap and budget: shared by every guest of one client IP ("ip"),
+    # or each guest session its own ("session": anyone can then multiply them by signing in again).
+    guest_limits: Literal["ip", "session"] = "ip"
     # Pre-minted stream tokens kept ready per process (proxy/token_pool.py); 0 = mint on demand.
     token_pool: int = Field(default=0, ge=0, le=100)
     # On SIGTERM, running streams get this long to finish before they are ended with an in-band error;

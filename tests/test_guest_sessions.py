@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import httpx
 
-from tests.servers import ServerProcess, browser
+from tests.servers import ServerProcess, browser, start_proxy
+
+RUN = "/api/workflows/tutor/run"
 
 
 def test_a_guest_sign_in_sets_a_session_cookie_and_describes_the_session(anonymous: httpx.Client) -> None:
@@ -69,3 +71,20 @@ def test_logout_needs_the_csrf_header(guest: httpx.Client) -> None:
 
     assert response.status_code == 403
     assert guest.get("/auth/session").status_code == 200
+
+
+def test_guests_of_one_address_share_their_limits_unless_configured_otherwise(emulator: ServerProcess) -> None:
+    """Ten guest sessions from one address must not hold ten times every per-user limit."""
+    for setting, second_guest_allowed in (("ip", False), ("session", True)):
+        server = start_proxy(emulator.url, BFF_RATE_LIMITS="relay=2/minute;login=100/minute", BFF_GUEST_LIMITS=setting)
+        try:
+            with browser(server.url) as first, browser(server.url) as second:
+                first.post("/auth/guest").raise_for_status()
+                second.post("/auth/guest").raise_for_status()
+                assert [first.post(RUN, json={"message": "x"}).status_code for _ in range(2)] == [200, 200]
+                third = second.post(RUN, json={"message": "x"})
+        finally:
+            server.stop()
+        assert (third.status_code == 200) is second_guest_allowed, setting
+        if not second_guest_allowed:
+            assert third.json()["error"]["code"] == "rate_limited"

@@ -33,7 +33,7 @@ async def session_body(bff: Services, session: Session) -> dict[str, object]:
         "max_concurrent_streams": bff.settings.max_concurrent_streams,
         # Today's use as every replica charged it (null when there is no budget).
         "daily_output_chars": (
-            {"limit": budget.daily_chars, "used": await budget.used(user.id)} if budget.daily_chars else None
+            {"limit": budget.daily_chars, "used": await budget.used(session.limit_key)} if budget.daily_chars else None
         ),
     }
     return {"user": {"id": user.id, "kind": user.kind}, "expires_at": iso(session.expires_at), "limits": limits}

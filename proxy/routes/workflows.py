@@ -34,7 +34,7 @@ async def mint(request: Request) -> Response:
     ttl = body.get("ttl", bff.settings.token_ttl)
     if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
         raise invalid_input('"ttl" must be a whole number of seconds, at least 1.')
-    limit_headers = await bff.limiter.check("mint", session.user.id)
+    limit_headers = await bff.limiter.check("mint", session.limit_key)
     if ttl >= bff.settings.token_ttl:
         minted = await bff.tokens.take(request_id=current_request_id())
     else:  # a shorter TTL than pooled tokens have: mint one to order

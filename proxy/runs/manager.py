@@ -90,12 +90,12 @@ class RunManager:
 
     async def start(self, session: Session, request: RunRequest) -> Run:
         """Admit and start a run; raises the `ApiError` of the first check it fails."""
-        user_id, alias = session.user.id, request.workflow.alias
-        await self.budget.ensure_left(user_id)
+        user_id, alias, counted = session.user.id, request.workflow.alias, session.limit_key
+        await self.budget.ensure_left(counted)
         run_id = "run_" + secrets.token_urlsafe(16)
-        lease = await self.slots.acquire(user_id, holder=run_id)
+        lease = await self.slots.acquire(counted, holder=run_id)
         try:
-            headers = await self.limiter.check("relay", user_id, workflow=alias)
+            headers = await self.limiter.check("relay", counted, workflow=alias)
             log = None
             # A chat id too long to be one of ours is no chat: the answer is still followable by run id.
             chat_id = request.chat_id if request.chat_id and len(request.chat_id) <= MAX_CHAT_ID_CHARS else None

@@ -92,7 +92,7 @@ class Run:
         self._remote_until = 0.0  # a follower on another replica said it is there until then
         self._grace: asyncio.TimerHandle | None = None
         self._request_id = current_request_id()
-        self._meter = runs.budget.meter(meta.user_id) if log is not None else None
+        self._meter = runs.budget.meter(session.limit_key) if log is not None else None
         self._task = asyncio.get_running_loop().create_task(self._life())
 
     # Followers and the grace period
@@ -189,7 +189,7 @@ class Run:
                 self.stats.first_byte_at = time.monotonic()
                 # Charged before it is sent, and only if it fits: an answer that would cross the
                 # budget is refused (429 budget_exhausted), not delivered.
-                await runs.budget.charge_whole(self.meta.user_id, len(self.result.result))
+                await runs.budget.charge_whole(self.session.limit_key, len(self.result.result))
                 self.stats.chars = len(self.result.result)
                 return Ending.of("complete")
             minted = await runs.tokens.take(request_id=self._request_id)
