@@ -1,16 +1,35 @@
 // The demo page: sign in as a guest, then stream the tutor's answer into the page as it arrives.
 // Every state-changing call sends X-CSRF: 1 and the session cookie (same origin).
 //
+// On load the page asks GET /demo/session (a demo-only route that answers 200 with or without a
+// session, so a first visit logs no 401) and signs in as a guest only when there is no session: a
+// reload keeps its guest, and with it the answer it may resume.
+//
 // Relay mode asks through the chat route (POST /api/chat/tutor?protocol=text) with this tab's chat
 // id. The answer is a run on the server that outlives the request, so after a reload the page asks
 // GET /api/chat/tutor/{chatId}/stream?protocol=text for it again: the answer from its first
 // character, then live. The chat id and the question live in sessionStorage (this tab only).
 // Because a dropped connection no longer ends the answer, Stop also calls the chat's stop route.
+//
+// Token mode mints a single-use token (POST /api/token) and streams straight from the upstream URL
+// it names: nothing runs on our side, so there is nothing to resume or stop server-side.
 const WORKFLOW = "tutor";
 const SAVED = "workflow-bff-demo"; // sessionStorage: {chatId, question}
+const SAVED_MODE = "workflow-bff-demo-mode";
+const MODES = {
+  relay: {
+    label: "relay mode",
+    hint: "Relay: workflow-bff streams the answer; no upstream key in the browser, and a reload resumes it.",
+  },
+  token: {
+    label: "token mode",
+    hint: "Token: workflow-bff mints a single-use token; the browser streams straight from the upstream.",
+  },
+};
 const $ = (id) => document.getElementById(id);
 let controller = null; // aborts the fetch being read
 let streamingChat = null; // the chat id of the relay answer being read, for Stop
+let signedIn = false;
 
 function randomId() {
   // crypto.randomUUID needs a secure context; a demo served on a LAN address over http is not one.
@@ -51,11 +70,99 @@ async function call(path, body, signal) {
   return response;
 }
 
-async function signIn() {
-  const session = await fetch("/auth/session", { credentials: "same-origin" });
-  const body = session.ok ? await session.json() : await (await call("/auth/guest")).json();
-  $("who").textContent = `${body.user.kind} ${body.user.id}`;
+// ---- what the page shows ----------------------------------------------------------------------
+
+function setStatus(state, text) {
+  const status = $("status");
+  status.dataset.state = state;
+  status.textContent = text;
+  $("app").dataset.state = state;
 }
+
+function currentMode() {
+  return document.querySelector('input[name="mode"]:checked').value;
+}
+
+function showMode() {
+  const mode = currentMode();
+  $("mode-hint").textContent = MODES[mode].hint;
+  sessionStorage.setItem(SAVED_MODE, mode);
+}
+
+function offerModes(modes) {
+  for (const input of document.querySelectorAll('input[name="mode"]')) {
+    input.disabled = Array.isArray(modes) && !modes.includes(input.value);
+  }
+  const remembered = document.querySelector(`input[name="mode"][value="${sessionStorage.getItem(SAVED_MODE)}"]`);
+  if (remembered && !remembered.disabled) remembered.checked = true;
+  const checked = document.querySelector('input[name="mode"]:checked');
+  if (checked.disabled) document.querySelector('input[name="mode"]:not(:disabled)')?.click();
+  showMode();
+}
+
+function setBusy(busy) {
+  // Stop takes Send's place while the tutor answers; focus on one moves to the other (or, once the
+  // answer is done and Send waits for a new question, to the question box) instead of being lost.
+  const focused = [$("send"), $("stop")].includes(document.activeElement);
+  $("send").hidden = busy;
+  $("stop").hidden = !busy;
+  $("log").setAttribute("aria-busy", String(busy)); // read the answer out once, not word by word
+  refreshSend();
+  if (focused) (busy ? $("stop") : $("prompt")).focus();
+}
+
+function refreshSend() {
+  $("send").disabled = !signedIn || controller !== null || !$("prompt").value.trim();
+}
+
+function isNearBottom() {
+  const chat = $("chat");
+  return chat.scrollHeight - chat.scrollTop - chat.clientHeight < 80;
+}
+
+function follow(pinned) {
+  if (pinned) $("chat").scrollTop = $("chat").scrollHeight;
+}
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function addMessage(kind, text, mode, note) {
+  const pinned = kind === "user" || isNearBottom(); // a question just asked is always scrolled to
+  $("intro").hidden = true;
+  const item = element("li", `msg ${kind}`);
+  const meta = element("p", "meta");
+  if (kind === "user") {
+    meta.append(element("span", "visually-hidden", "You asked:"));
+  } else {
+    meta.append(element("span", "avatar"), element("span", "name", "Tutor"));
+    const badge = element("span", `badge ${mode}`, MODES[mode].label);
+    badge.title = MODES[mode].hint;
+    meta.append(badge);
+    if (note) meta.append(element("span", "badge plain", note));
+  }
+  const body = element("div", "text", text);
+  item.append(meta, body);
+  $("log").append(item);
+  follow(pinned);
+  return item;
+}
+
+function showError(item, message) {
+  const pinned = isNearBottom();
+  const box = element("p", "error");
+  box.setAttribute("role", "alert");
+  box.append(element("strong", "", "No answer: "), document.createTextNode(message));
+  item.classList.add("failed");
+  item.append(box);
+  follow(pinned);
+}
+
+// ---- streaming -------------------------------------------------------------------------------------
 
 async function openStream(mode, text, signal) {
   if (mode === "relay") {
@@ -75,62 +182,62 @@ async function openStream(mode, text, signal) {
     body: JSON.stringify({ message: text }),
     signal,
   });
-  if (!response.ok) throw new Error(`upstream HTTP ${response.status}`);
+  if (!response.ok) throw new Error(`the upstream answered HTTP ${response.status}`);
   return response;
 }
 
-function bubble(kind, text) {
-  const element = document.createElement("div");
-  element.className = `msg ${kind}`;
-  element.textContent = text;
-  $("log").append(element);
-  return element;
-}
-
 // Shows the question, then reads the answer that `open(signal)` resolves to into the page.
-async function converse(question, open, abort = new AbortController()) {
-  bubble("user", question);
-  const answer = bubble("assistant", "");
+async function converse(question, mode, open, { abort = new AbortController(), note } = {}) {
+  addMessage("user", question, mode);
+  const item = addMessage("assistant", "", mode, note);
+  const answer = item.querySelector(".text");
+  item.classList.add("streaming", "waiting");
   controller = abort;
-  $("send").disabled = true;
-  $("stop").disabled = false;
-  $("status").textContent = "streaming";
+  setBusy(true);
+  setStatus("streaming", `The tutor is answering in ${MODES[mode].label}…`);
   try {
     const response = await open(controller.signal);
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
+      const pinned = isNearBottom();
+      item.classList.remove("waiting");
       answer.textContent += value;
+      follow(pinned);
     }
-    $("status").textContent = "done";
+    setStatus("done", `Answered in ${MODES[mode].label}.`);
   } catch (error) {
-    const stopped = error.name === "AbortError";
-    if (!stopped) answer.classList.add("error");
-    answer.textContent += stopped ? " [stopped]" : `\n${error.message}`;
-    $("status").textContent = stopped ? "stopped" : "error";
+    if (error.name === "AbortError") {
+      item.classList.add("stopped");
+      item.querySelector(".meta").append(element("span", "badge plain", "stopped"));
+      setStatus("stopped", "Stopped. Ask another question when you like.");
+    } else {
+      showError(item, error.message);
+      setStatus("error", "The tutor could not answer.");
+    }
   } finally {
-    $("send").disabled = false;
-    $("stop").disabled = true;
+    item.classList.remove("streaming", "waiting");
     controller = null;
     streamingChat = null;
+    setBusy(false);
   }
 }
 
 function ask(event) {
   event.preventDefault();
   const text = $("prompt").value.trim();
-  if (!text || controller) return;
+  if (!text || controller || !signedIn) return;
   $("prompt").value = "";
-  const mode = $("mode").value;
-  converse(text, (signal) => openStream(mode, text, signal));
+  const mode = currentMode();
+  converse(text, mode, (signal) => openStream(mode, text, signal));
 }
 
 function stop() {
   controller?.abort();
   if (streamingChat) {
     const path = `/api/chat/${WORKFLOW}/${encodeURIComponent(streamingChat)}/stop`;
-    call(path).catch((error) => { $("status").textContent = `stop failed: ${error.message}`; });
+    call(path).catch((error) => setStatus("error", `Stop failed: ${error.message}`));
   }
 }
 
@@ -151,12 +258,56 @@ async function resume() {
     return;
   }
   streamingChat = chatId;
-  await converse(question, async () => response, abort);
+  await converse(question, "relay", async () => response, { abort, note: "resumed after reload" });
 }
+
+async function signIn() {
+  const response = await fetch("/demo/session", { credentials: "same-origin" });
+  if (!response.ok) throw await failure(response);
+  let body = await response.json();
+  offerModes(body.modes);
+  if (!body.user) body = await (await call("/auth/guest")).json();
+  signedIn = true;
+  $("who-text").textContent = `Guest ${body.user.id.replace(/^guest_/, "").slice(0, 6)}`;
+  $("who").title = `Signed in as ${body.user.kind} ${body.user.id}`;
+  $("app").dataset.session = body.user.kind;
+  setStatus("idle", "Ready.");
+  refreshSend();
+}
+
+// ---- wiring ----------------------------------------------------------------------------------------
 
 $("ask").addEventListener("submit", ask);
 $("stop").addEventListener("click", stop);
+$("prompt").addEventListener("input", refreshSend);
+$("prompt").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    $("ask").requestSubmit();
+  }
+});
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && controller) stop();
+});
+for (const input of document.querySelectorAll('input[name="mode"]')) input.addEventListener("change", showMode);
+for (const button of document.querySelectorAll(".suggestion")) {
+  button.addEventListener("click", () => {
+    $("prompt").value = button.textContent;
+    refreshSend();
+    $("ask").requestSubmit();
+    $("prompt").focus();
+  });
+}
+showMode();
+setStatus("idle", "Connecting…");
 signIn().then(
-  () => resume().catch((error) => { $("status").textContent = `resume failed: ${error.message}`; }),
-  (error) => { $("who").textContent = `sign-in failed: ${error.message}`; },
+  () => resume().catch((error) => setStatus("error", `Could not resume the last answer: ${error.message}`)),
+  (error) => {
+    $("app").dataset.session = "failed";
+    $("who-text").textContent = "Not signed in";
+    const item = element("li", "msg assistant failed");
+    $("log").append(item);
+    showError(item, `Signing in as a guest failed: ${error.message}. Reload the page to try again.`);
+    setStatus("error", "Sign-in failed.");
+  },
 );
