@@ -23,7 +23,7 @@ def main() -> None:
     settings = checked_settings()
     configure_logging(settings.secret_values())
     frontend = Mount("/", app=StaticFiles(directory=args.static, html=True))
-    run_server(create_app(settings, extra_routes=[frontend]), bind(args.host, args.port), "workflow-bff + app")
+    run_server(create_app(settings, extra_routes=[frontend]), [bind(args.host, args.port)], "workflow-bff + app")
 
 
 if __name__ == "__main__":

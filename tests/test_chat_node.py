@@ -8,7 +8,10 @@ is `callChatApi`, which `useChat` of @ai-sdk/react 1.x runs for every turn.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +25,10 @@ from tests.conftest import IN_CI, require_tool
 from tests.servers import ROOT, TEST_API_KEY, EmulatorControl, ServerProcess, start_proxy
 
 NODE_DIR = ROOT / "tests" / "node"
+APP_DIR = ROOT / "examples" / "react-chat"
+# Node 24 from the npm registry (tests/node/runtime, installed by `make test` before tests/node itself).
+RUNTIME_NODE = NODE_DIR / "runtime" / "node_modules" / ".bin" / "node"
+CLIENTS_NEED_NODE = 22  # ai 7's engines: "node": ">=22"
 WORKFLOW_ID = "wf_tutor"
 WORKFLOWS = f"""
 [workflows.tutor]
@@ -44,8 +51,44 @@ NO_CREDITS = "The upstream account has no credits left."
 Report = dict[str, Any]
 
 
+def node_binary(directory: Path = NODE_DIR) -> str:
+    """The one Node to run `directory`'s scripts and npm with, as `make test` installed them.
+
+    tests/node: the Node 24 of tests/node/runtime (the clients include ai 7, which needs Node >= 22,
+    and the machine's may be older), or where that is not installed (not linux-x64) the machine's
+    own, if new enough. Anything else (the example app): the machine's `node`, the one a reader of
+    examples/react-chat/README.md runs `npm ci` and `npm run dev` with.
+    """
+    if directory != NODE_DIR:
+        return require_tool("node")
+    if RUNTIME_NODE.exists():
+        return str(RUNTIME_NODE)
+    system = require_tool("node")
+    if node_major(system) < CLIENTS_NEED_NODE:
+        message = (
+            f"tests/node needs Node >= {CLIENTS_NEED_NODE} (ai 7); {system} is older and "
+            "tests/node/runtime is not installed: run `make test`, which installs it"
+        )
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return system
+
+
+@functools.cache
+def node_major(node: str) -> int:
+    done = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10, check=True)
+    return int(done.stdout.strip().lstrip("v").split(".")[0])
+
+
+def npm_env(directory: Path) -> dict[str, str]:
+    """The environment in which `npm` (a `#!/usr/bin/env node` script) runs under node_binary()."""
+    node_dir = os.path.dirname(node_binary(directory))
+    return {**os.environ, "PATH": node_dir + os.pathsep + os.environ.get("PATH", "")}
+
+
 def require_node_modules(directory: Path) -> None:
-    require_tool("node")
+    node_binary(directory)
     if not (directory / "node_modules").is_dir():
         message = f"npm dependencies missing: run `npm ci` in {directory.relative_to(ROOT)} (make test does)"
         if IN_CI:
@@ -91,7 +134,7 @@ def run_client(
 ) -> Report:
     config = {"client": client, "protocol": protocol, "proxy": proxy.url, "emulator": upstream.url, **options}
     done = subprocess.run(
-        ["node", "chat-client.mjs", json.dumps(config)],
+        [node_binary(), "chat-client.mjs", json.dumps(config)],
         cwd=NODE_DIR,
         capture_output=True,
         text=True,
@@ -239,3 +282,26 @@ def test_keep_alives_before_the_first_byte_are_ignored_by_the_real_client(
         ("user", "slow question"),
         ("assistant", generate_text(WORKFLOW_ID, {"message": "slow question"})),
     ]
+
+
+@pytest.mark.parametrize("directory", [NODE_DIR, APP_DIR], ids=["tests-node", "react-chat"])
+def test_npm_ci_installs_every_pinned_package_on_the_node_that_runs_it(directory: Path, tmp_path: Path) -> None:
+    """`npm ci` of the lockfile under node_binary(), refusing (engine-strict) any package whose `engines`
+    exclude that Node: no EBADENGINE warning when `make test` (or a reader of the example's README,
+    with the machine's Node) installs it. A dry run in a copy: the lockfile alone, nothing downloaded."""
+    npm = require_tool("npm")
+    assert "engine-strict=true" in (directory / ".npmrc").read_text().splitlines()  # npm ci refuses, not warns
+    for name in ("package.json", "package-lock.json", ".npmrc"):
+        shutil.copy(directory / name, tmp_path / name)
+    done = subprocess.run(
+        [npm, "ci", "--dry-run", "--no-audit", "--no-fund"],
+        cwd=tmp_path,
+        env=npm_env(directory),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "npm warn" not in done.stdout + done.stderr
+    assert "add ai " in done.stdout or "add ai-7 " in done.stdout  # the dry run did list the packages

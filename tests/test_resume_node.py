@@ -26,6 +26,7 @@ from tests.test_chat_node import (
     Report,
     answer,
     inputs,
+    node_binary,
     require_node_modules,
     run_client,
     shown,
@@ -110,7 +111,7 @@ def run_cut_resume(
         config["resumeProxy"] = resume_proxy.url
     with tempfile.TemporaryFile("w+") as stderr:
         node = subprocess.Popen(
-            ["node", "chat-client.mjs", json.dumps(config)],
+            [node_binary(), "chat-client.mjs", json.dumps(config)],
             cwd=NODE_DIR,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
