@@ -193,6 +193,9 @@ def proxy_env(upstream_url: str, **overrides: str) -> dict[str, str]:
         # A client that leaves ends its run at once, as before runs outlived connections; the grace
         # period has its own tests (tests/test_runs.py).
         "BFF_RESUME_GRACE_SECONDS": "0",
+        # Every test's guests come from 127.0.0.1 and stand for separate users; guests sharing their
+        # address's limits (the default) is tested in tests/test_guest_sessions.py.
+        "BFF_GUEST_LIMITS": "session",
     }
     env.update(overrides)
     return env
