@@ -437,10 +437,10 @@ def test_a_session_ended_mid_run_tells_every_follower_in_band(
 def test_a_client_that_leaves_during_a_burst_stops_the_reading_at_once(emulator: ServerProcess) -> None:
     """The upstream sends back to back, faster than anyone reads: leaving must still end the run then,
     not after the burst, and charge what was relayed, not the whole answer."""
-    server = start_proxy(emulator.url, BFF_DAILY_OUTPUT_CHARS="100000000", BFF_MAX_ANSWER_BYTES=str(64 * 1024 * 1024))
+    server = start_proxy(emulator.url, BFF_DAILY_OUTPUT_CHARS="1000000000", BFF_MAX_ANSWER_BYTES=str(256 * 1024 * 1024))
     control = EmulatorControl(emulator.url)
     control.reset()
-    burst = ["y" * 65536] * 400  # 25 MiB, no pause between chunks
+    burst = ["y" * 65536] * 800  # 50 MiB, no pause between chunks: more than is read before leaving
     try:
         control.fault(op="stream", workflow="wf_tutor", chunks=burst, delay=0)
         with guest_of(server.url) as client:

@@ -125,7 +125,7 @@ class RunStream(Response):
                 await self._follow(scope["path"], send, read, remote=run is None)
             if self.too_slow:
                 self.end = "send_timeout"
-            elif self._left.cancelled_caught:
+            elif self._left.cancel_called:
                 self.end = "client_gone" if self.sent_chars else "client_gone_early"
         finally:
             runs.followers.discard(self)
@@ -151,7 +151,10 @@ class RunStream(Response):
         consumed = 0
         keepalive_at = time.monotonic() + self.keepalive_seconds if encoder.keepalive is not None else None
         announce_at = 0.0
-        while True:
+        while not self._left.cancel_called:
+            # Checked each round, not only at a suspension: once the client left, a send returns at
+            # once without sending, and a read that finds entries waiting never suspends, so a
+            # follower of a run in full flow would otherwise never notice, nor let its run go.
             now = time.monotonic()
             wait: float | None = None
             if keepalive_at is not None and self.first_text_at is None:

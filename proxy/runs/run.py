@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("proxy.runs")
 
+# While the upstream sends back to back, a run gives the loop a turn after this many bytes.
+YIELD_EVERY_BYTES = 64 * 1024
+
 
 @dataclass(frozen=True)
 class RunRequest:
@@ -216,10 +219,15 @@ class Run:
     async def _relay(self, body: Body, log: ChunkLog) -> Ending:
         log.append(OPEN_ENTRY)
         stats, max_bytes, meter = self.stats, self._runs.max_bytes, self._meter
+        unyielded = 0
         while data := await body.read_chunk():
-            if self._stop_reason is not None:
-                # Stopped, while the upstream sends back to back: a read that finds data waiting never
-                # suspends, so the cancellation would wait for the burst's end. Take it here.
+            unyielded += len(data)
+            if self._stop_reason is not None or unyielded >= YIELD_EVERY_BYTES:
+                # A read that finds data waiting never suspends: while the upstream sends back to back,
+                # nothing else on the loop would run (not even the watch that sees the client leave),
+                # and a stop would wait for the burst's end. So the run yields now and then, and at
+                # once when it was stopped, which is where the cancellation is taken.
+                unyielded = 0
                 await anyio.lowlevel.checkpoint()
             if stats.first_byte_at is None:
                 stats.first_byte_at = time.monotonic()
