@@ -115,9 +115,11 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     users_file: Path | None = None
-    # Failed password sign-ins allowed per username and per client IP within the window, then 429.
+    # Failed password sign-ins allowed within the window, then 429 (proxy/throttle.py): per account from
+    # one address, per account from anywhere, and per address (one that is clearly attacking).
     login_failures_per_user: int = Field(default=5, ge=1, le=1000)
-    login_failures_per_ip: int = Field(default=20, ge=1, le=100_000)
+    login_failures_per_account: int = Field(default=20, ge=1, le=100_000)
+    login_failures_per_ip: int = Field(default=100, ge=1, le=100_000)
     login_failure_window_seconds: int = Field(default=900, ge=1, le=86400)
 
     _split = field_validator(

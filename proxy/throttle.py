@@ -1,4 +1,11 @@
-"""Login throttling: failed sign-ins counted per client IP and per username, then 429.
+"""Login throttling: failed sign-ins counted with three separate budgets, then 429.
+
+- per account *and* address (`BFF_LOGIN_FAILURES_PER_USER`, 5): guessing one account from one place;
+- per account from anywhere (`BFF_LOGIN_FAILURES_PER_ACCOUNT`, 20): guessing it from many places;
+- per address (`BFF_LOGIN_FAILURES_PER_IP`, 100): an address that is clearly attacking, spraying
+  guesses over many accounts, is refused whatever it sends.
+So behind one NAT (a school, an office), one person's wrong guesses do not lock a classmate with the
+right password out: the classmate's account and the shared address each have budgets of their own.
 
 Only failures count, so a user who types the password right is never slowed down by their own
 sign-ins. The counters live behind one small interface (`FailureCounter`); `WindowFailureCounter`
@@ -84,7 +91,8 @@ def client_ip(connection: HTTPConnection) -> str:
 @dataclass(frozen=True)
 class LoginThrottle:
     per_ip: FailureCounter
-    per_user: FailureCounter
+    per_user: FailureCounter  # keyed by account and address
+    per_account: FailureCounter
     # Attempts being verified in this process, by ("ip", address) and ("user", name).
     _in_flight: Counter[tuple[str, str]] = field(default_factory=Counter)
 
@@ -93,7 +101,7 @@ class LoginThrottle:
         """Around one sign-in attempt: 429 while the IP or the username has used up its failures,
         counting the attempts in flight (this one included) as failures until they end. Record a
         failure with `failed` before leaving the block."""
-        keys = {("ip", ip): self.per_ip, ("user", _user_key(username)): self.per_user}
+        keys = self._keys(ip, username)
         ahead = {}  # per key: this attempt and those in flight when it arrived
         for key in keys:  # counted before the check awaits storage, so a burst sees itself
             self._in_flight[key] += 1
@@ -114,13 +122,24 @@ class LoginThrottle:
                 if not self._in_flight[key]:
                     del self._in_flight[key]
 
-    async def failed(self, ip: str, username: str) -> None:
-        await self.per_ip.record_failure(ip)
-        await self.per_user.record_failure(_user_key(username))
+    def _keys(self, ip: str, username: str) -> dict[tuple[str, str], FailureCounter]:
+        account = _user_key(username)
+        return {
+            ("ip", ip): self.per_ip,
+            ("user", f"{account} {ip}"): self.per_user,
+            ("account", account): self.per_account,
+        }
 
-    async def succeeded(self, username: str) -> None:
-        # The IP's count stays: one right guess must not reset a spray of wrong ones from that IP.
-        await self.per_user.clear(_user_key(username))
+    async def failed(self, ip: str, username: str) -> None:
+        for (_, key), counter in self._keys(ip, username).items():
+            await counter.record_failure(key)
+
+    async def succeeded(self, ip: str, username: str) -> None:
+        # The address's count stays: one right guess must not reset a spray of wrong ones from there.
+        keys = self._keys(ip, username)
+        del keys[("ip", ip)]
+        for (_, key), counter in keys.items():
+            await counter.clear(key)
 
 
 def _user_key(username: str) -> str:

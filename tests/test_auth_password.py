@@ -222,3 +222,41 @@ def test_users_add_refuses_duplicates_short_passwords_and_odd_names(tmp_path: Pa
     assert odd.returncode == 2
     assert replaced.returncode == 0 and removed.returncode == 0
     assert json.loads(users_file.read_text()) == {"users": {}}
+
+
+def test_behind_one_address_a_guessers_failures_do_not_lock_classmates_out(
+    emulator: ServerProcess, tmp_path: Path
+) -> None:
+    """A school behind one NAT, with the default settings: one pupil guesses 25 times (their own account
+    and made-up ones); the classmates, 30 of them, all sign in at the start of the lesson."""
+    classmates = {f"pupil{n}": PASSWORD for n in range(30)}
+    users = write_users(tmp_path / "users.json", {"guesser": PASSWORD, **classmates})
+    server = start_proxy(emulator.url, BFF_AUTH="password", BFF_USERS_FILE=str(users), BFF_RATE_LIMITS="")
+    try:
+        with browser(server.url) as client:
+            own = [login(client, "guesser", WRONG).status_code for _ in range(6)]
+            made_up = {login(client, f"nobody{n}", WRONG).status_code for n in range(19)}
+            signed_in = [login(client, name, PASSWORD).status_code for name in classmates]
+    finally:
+        server.stop()
+
+    assert own == [401] * 5 + [429]  # the guesser's own account from this address: five tries
+    assert made_up == {401}
+    assert signed_in == [200] * 30
+
+
+def test_an_address_that_sprays_guesses_over_many_accounts_is_refused_altogether(
+    emulator: ServerProcess, users_file: Path
+) -> None:
+    server = start_proxy(
+        emulator.url, BFF_AUTH="password", BFF_USERS_FILE=str(users_file), BFF_LOGIN_FAILURES_PER_IP="10"
+    )
+    try:
+        with browser(server.url) as client:
+            sprayed = [login(client, f"name{n}", WRONG).status_code for n in range(10)]
+            right = login(client, "alice", PASSWORD)
+    finally:
+        server.stop()
+
+    assert sprayed == [401] * 10
+    assert right.status_code == 429  # clearly attacking: even a right password waits out the window

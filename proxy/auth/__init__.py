@@ -39,6 +39,7 @@ def build_authenticators(settings: Settings, limits_storage: LimitsStorage) -> l
         throttle = LoginThrottle(
             per_ip=WindowFailureCounter(limits_storage, "ip", settings.login_failures_per_ip, window),
             per_user=WindowFailureCounter(limits_storage, "user", settings.login_failures_per_user, window),
+            per_account=WindowFailureCounter(limits_storage, "account", settings.login_failures_per_account, window),
         )
         authenticators.append(PasswordAuthenticator(settings.users_file, throttle))
     return authenticators

@@ -137,7 +137,7 @@ class PasswordAuthenticator:
                 await self._throttle.failed(ip, username)
                 logger.info("password sign-in refused", extra={"client_ip": ip})
                 raise ApiError(401, "unauthenticated", "Wrong username or password.")
-        await self._throttle.succeeded(username)
+        await self._throttle.succeeded(ip, username)
         return User(id=username, kind="password")
 
     def _verify(self, username: str, password: str) -> bool:
