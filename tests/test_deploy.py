@@ -732,7 +732,9 @@ def test_nginx_is_the_only_published_service_and_starts_after_healthy_replicas()
     assert (DEPLOY / source).resolve() == DEPLOY / "nginx.conf"
     assert target == "/etc/nginx/nginx.conf"
     published = nginx["ports"][0].split(":")[-1]
-    assert nginx_values("listen") == [[published]]
+    # One port: a default server that answers no unknown Host, and the app's, by server_name.
+    assert nginx_values("listen") == [[published, "default_server"], [published]]
+    assert nginx_values("server_name") == [["localhost", "127.0.0.1"]]
 
 
 # Redis as both setups run it, on a real redis-server
@@ -917,6 +919,8 @@ def test_through_nginx_the_app_streams_but_its_metrics_stay_inside(emulator: Ser
             client.post("/auth/guest").raise_for_status()
             stream = client.post("/api/workflows/tutor/stream", json={"message": "fractions"})
             edge_metrics = client.get("/metrics")
+            with pytest.raises(httpx.RemoteProtocolError):  # nginx's 444: no answer at all
+                httpx.get(edge + "/healthz", headers={"Host": "evil.example"})
         direct_metrics = httpx.get(f"{proxy.url}/metrics")
     finally:
         proxy.stop()
