@@ -885,7 +885,7 @@ def nginx_in_front_of(app_url: str, workdir: Path) -> Iterator[str]:
     """deploy/nginx.conf running on a free loopback port, both replicas pointed at `app_url`."""
     nginx = require_tool("nginx")
     port = free_port()
-    config = (DEPLOY / "nginx.conf").read_text().replace("listen 8080;", f"listen 127.0.0.1:{port};")
+    config = (DEPLOY / "nginx.conf").read_text().replace("listen 8080", f"listen 127.0.0.1:{port}")
     for name in PROXIES:
         config = config.replace(f"server {name}:{app_port()};", f"server {app_url.removeprefix('http://')};")
     kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")  # not the packaged paths: any user can run it
