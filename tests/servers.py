@@ -280,6 +280,20 @@ def guest_of(server_url: str) -> Iterator[httpx.Client]:
 
 
 @contextmanager
+def replicas_of(upstream_url: str, count: int = 2, **overrides: str) -> Iterator[list[ServerProcess]]:
+    """`count` proxies with the same settings (give them one BFF_STORAGE_URL to make them replicas),
+    all stopped afterwards, also when one fails to start."""
+    servers: list[ServerProcess] = []
+    try:
+        for _ in range(count):
+            servers.append(start_proxy(upstream_url, **overrides))
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@contextmanager
 def proxy_with(upstream_url: str, **overrides: str) -> Iterator[httpx.Client]:
     """A proxy of its own, started with `overrides`, and a guest signed in on it; stopped afterwards."""
     server = start_proxy(upstream_url, **overrides)

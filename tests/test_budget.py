@@ -20,7 +20,7 @@ import pytest
 from proxy.budget import BATCH_CHARS
 from proxy.runs.ending import BUDGET_SPENT
 from tests.conftest import start_redis
-from tests.servers import EmulatorControl, RedisServer, ServerProcess, browser, eventually, start_proxy
+from tests.servers import EmulatorControl, RedisServer, ServerProcess, browser, eventually, replicas_of, start_proxy
 from tests.test_chat_protocols import sse_events, text_of
 
 BUDGET = 20_000
@@ -39,14 +39,8 @@ def used(client: httpx.Client) -> int:
 
 @pytest.fixture
 def replicas(emulator: ServerProcess, redis_server: RedisServer) -> Iterator[list[ServerProcess]]:
-    env = {"BFF_STORAGE_URL": redis_server.url, "BFF_DAILY_OUTPUT_CHARS": str(BUDGET)}
-    servers = [start_proxy(emulator.url, **env)]
-    try:
-        servers.append(start_proxy(emulator.url, **env))
+    with replicas_of(emulator.url, BFF_STORAGE_URL=redis_server.url, BFF_DAILY_OUTPUT_CHARS=str(BUDGET)) as servers:
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 def test_parallel_answers_on_two_replicas_overshoot_the_budget_by_at_most_a_batch_each(

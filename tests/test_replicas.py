@@ -26,6 +26,7 @@ from tests.servers import (
     ServerProcess,
     browser,
     eventually,
+    replicas_of,
     start_proxy,
 )
 
@@ -59,15 +60,8 @@ def replica_env(redis: RedisServer) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def replicas(emulator: ServerProcess, redis_server: RedisServer) -> Iterator[tuple[ServerProcess, ServerProcess]]:
-    first = start_proxy(emulator.url, **replica_env(redis_server))
-    try:
-        second = start_proxy(emulator.url, **replica_env(redis_server))
-    except Exception:
-        first.stop()
-        raise
-    yield first, second
-    first.stop()
-    second.stop()
+    with replicas_of(emulator.url, **replica_env(redis_server)) as (first, second):
+        yield first, second
 
 
 @contextmanager

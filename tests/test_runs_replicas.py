@@ -16,7 +16,7 @@ import pytest
 
 from proxy.emulator import generate_text, split_chunks
 from proxy.runs.ending import INTERRUPTED
-from tests.servers import EmulatorControl, RedisServer, ServerProcess, browser, eventually, start_proxy
+from tests.servers import EmulatorControl, RedisServer, ServerProcess, browser, eventually, replicas_of, start_proxy
 from tests.test_chat_protocols import sse_events, text_of
 
 INPUTS = {"message": "fractions"}
@@ -43,15 +43,8 @@ def replica_env(redis: RedisServer, **overrides: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def replicas(emulator: ServerProcess, redis_server: RedisServer) -> Iterator[tuple[ServerProcess, ServerProcess]]:
-    first = start_proxy(emulator.url, **replica_env(redis_server))
-    try:
-        second = start_proxy(emulator.url, **replica_env(redis_server))
-    except Exception:
-        first.stop()
-        raise
-    yield first, second
-    first.stop()
-    second.stop()
+    with replicas_of(emulator.url, **replica_env(redis_server)) as (first, second):
+        yield first, second
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.identity import PASSWORD, write_users
-from tests.servers import ROOT, TEST_API_KEY, RedisServer, ServerProcess, browser, eventually, proxy_env, start_proxy
+from tests.servers import ROOT, TEST_API_KEY, RedisServer, ServerProcess, browser, eventually, proxy_env, replicas_of
 
 NEW_PASSWORD = "a brand new password for alice"
 
@@ -43,13 +43,8 @@ def users_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def replicas(emulator: ServerProcess, redis_server: RedisServer, users_file: Path) -> Iterator[list[ServerProcess]]:
     env = {"BFF_AUTH": "password", "BFF_USERS_FILE": str(users_file), "BFF_STORAGE_URL": redis_server.url}
-    servers = [start_proxy(emulator.url, **env)]
-    try:
-        servers.append(start_proxy(emulator.url, **env))
+    with replicas_of(emulator.url, **env) as servers:
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 def signed_in(server: ServerProcess, name: str) -> httpx.Client:
