@@ -42,6 +42,7 @@ DEFAULT_TARGETS = ("direct", "nginx", "bare-aiohttp", "bff", "bff-redis")
 # measured), it just never refuses. No resume grace: a run nobody follows any more stops at once, so
 # the streams a phase abandons (the held phase's clients leave) do not go on generating into the next.
 BFF_BENCH_ENV = {
+    "BFF_MAX_CONNECTIONS": "100000",  # the capacity phase opens thousands of streams at once
     "BFF_RATE_LIMITS": "mint=10000000/minute;relay=10000000/minute;login=10000000/minute",
     "BFF_MAX_CONCURRENT_STREAMS": "10000",  # the highest it accepts; 200 guest sessions share the streams
     "BFF_RESUME_GRACE_SECONDS": "0",

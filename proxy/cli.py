@@ -29,6 +29,7 @@ from proxy.emulator import create_emulator
 from proxy.errors import ApiError
 from proxy.logging import configure_logging
 from proxy.routes.demo import demo_routes
+from proxy.server_protocol import guarded_protocol
 from proxy.sessions_cli import add_sessions_command
 from proxy.settings import Settings, describe_errors, invalid_fields
 from proxy.storage import REDIS_SCHEMES, open_limits_storage, open_storage, storage_scheme
@@ -130,8 +131,16 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def run_server(app: ASGIApp, sockets: list[socket.socket], name: str, *, drain: Drain | None = None) -> None:
-    """Serve `app` on `sockets`: the first is the public listener, a second the metrics one."""
+def run_server(
+    app: ASGIApp,
+    sockets: list[socket.socket],
+    name: str,
+    *,
+    drain: Drain | None = None,
+    settings: Settings | None = None,
+) -> None:
+    """Serve `app` on `sockets`: the first is the public listener, a second the metrics one. With
+    `settings`, with the connection limits a server facing the network needs (proxy/server_protocol.py)."""
     host, port = sockets[0].getsockname()[:2]
     # uvicorn's own limit must leave the drain its full time, plus a margin to end streams cleanly.
     graceful = GRACEFUL_SHUTDOWN_SECONDS
@@ -146,6 +155,13 @@ def run_server(app: ASGIApp, sockets: list[socket.socket], name: str, *, drain: 
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         timeout_graceful_shutdown=graceful,
     )
+    if settings is not None:
+        config.http = guarded_protocol(
+            header_timeout=settings.header_timeout_seconds,
+            body_timeout=settings.body_timeout_seconds,
+            max_header_bytes=settings.max_header_bytes,
+        )
+        config.limit_concurrency = settings.max_connections
     extra: dict[str, object] = {"service": name, "url": f"http://{host}:{port}"}
     if len(sockets) > 1:
         metrics_host, metrics_port = sockets[1].getsockname()[:2]
@@ -175,7 +191,7 @@ def serve(args: argparse.Namespace) -> None:
 
     def work() -> None:
         app = create_app(settings)
-        run_server(app, sockets, "workflow-bff", drain=app.state.drain)
+        run_server(app, sockets, "workflow-bff", drain=app.state.drain, settings=settings)
 
     if args.workers == 1:
         work()
@@ -201,7 +217,7 @@ def demo(args: argparse.Namespace) -> None:
     emulator = Mount("/_emulator", app=create_emulator(api_key, chunk_delay=0.05))
     app = create_app(settings, extra_routes=[*demo_routes(), emulator])
     print(f"workflow-bff demo: open http://{local_host}:{port}/  (Ctrl+C to stop)", file=sys.stderr)
-    run_server(app, [sock], "workflow-bff demo", drain=app.state.drain)
+    run_server(app, [sock], "workflow-bff demo", drain=app.state.drain, settings=settings)
 
 
 def check(args: argparse.Namespace) -> None:

@@ -102,6 +102,13 @@ class Settings(BaseSettings):
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Serve /metrics on this port only (a second listener), never on the public one.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Connections from the network (proxy/server_protocol.py): a request's headers must arrive within
+    # this long and be at most this large, its body within this long after them; at most this many
+    # connections at once (503 beyond).
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    max_header_bytes: int = Field(default=65536, ge=1024, le=1024 * 1024)
+    max_connections: int = Field(default=4096, ge=16, le=1_000_000)
     # Host names the service answers for (`*.example.com` for subdomains); empty: any, with a warning.
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     cookie_secure: bool = True

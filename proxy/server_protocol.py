@@ -1,0 +1,93 @@
+"""uvicorn's HTTP protocol with the limits a server facing the network needs, and uvicorn lacks.
+
+uvicorn (httptools) closes an idle keep-alive connection, but not one that never finishes its
+request: a connection that sends nothing, half its headers or half its body stays open for ever,
+and the headers have no size cap (an 8 MB header is read whole). Each such socket also holds a file
+descriptor. This protocol adds, per connection:
+- the request's headers must arrive within `header_timeout` seconds of the connection (or of the
+  previous response), and be at most `max_header_bytes`, else 431 and the connection is closed;
+- its body within `body_timeout` seconds of the headers, else the connection is closed.
+The number of connections is capped by uvicorn's own `limit_concurrency` (503 beyond it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+HEADERS_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 25\r\nconnection: close\r\n\r\nRequest headers too large"
+)
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    header_timeout = 10.0
+    body_timeout = 30.0
+    max_header_bytes = 65536
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard: asyncio.TimerHandle | None = None
+        self._in_headers = True
+        self._head_bytes = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(self.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_headers:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._in_headers and self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
+            self.transport.write(HEADERS_TOO_LARGE)
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_headers, self._head_bytes = True, 0
+        if self._guard is None:  # a keep-alive connection's next request: its headers are due now
+            self._arm(self.header_timeout)
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        self._arm(self.body_timeout)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._in_headers, self._head_bytes = True, 0
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._guard = self.loop.call_later(seconds, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._guard is not None:
+            self._guard.cancel()
+            self._guard = None
+
+    def _too_slow(self) -> None:
+        self._guard = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def guarded_protocol(*, header_timeout: float, body_timeout: float, max_header_bytes: int) -> type[HttpToolsProtocol]:
+    """The protocol class for `uvicorn.Config(http=...)`, with these limits."""
+    return type(
+        "GuardedHttpToolsProtocol",
+        (GuardedHttpToolsProtocol,),
+        {"header_timeout": header_timeout, "body_timeout": body_timeout, "max_header_bytes": max_header_bytes},
+    )
