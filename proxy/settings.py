@@ -119,6 +119,8 @@ class Settings(BaseSettings):
     # Sign-in (CONTRACT B1): `jwt` needs a secret or a JWKS URL, `password` a users file.
     jwt_secret: SecretStr | None = None
     jwks_url: str | None = None
+    # How long fetched JWKS keys are used before they are refreshed (in the background).
+    jwks_max_age_seconds: float = Field(default=900.0, ge=1, le=86400)
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     users_file: Path | None = None

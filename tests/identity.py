@@ -95,7 +95,10 @@ class JwksServer:
 
     keys: list[SigningKey]
     fetches: int = 0
+    # "ok"; "fail" answers 500; "hang" answers nothing until the server stops.
+    mode: str = "ok"
     _server: ThreadingHTTPServer | None = field(default=None, repr=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def url(self) -> str:
@@ -109,6 +112,12 @@ class JwksServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 owner.fetches += 1
+                if owner.mode == "hang":
+                    owner._stopping.wait(60)
+                    return
+                if owner.mode == "fail":
+                    self.send_error(500)
+                    return
                 body = json.dumps({"keys": [key.jwk() for key in owner.keys]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -124,6 +133,7 @@ class JwksServer:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -196,3 +197,45 @@ def test_an_unreachable_jwks_is_a_503_not_a_crash(emulator: ServerProcess) -> No
         assert response.headers["retry-after"]
     finally:
         server.stop()
+
+
+def test_a_stale_key_set_keeps_serving_while_a_hanging_refresh_runs_in_the_background(
+    emulator: ServerProcess,
+) -> None:
+    key = SigningKey.ec("2026-a")
+    with jwks_server(key) as provider:
+        server = start_proxy(emulator.url, **jwt_settings(provider), BFF_JWKS_MAX_AGE_SECONDS="1")
+        try:
+            assert exchange(server.url, key.sign()).status_code == 200
+            time.sleep(1.2)  # the key set goes stale: the age is the point here
+            provider.mode = "hang"
+            started = time.monotonic()
+            with ThreadPoolExecutor(4) as pool:
+                statuses = list(pool.map(lambda _: exchange(server.url, key.sign()).status_code, range(4)))
+            took = time.monotonic() - started
+        finally:
+            server.stop()
+
+    assert statuses == [200] * 4
+    # One refresh was started (and hangs); no sign-in waited for it, let alone one after another, which
+    # took 5, 10, 15 and 20 s before: all four are done well before a single fetch's 5 s timeout.
+    assert provider.fetches == 2
+    assert took < 4
+
+
+def test_a_failing_key_set_backs_off_instead_of_being_fetched_for_every_junk_token(emulator: ServerProcess) -> None:
+    key = SigningKey.ec("2026-a")
+    with jwks_server(key) as provider:
+        server = start_proxy(emulator.url, **jwt_settings(provider), BFF_JWKS_MAX_AGE_SECONDS="1")
+        try:
+            assert exchange(server.url, key.sign()).status_code == 200
+            time.sleep(1.2)
+            provider.mode = "fail"
+            for number in range(6):
+                assert_refused(exchange(server.url, SigningKey.ec(f"junk-{number}").sign()))
+            still = exchange(server.url, key.sign())
+        finally:
+            server.stop()
+
+    assert provider.fetches <= 3  # the first load, then at most the stale refresh and one kid refetch
+    assert still.status_code == 200  # the keys it had keep working

@@ -28,6 +28,7 @@ def build_authenticators(settings: Settings, limits_storage: LimitsStorage) -> l
             JwtAuthenticator(
                 secret=settings.jwt_secret.get_secret_value() if settings.jwt_secret else None,
                 jwks_url=settings.jwks_url,
+                jwks_max_age=settings.jwks_max_age_seconds,
                 issuer=settings.jwt_issuer,
                 audience=settings.jwt_audience,
             )

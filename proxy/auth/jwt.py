@@ -10,6 +10,7 @@ entry of the wrong type never verify (algorithm confusion). `exp` and `sub` are 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -35,29 +36,61 @@ JWKS_MAX_AGE_SECONDS = 900.0
 # tokens with made-up kids cannot turn us into a load generator against the provider.
 JWKS_REFRESH_COOLDOWN_SECONDS = 30.0
 JWKS_TIMEOUT = httpx.Timeout(5.0)
+# The whole fetch, however slowly the provider trickles its answer, and the longest wait between fetches
+# after failures.
+JWKS_TIMEOUT_SECONDS = 5.0
+JWKS_MAX_BACKOFF_SECONDS = 60.0
 JWKS_MAX_BYTES = 512 * 1024
 
 
 class JwksCache:
-    """The provider's signing keys by `kid`, fetched with the process's httpx client."""
+    """The provider's signing keys by `kid`, fetched with the process's httpx client.
 
-    def __init__(self, url: str) -> None:
+    One fetch at a time, shared by every sign-in that needs it, and never one per sign-in: a stale
+    set keeps serving while a refresh runs in the background, a fetch that fails or hangs (it is cut
+    after `JWKS_TIMEOUT_SECONDS`) backs off before the next (1 s, doubling to a minute), and an
+    unknown `kid` refetches at most once per cooldown. Only the very first load is waited for.
+    """
+
+    def __init__(self, url: str, *, max_age: float = JWKS_MAX_AGE_SECONDS) -> None:
         self.url = url
+        self.max_age = max_age
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = -math.inf
         self._refreshed_at = -math.inf
-        self._lock = anyio.Lock()
+        self._fetch_task: asyncio.Task[None] | None = None
+        self._retry_at = -math.inf
+        self._backoff = 0.0
 
     async def key(self, http: httpx.AsyncClient, kid: str | None) -> jwt.PyJWK | None:
-        async with self._lock:
-            if time.monotonic() - self._fetched_at >= JWKS_MAX_AGE_SECONDS:
-                await self._load(http, required=not self._keys)
+        if not self._keys:
+            await self._fetched(http)
+            if not self._keys:
+                raise ApiError(
+                    503,
+                    "auth_unavailable",
+                    "Sign-in cannot be verified right now. Try again shortly.",
+                    headers={"Retry-After": str(max(1, math.ceil(self._retry_at - time.monotonic())))},
+                )
+        elif time.monotonic() - self._fetched_at >= self.max_age:
+            self._fetch(http)  # in the background: the stale keys serve meanwhile
+        found = self._find(kid)
+        if found is None and time.monotonic() - self._refreshed_at >= JWKS_REFRESH_COOLDOWN_SECONDS:
+            self._refreshed_at = time.monotonic()
+            await self._fetched(http)
             found = self._find(kid)
-            if found is None and time.monotonic() - self._refreshed_at >= JWKS_REFRESH_COOLDOWN_SECONDS:
-                self._refreshed_at = time.monotonic()
-                await self._load(http, required=False)
-                found = self._find(kid)
-            return found
+        return found
+
+    def _fetch(self, http: httpx.AsyncClient) -> asyncio.Task[None] | None:
+        """The fetch under way, or a new one unless the last failure's backoff still runs."""
+        if self._fetch_task is None and time.monotonic() >= self._retry_at:
+            self._fetch_task = asyncio.get_running_loop().create_task(self._load(http))
+        return self._fetch_task
+
+    async def _fetched(self, http: httpx.AsyncClient) -> None:
+        task = self._fetch(http)
+        if task is not None:
+            await asyncio.shield(task)
 
     def _find(self, kid: str | None) -> jwt.PyJWK | None:
         if kid is None:
@@ -65,26 +98,26 @@ class JwksCache:
             return next(iter(self._keys.values())) if len(self._keys) == 1 else None
         return self._keys.get(kid)
 
-    async def _load(self, http: httpx.AsyncClient, *, required: bool) -> None:
-        """Replace the keys with the provider's current set. A failure keeps the keys we have; with
-        none at all (`required`), sign-in cannot be verified and answers 503."""
+    async def _load(self, http: httpx.AsyncClient) -> None:
+        """Replace the keys with the provider's current set. A failure keeps the keys we have (with
+        none at all, sign-in answers 503) and backs off."""
         try:
-            keys = await self._fetch(http)
-        except (httpx.HTTPError, ValueError) as exc:
-            logger.warning("jwks fetch failed", extra={"reason": type(exc).__name__, "jwks_url": self.url})
-            if required:
-                raise ApiError(
-                    503,
-                    "auth_unavailable",
-                    "Sign-in cannot be verified right now. Try again shortly.",
-                    headers={"Retry-After": "5"},
-                ) from None
-            return
-        self._keys = keys
-        self._fetched_at = time.monotonic()
-        logger.info("jwks loaded", extra={"keys": len(keys), "jwks_url": self.url})
+            with anyio.fail_after(JWKS_TIMEOUT_SECONDS):
+                keys = await self._download(http)
+        except (httpx.HTTPError, ValueError, TimeoutError) as exc:
+            self._backoff = min(max(1.0, 2 * self._backoff), JWKS_MAX_BACKOFF_SECONDS)
+            self._retry_at = time.monotonic() + self._backoff
+            logger.warning(
+                "jwks fetch failed",
+                extra={"reason": type(exc).__name__, "jwks_url": self.url, "retry_in_s": self._backoff},
+            )
+        else:
+            self._keys, self._fetched_at, self._backoff = keys, time.monotonic(), 0.0
+            logger.info("jwks loaded", extra={"keys": len(keys), "jwks_url": self.url})
+        finally:
+            self._fetch_task = None
 
-    async def _fetch(self, http: httpx.AsyncClient) -> dict[str, jwt.PyJWK]:
+    async def _download(self, http: httpx.AsyncClient) -> dict[str, jwt.PyJWK]:
         body = bytearray()
         async with http.stream("GET", self.url, timeout=JWKS_TIMEOUT, headers={"Accept": "application/json"}) as reply:
             if reply.status_code != 200:
@@ -125,9 +158,10 @@ class JwtAuthenticator:
         jwks_url: str | None,
         issuer: str | None,
         audience: str | None,
+        jwks_max_age: float = JWKS_MAX_AGE_SECONDS,
     ) -> None:
         self._secret = secret
-        self._jwks = JwksCache(jwks_url) if jwks_url else None
+        self._jwks = JwksCache(jwks_url, max_age=jwks_max_age) if jwks_url else None
         self._issuer = issuer
         self._audience = audience
         self._required = ["exp", "sub"] + (["iss"] if issuer else []) + (["aud"] if audience else [])
