@@ -26,7 +26,7 @@ from proxy.body import loads_text
 from proxy.errors import ApiError
 from proxy.metrics import Metrics
 from proxy.middleware.access_log import annotate
-from proxy.transport import AiohttpTransport
+from proxy.transport import AiohttpTransport, open_body
 
 logger = logging.getLogger("proxy.upstream")
 
@@ -34,6 +34,7 @@ MINT_ATTEMPTS = 3
 MINT_BACKOFF_SECONDS = 0.2
 MINT_TIMEOUT = httpx.Timeout(10.0, connect=5.0).as_dict()
 ERROR_BODY_LIMIT = 4096
+MINT_ANSWER_LIMIT = 65536
 DEFAULT_RETRY_AFTER = "5"
 RETRY_AFTER_SECONDS = re.compile(r"[0-9]{1,9}")
 MAX_RETRY_AFTER_SECONDS = 3600
@@ -245,13 +246,18 @@ class UpstreamClient:
             # The TTL runs from when the upstream minted, which is after this: never later than it.
             asked_at = time.time()
             try:
-                response = await self._send(request, "mint")
+                response = await self._send(request, "mint", stream=True)
             except ApiError as error:
                 if not retry or error.code == "upstream_unavailable":
                     self._metrics.mints.labels("failed").inc()
                     raise
                 await _backoff(attempt)
                 continue
+            # Read with a cap, like every upstream body: a token answer is a few hundred bytes.
+            try:
+                content = await _read_limited(response, MINT_ANSWER_LIMIT)
+            finally:
+                await response.aclose()
             if response.status_code >= 500 and retry and not self.breaker.is_open:
                 logger.warning("upstream mint answered %s; retrying", response.status_code)
                 await _backoff(attempt)
@@ -259,11 +265,11 @@ class UpstreamClient:
             break
         if response.status_code != 200:
             self._metrics.mints.labels("failed").inc()
-            refusal = _status_error(response.status_code, response.headers, response.content, "mint")
+            refusal = _status_error(response.status_code, response.headers, content, "mint")
             if response.status_code == 429:
                 self._mint_paused_until = time.monotonic() + int(refusal.headers["Retry-After"])
             raise refusal
-        body = _json_object(response.content)
+        body = _json_object(content)
         token = body.get("token")
         granted = body.get("ttl", ttl)
         if not isinstance(token, str) or not token or not isinstance(granted, int):
@@ -333,13 +339,12 @@ async def _backoff(attempt: int) -> None:
 
 async def _read_limited(response: httpx.Response, limit: int = ERROR_BODY_LIMIT) -> bytes:
     """At most `limit` bytes of a streamed body (what is beyond is not read)."""
+    body = open_body(response)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_raw():
+    while size < limit and (chunk := await body.read_chunk()):
         chunks.append(chunk)
         size += len(chunk)
-        if size >= limit:
-            break
     return b"".join(chunks)[:limit]
 
 
