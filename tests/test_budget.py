@@ -20,7 +20,7 @@ import pytest
 from proxy.budget import BATCH_CHARS
 from proxy.runs.ending import BUDGET_SPENT
 from tests.conftest import start_redis
-from tests.servers import EmulatorControl, RedisServer, ServerProcess, browser, eventually, replicas_of, start_proxy
+from tests.servers import EmulatorControl, RedisServer, ServerProcess, browser, eventually, replicas_of
 from tests.test_chat_protocols import sse_events, text_of
 
 BUDGET = 20_000
@@ -96,10 +96,10 @@ def test_a_charge_the_storage_cannot_take_is_kept_and_applied_when_it_is_back(
     emulator: ServerProcess, upstream: EmulatorControl, tmp_path: Path
 ) -> None:
     redis = start_redis(tmp_path)
-    server = start_proxy(emulator.url, BFF_STORAGE_URL=redis.url, BFF_DAILY_OUTPUT_CHARS=str(10 * BUDGET))
+    env = {"BFF_STORAGE_URL": redis.url, "BFF_DAILY_OUTPUT_CHARS": str(10 * BUDGET)}
     try:
         upstream.fault(op="stream", workflow="wf_tutor", chunks=ANSWER[:100], hold_after=1)
-        with browser(server.url) as client:
+        with replicas_of(emulator.url, **env) as (server, other), browser(server.url) as client:
             client.post("/auth/guest").raise_for_status()
             with client.stream("POST", "/api/chat/tutor", json=chat_body("down")) as response:
                 body = response.iter_raw()
@@ -111,8 +111,8 @@ def test_a_charge_the_storage_cannot_take_is_kept_and_applied_when_it_is_back(
             eventually(lambda: metric(server, "bff_budget_charged_chars_total", "deferred") > 0, "a deferred charge")
             redis.start()
             eventually(lambda: metric(server, "bff_budget_charged_chars_total", "settled") > 0, "the charge settling")
-            eventually(lambda: client.get("/auth/session").status_code == 200, "the storage answering again")
-            assert used(client) == len(answer)
+            with browser(other.url, cookies=client.cookies) as elsewhere:  # as every replica sees it
+                eventually(lambda: elsewhere.get("/auth/session").status_code == 200, "the storage answering")
+                assert used(elsewhere) == len(answer)
     finally:
-        server.stop()
         redis.stop()

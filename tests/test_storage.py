@@ -272,6 +272,25 @@ async def test_counters_add_exactly_across_replicas(replicas: tuple[Storage, Sto
     assert await first.get_counter("output:u2") == 0
 
 
+async def test_a_bounded_increment_adds_only_what_fits_even_when_replicas_race(
+    replicas: tuple[Storage, Storage],
+) -> None:
+    first, second = replicas
+    added: list[int | None] = []
+
+    async def charge(replica: Storage) -> None:
+        added.append(await replica.incr_up_to("output:u3", 30, 100, 3600))
+
+    async with anyio.create_task_group() as group:
+        for n in range(10):
+            group.start_soon(charge, (first, second)[n % 2])
+
+    assert sorted(value for value in added if value is not None) == [30, 60, 90]  # only three fit
+    assert added.count(None) == 7
+    assert await first.get_counter("output:u3") == 90
+    assert await second.incr_up_to("output:u3", 10, 100, 3600) == 100  # up to the limit itself
+
+
 async def test_a_counter_expires_its_ttl_after_creation_not_after_each_increment(storage: Storage) -> None:
     assert await storage.incr("budget:u1", 5, 0.5) == 5
     assert await storage.incr("budget:u1", 5, 3600) == 10  # does not push the expiry back

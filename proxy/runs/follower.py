@@ -125,7 +125,7 @@ class RunStream(Response):
                 await self._follow(scope["path"], send, read, remote=run is None)
             if self.too_slow:
                 self.end = "send_timeout"
-            elif self._left.cancel_called:
+            elif self._left.cancel_called and self.end == "incomplete":  # not once the answer was out
                 self.end = "client_gone" if self.sent_chars else "client_gone_early"
         finally:
             runs.followers.discard(self)
@@ -201,7 +201,6 @@ class RunStream(Response):
         return b"".join(out), None
 
     async def _finish(self, path: str, send: Send, body: bytes, ending: Ending) -> None:
-        self.end = ending.reason
         encoder = self.encoder
         if ending.error is None:  # a clean end: the answer as far as it got
             if not self.opened:
@@ -221,6 +220,7 @@ class RunStream(Response):
             # Without a way to say it in-band, return without completing the body: the server drops
             # the connection, and a client sees a broken stream instead of a short answer that looks
             # complete.
+        self.end = ending.reason  # the answer is out, however the run ended
 
     async def _announce(self) -> None:
         # One that fails is no reason to stop: the next may get through, and the grace covers the gap.
