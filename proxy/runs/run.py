@@ -1,14 +1,16 @@
 """A run: one relayed generation, owned by a user (and a chat), not by the socket that asked for it.
 
 The run holds what it was admitted with (a stream slot, the rate-limit headers), mints, reads the
-upstream and appends what it reads to its chunk log, all under one deadline. It writes to no
+upstream and appends what it reads to its chunk log, charging the output budget as it goes (in
+batches: proxy/budget.py), all under one deadline. It writes to no
 socket: followers (proxy/runs/follower.py) read the log, so nothing a client does or fails to do
 can keep a run, its slot or its upstream connection alive past its deadline.
 
 It ends in exactly one way (proxy/runs/ending.py): finished, stopped, its session revoked, the
 service shutting down, the deadline, the upstream failing, or, when nobody follows it any more, at
-the end of `BFF_RESUME_GRACE_SECONDS`. However it ends, in this order: the log gets its end (every
-follower learns it), the slot is released, the budget is charged once, and it is counted and audited.
+the end of `BFF_RESUME_GRACE_SECONDS`, or its budget crossed. However it ends, in this order: the log
+gets its end (every follower learns it), the slot is released, the budget gets the last batch, and it
+is counted and audited.
 """
 
 from __future__ import annotations
