@@ -197,11 +197,24 @@ class UpstreamClient:
     def stream_url(self, workflow_id: str, token: str) -> str:
         return f"{self._run_url(workflow_id)}/stream?token={quote(token, safe='')}"
 
-    async def _send(self, request: httpx.Request, operation: str, *, stream: bool = False) -> httpx.Response:
-        """One upstream call, through the circuit breaker; transport failures become ApiErrors."""
+    async def _send(
+        self, request: httpx.Request, operation: str, *, read: int | None = None
+    ) -> tuple[httpx.Response, bytes]:
+        """One upstream call, through the circuit breaker; transport failures become ApiErrors.
+
+        With `read`, the answer is read (at most that many bytes, an error's at most 4 KB: never a
+        body whole, whatever its size) and closed; without, it is returned open, to be streamed."""
         with self.breaker.guard():
             try:
-                response = await self._http.send(request, stream=stream)
+                response = await self._http.send(request, stream=True)
+                content = b""
+                if read is not None:
+                    try:
+                        content = await _read_limited(
+                            response, read if response.status_code == 200 else ERROR_BODY_LIMIT
+                        )
+                    finally:
+                        await response.aclose()
             except httpx.TransportError as exc:
                 self.breaker.failure()
                 kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connect"
@@ -224,7 +237,7 @@ class UpstreamClient:
                 self.breaker.failure()
             else:
                 self.breaker.success()
-            return response
+            return response, content
 
     async def mint_token(self, ttl: int, *, request_id: str | None = None) -> MintedToken:
         """GET /api/v1/token. Retried on connect errors and 5xx: an unused token costs nothing."""
@@ -246,18 +259,13 @@ class UpstreamClient:
             # The TTL runs from when the upstream minted, which is after this: never later than it.
             asked_at = time.time()
             try:
-                response = await self._send(request, "mint", stream=True)
+                response, content = await self._send(request, "mint", read=MINT_ANSWER_LIMIT)
             except ApiError as error:
                 if not retry or error.code == "upstream_unavailable":
                     self._metrics.mints.labels("failed").inc()
                     raise
                 await _backoff(attempt)
                 continue
-            # Read with a cap, like every upstream body: a token answer is a few hundred bytes.
-            try:
-                content = await _read_limited(response, MINT_ANSWER_LIMIT)
-            finally:
-                await response.aclose()
             if response.status_code >= 500 and retry and not self.breaker.is_open:
                 logger.warning("upstream mint answered %s; retrying", response.status_code)
                 await _backoff(attempt)
@@ -292,7 +300,7 @@ class UpstreamClient:
             body=inputs,
             timeout=self._stream_timeout,
         )
-        response = await self._send(request, "stream", stream=True)
+        response, _ = await self._send(request, "stream")
         if response.status_code != 200:
             try:
                 body = await _read_limited(response)
@@ -311,13 +319,9 @@ class UpstreamClient:
         request = self._request(
             "POST", self._run_url(workflow_id), {**self._auth(), **_request_id_header(request_id)}, body=inputs
         )
-        response = await self._send(request, "run", stream=True)
-        try:
-            if response.status_code != 200:
-                raise _status_error(response.status_code, response.headers, await _read_limited(response), "run")
-            content = await _read_limited(response, max_bytes + 1)
-        finally:
-            await response.aclose()
+        response, content = await self._send(request, "run", read=max_bytes + 1)
+        if response.status_code != 200:
+            raise _status_error(response.status_code, response.headers, content, "run")
         if len(content) > max_bytes:
             logger.warning("upstream run answer larger than %s bytes; refused", max_bytes)
             raise ApiError(502, "answer_too_large", "The answer was too large to return.")
