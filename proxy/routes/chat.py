@@ -23,7 +23,7 @@ from proxy.chat import chat_inputs, parse_chat_request
 from proxy.errors import invalid_input
 from proxy.protocols import DataStreamEncoder, StreamEncoder, TextEncoder, UiMessageStreamEncoder
 from proxy.runs import RunRequest, RunStream
-from proxy.services import Services, services
+from proxy.services import services
 from proxy.storage import StorageUnavailable
 from proxy.storage.runlog import RunMeta
 
@@ -59,44 +59,40 @@ async def chat(request: Request) -> Response:
     return RunStream(bff.runs, run.meta, ENCODERS[protocol](run.meta), headers=run.headers, what=what)
 
 
-async def _chat_run(bff: Services, request: Request, chat_id: str) -> RunMeta | None:
-    """The chat's run, if the signed-in user owns it; None for everything else, alike."""
+async def _resume(request: Request, chat_id: str, protocol: str, nothing: Response) -> Response:
+    """The chat's run replayed in `protocol` if the signed-in user owns it; `nothing` for every other
+    case alike (no session, no such workflow or run, someone else's chat, storage down: a page load
+    must not start in error), and for a run that failed before it said anything."""
+    bff = services(request)
+    alias = request.path_params["alias"]
     session = await bff.sessions.current(request, touch=False)
-    if session is None or request.path_params["alias"] not in bff.workflows.aliases():
-        return None
+    if session is None or alias not in bff.workflows.aliases():
+        return nothing
     try:
-        return await bff.runs.chat_run(session, request.path_params["alias"], chat_id)
-    except StorageUnavailable:  # a page load must not start in error because storage is down
-        return None
+        meta = await bff.runs.chat_run(session, alias, chat_id)
+    except StorageUnavailable:
+        return nothing
+    if meta is None:
+        return nothing
+    encoder = ENCODERS[protocol](meta)
+    return RunStream(bff.runs, meta, encoder, instead_of_error=nothing, what=f"resume:{alias}:{protocol}")
 
 
 async def resume(request: Request) -> Response:
     """useChat `resume: true` asks here on every page load: the chat's run replayed from its first
     chunk (same message id, so the client replaces its partial message), then live. 204 when there is
-    none, or no session, or it is someone else's chat, or its run failed before it said anything: the
-    one answer that reveals nothing and keeps the chat out of its error state."""
-    bff = services(request)
-    protocol = _protocol(request)
-    meta = await _chat_run(bff, request, request.path_params["chat_id"])
+    none: the one answer that reveals nothing and keeps the chat out of its error state."""
     nothing = Response(status_code=204, headers=NO_STORE)
-    if meta is None:
-        return nothing
-    encoder = ENCODERS[protocol](meta)
-    return RunStream(bff.runs, meta, encoder, instead_of_error=nothing, what=f"resume:{meta.alias}:{protocol}")
+    return await _resume(request, request.path_params["chat_id"], _protocol(request), nothing)
 
 
 async def resume_v4(request: Request) -> Response:
     """AI SDK 4's `experimental_resume()` (`GET {api}?chatId=...`) in the data protocol; with no run, an
     empty data stream, because that client takes a 204 for an error."""
-    bff = services(request)
-    protocol = _protocol(request, default="data")
-    meta = await _chat_run(bff, request, request.query_params.get("chatId", ""))
     empty = DataStreamEncoder()
     nothing = Response(b"", headers={**empty.headers, **NO_STORE}, media_type=empty.media_type)
-    if meta is None:
-        return nothing
-    encoder = ENCODERS[protocol](meta)
-    return RunStream(bff.runs, meta, encoder, instead_of_error=nothing, what=f"resume:{meta.alias}:{protocol}")
+    protocol = _protocol(request, default="data")
+    return await _resume(request, request.query_params.get("chatId", ""), protocol, nothing)
 
 
 async def stop(request: Request) -> Response:
