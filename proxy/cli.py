@@ -71,14 +71,16 @@ def checked_settings() -> Settings:
     else:
         invalid = set()
     missing = settings.missing_for_serve()
-    problems += [f"{name}: required" for name in missing if not _names_any(name, invalid)]
-    if not invalid & {"workflows", "workflows_file"} and not any("BFF_WORKFLOWS" in m for m in missing):
+    problems += [f"{line}: required" for line in missing if not _named(line) & invalid]
+    # A stage whose settings are invalid or missing was reported above; checking it too would only
+    # say the same twice.
+    reported = invalid.union(*map(_named, missing))
+    if not reported & {"workflows", "workflows_file"}:
         try:
             parse_workflows(settings.workflows, settings.workflows_file)
         except WorkflowConfigError as exc:
             problems.append(str(exc))
-    # Sign-in methods whose settings are there (a missing one was said above).
-    if not invalid & {"auth", "jwt_secret", "jwks_url", "users_file"} and not any("BFF_AUTH" in m for m in missing):
+    if not reported & {"auth", "jwt_secret", "jwks_url", "users_file"}:
         try:
             # Reads the users file: a bad one stops start-up, named. (The limits storage connects lazily.)
             build_authenticators(settings, open_limits_storage(settings.storage_url))
@@ -89,10 +91,9 @@ def checked_settings() -> Settings:
     return settings
 
 
-def _names_any(requirement: str, fields: set[str]) -> bool:
-    """Whether a `missing_for_serve` line ("BFF_WORKFLOWS or BFF_WORKFLOWS_FILE") is about `fields`,
-    whose invalid values were reported already."""
-    return any(f"BFF_{field.upper()}" in requirement.split() for field in fields)
+def _named(requirement: str) -> set[str]:
+    """The settings a `missing_for_serve` line names ("BFF_WORKFLOWS or BFF_WORKFLOWS_FILE")."""
+    return {field for field in Settings.model_fields if f"BFF_{field.upper()}" in requirement.split()}
 
 
 class PortInUse(Exception):
