@@ -21,7 +21,7 @@ import time
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 OPEN = "o"
 TEXT = "t"
@@ -30,6 +30,7 @@ Entry = tuple[str, bytes]
 # Control messages between replicas: "stop" a run, or a follower elsewhere is still "follow"ing it.
 ControlHandler = Callable[[str, str], None]
 PURGE_EVERY = 64
+V = TypeVar("V")
 # The most entries one run's log holds (a run that would write more ends as too large), so a stream of
 # one-byte chunks cannot make a log of millions of entries; Redis streams are capped at it too.
 MAX_ENTRIES = 100_000
@@ -148,61 +149,66 @@ class RunLogs(Protocol):
     async def close(self) -> None: ...
 
 
-@dataclass
-class _Kept:
-    log: ChunkLog
-    forget_at: float  # monotonic
+class Expiring(Generic[V]):
+    """Values by key, each forgotten at its own time (monotonic); expired ones are dropped when read,
+    and all of them every `PURGE_EVERY` writes, so keys nobody reads again cannot grow memory."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, tuple[V, float]] = {}
+        self._writes = 0
+
+    def put(self, key: str, value: V, seconds: float) -> None:
+        self._writes += 1
+        if self._writes % PURGE_EVERY == 0:
+            now = time.monotonic()
+            for stale in [k for k, (_, forget_at) in self._items.items() if forget_at <= now]:
+                del self._items[stale]
+        self._items[key] = (value, time.monotonic() + seconds)
+
+    def get(self, key: str) -> V | None:
+        found = self._items.get(key)
+        if found is None or found[1] <= time.monotonic():
+            self._items.pop(key, None)
+            return None
+        return found[0]
+
+    def clear(self) -> None:
+        self._items.clear()
 
 
 class MemoryRunLogs:
     """Run logs in this process's memory: a control message goes straight to the handler."""
 
     def __init__(self) -> None:
-        self._logs: dict[str, _Kept] = {}
-        self._chats: dict[str, tuple[str, float]] = {}
+        self._logs: Expiring[ChunkLog] = Expiring()
+        self._chats: Expiring[str] = Expiring()
         self._handler: ControlHandler | None = None
-        self._creates = 0
 
     async def create(self, meta: RunMeta, *, ttl: float) -> ChunkLog:
-        self._creates += 1
-        if self._creates % PURGE_EVERY == 0:
-            self._purge()
-        forget_at = time.monotonic() + ttl
         log = _MemoryChunkLog(meta, self)
-        self._logs[meta.run_id] = _Kept(log, forget_at)
-        if meta.chat_id is not None:
-            self._chats[chat_key(meta.user_id, meta.alias, meta.chat_id)] = (meta.run_id, forget_at)
+        self._keep(log, ttl, take_chat=True)
         return log
 
-    def _kept(self, run_id: str) -> ChunkLog | None:
-        kept = self._logs.get(run_id)
-        if kept is None or kept.forget_at <= time.monotonic():
-            self._logs.pop(run_id, None)
-            return None
-        return kept.log
-
-    def _keep(self, run_id: str, seconds: float) -> None:
-        kept = self._logs.get(run_id)
-        if kept is not None:
-            kept.forget_at = time.monotonic() + seconds
-            meta = kept.log.meta
-            if meta.chat_id is not None:
-                key = chat_key(meta.user_id, meta.alias, meta.chat_id)
-                if self._chats.get(key, ("",))[0] == run_id:
-                    self._chats[key] = (run_id, kept.forget_at)
+    def _keep(self, log: ChunkLog, seconds: float, *, take_chat: bool = False) -> None:
+        """Keep `log` `seconds` more, and its chat's pointer to it: taken over by a new run
+        (`take_chat`), extended only while no newer run has taken it."""
+        meta = log.meta
+        self._logs.put(meta.run_id, log, seconds)
+        if meta.chat_id is not None:
+            key = chat_key(meta.user_id, meta.alias, meta.chat_id)
+            if take_chat or self._chats.get(key) == meta.run_id:
+                self._chats.put(key, meta.run_id, seconds)
 
     async def meta(self, run_id: str) -> RunMeta | None:
-        log = self._kept(run_id)
+        log = self._logs.get(run_id)
         return None if log is None else log.meta
 
     async def chat_run(self, user_id: str, alias: str, chat_id: str) -> str | None:
-        found = self._chats.get(chat_key(user_id, alias, chat_id))
-        if found is None or found[1] <= time.monotonic() or self._kept(found[0]) is None:
-            return None
-        return found[0]
+        run_id = self._chats.get(chat_key(user_id, alias, chat_id))
+        return run_id if run_id is not None and self._logs.get(run_id) is not None else None
 
     async def read(self, run_id: str, after: int, wait: float | None) -> list[Entry]:
-        log = self._kept(run_id)
+        log = self._logs.get(run_id)
         if log is None:
             return [lost_entry()]
         return await log.read(after, wait)
@@ -222,13 +228,6 @@ class MemoryRunLogs:
         self._logs.clear()
         self._chats.clear()
 
-    def _purge(self) -> None:
-        now = time.monotonic()
-        for run_id in [run_id for run_id, kept in self._logs.items() if kept.forget_at <= now]:
-            del self._logs[run_id]
-        for key in [key for key, (_, forget_at) in self._chats.items() if forget_at <= now]:
-            del self._chats[key]
-
 
 class _MemoryChunkLog(ChunkLog):
     def __init__(self, meta: RunMeta, logs: MemoryRunLogs) -> None:
@@ -237,7 +236,7 @@ class _MemoryChunkLog(ChunkLog):
 
     async def close(self, ending: Entry, keep_seconds: float) -> None:
         self.append(ending)
-        self._logs._keep(self.meta.run_id, keep_seconds)
+        self._logs._keep(self, keep_seconds)
 
 
 def lost_entry() -> Entry:

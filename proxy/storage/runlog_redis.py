@@ -37,7 +37,7 @@ from proxy.storage.redis import (
     milliseconds,
     reachable,
 )
-from proxy.storage.runlog import MAX_ENTRIES, ChunkLog, ControlHandler, Entry, RunMeta, chat_key, lost_entry
+from proxy.storage.runlog import MAX_ENTRIES, ChunkLog, ControlHandler, Entry, Expiring, RunMeta, chat_key, lost_entry
 
 logger = logging.getLogger("proxy.storage")
 
@@ -69,7 +69,8 @@ class RedisRunLogs:
         )
         self._prefix = key_prefix
         self.alive_seconds = alive_seconds
-        self._local: dict[str, tuple[RedisChunkLog, float]] = {}
+        # This replica's own runs' logs, read here without Redis while they are kept.
+        self._local: Expiring[RedisChunkLog] = Expiring()
         self._pending: list[tuple[RedisChunkLog, int, Entry]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._close = self._client.register_script(CLOSE)
@@ -78,7 +79,6 @@ class RedisRunLogs:
         return f"{self._prefix}{kind}:{name}"
 
     async def create(self, meta: RunMeta, *, ttl: float) -> ChunkLog:
-        self._forget_local()
         ttl_ms = milliseconds(ttl)
         run_id = meta.run_id
         with reachable():
@@ -89,21 +89,11 @@ class RedisRunLogs:
                     pipe.set(self._chat(meta.user_id, meta.alias, meta.chat_id), run_id, px=ttl_ms)
                 await pipe.execute()
         log = RedisChunkLog(meta, self, ttl_ms)
-        self._local[run_id] = (log, time.monotonic() + ttl)
+        self._local.put(run_id, log, ttl)
         return log
 
     def _chat(self, user_id: str, alias: str, chat_id: str) -> str:
         return self.key("chat", chat_key(user_id, alias, chat_id))
-
-    def _forget_local(self) -> None:
-        now = time.monotonic()
-        for run_id in [run_id for run_id, (_, forget_at) in self._local.items() if forget_at <= now]:
-            del self._local[run_id]
-
-    def keep_local(self, run_id: str, seconds: float) -> None:
-        found = self._local.get(run_id)
-        if found is not None:
-            self._local[run_id] = (found[0], time.monotonic() + seconds)
 
     async def meta(self, run_id: str) -> RunMeta | None:
         with reachable():
@@ -126,8 +116,8 @@ class RedisRunLogs:
 
     async def read(self, run_id: str, after: int, wait: float | None) -> list[Entry]:
         local = self._local.get(run_id)
-        if local is not None and local[1] > time.monotonic():
-            return await local[0].read(after, wait)
+        if local is not None:
+            return await local.read(after, wait)
         return await self._read_remote(run_id, after, wait)
 
     async def _read_remote(self, run_id: str, after: int, wait: float | None) -> list[Entry]:
@@ -223,7 +213,9 @@ class RedisRunLogs:
         keys = [self.key("run", run_id), self.key("runlog", run_id), self.key("runalive", run_id), chat]
         with reachable():
             await self._close(keys, [milliseconds(keep_seconds), run_id])
-        self.keep_local(run_id, keep_seconds)
+        log = self._local.get(run_id)
+        if log is not None:
+            self._local.put(run_id, log, keep_seconds)
 
 
 class RedisChunkLog(ChunkLog):
