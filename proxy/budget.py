@@ -133,6 +133,10 @@ class Meter:
         self._uncharged = 0
         self._charged_at = time.monotonic()
 
+    def room(self) -> int:
+        """How many characters (at most) may be relayed before the next charge is due."""
+        return max(1, BATCH_CHARS - self._uncharged)
+
     def add(self, chars: int) -> bool:
         """Count `chars`; True when a batch is due (`charge` it)."""
         self._uncharged += chars

@@ -69,6 +69,24 @@ def test_parallel_answers_on_two_replicas_overshoot_the_budget_by_at_most_a_batc
     assert BUDGET <= total <= BUDGET + runs * (BATCH_CHARS + len(CHUNK))
 
 
+def test_an_upstream_faster_than_the_reads_still_overshoots_by_at_most_a_batch(
+    replicas: list[ServerProcess], upstream: EmulatorControl
+) -> None:
+    """A read holds everything that arrived since the last one (here tens of KB at once): the bound
+    is still one batch, not one read."""
+    first, _ = replicas
+    upstream.fault(op="stream", workflow="wf_tutor", chunks=["y" * 3000] * 300, delay=0)
+    with browser(first.url) as client:
+        client.post("/auth/guest").raise_for_status()
+        answer = sse_events(client.post("/api/chat/tutor", json=chat_body("fast")).text)
+        eventually(lambda: used(client) > BUDGET, "the charges")
+        total = used(client)
+
+    assert answer[-2:] == [{"type": "error", "errorText": BUDGET_SPENT}, "[DONE]"]
+    assert total == len(text_of(answer))
+    assert BUDGET <= total <= BUDGET + BATCH_CHARS
+
+
 def test_run_refuses_an_answer_that_would_cross_the_budget_and_charges_nothing_for_it(
     replicas: list[ServerProcess], upstream: EmulatorControl
 ) -> None:

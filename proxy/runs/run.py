@@ -236,12 +236,17 @@ class Run:
             stats.bytes_in += len(data)
             if stats.bytes_in > max_bytes or len(log) >= MAX_ENTRIES:
                 return Ending.of("too_large")
-            chars = utf8_chars(data)
-            stats.chars += chars
-            log.append((TEXT, data))
-            # Charged as it flows, a batch at a time: the run that crosses the budget ends here.
-            if meter is not None and meter.add(chars) and await meter.charge():
-                return Ending.of("budget")
+            while data:
+                # Charged as it flows, a batch at a time: the run that crosses the budget ends here.
+                # A read holds whatever arrived since the last one, so with a budget it is relayed in
+                # pieces no larger than the batch has room for: the overshoot stays within one batch.
+                room = len(data) if meter is None else meter.room()
+                piece, data = data[:room], data[room:]
+                chars = utf8_chars(piece)
+                stats.chars += chars
+                log.append((TEXT, piece))
+                if meter is not None and meter.add(chars) and await meter.charge():
+                    return Ending.of("budget")
         return Ending.of("complete")
 
     async def _end(self, ending: Ending) -> None:
