@@ -5,7 +5,8 @@ request: a connection that sends nothing, half its headers or half its body stay
 and the headers have no size cap (an 8 MB header is read whole). Each such socket also holds a file
 descriptor. This protocol adds, per connection:
 - the request's headers must arrive within `header_timeout` seconds of the connection (or of the
-  previous response), and be at most `max_header_bytes`, else 431 and the connection is closed;
+  previous response), else the connection is closed, and be at most `max_header_bytes`, else 431
+  and the connection is closed;
 - its body within `body_timeout` seconds of the headers, else the connection is closed.
 The number of connections is capped by uvicorn's own `limit_concurrency` (503 beyond it).
 """
@@ -32,7 +33,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._guard: asyncio.TimerHandle | None = None
         self._in_headers = True
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes received while the headers are incomplete
+        self._header_bytes = 0  # the request line and the headers, as parsed
+        self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -43,31 +46,56 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        # Headers that never end are refused by what has arrived of them; headers that did end within
+        # one read, by their parsed size (on_headers_complete): a body read along with them is no header.
         if self._in_headers:
             self._head_bytes += len(data)
         super().data_received(data)
-        if self._in_headers and self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
-            self.transport.write(HEADERS_TOO_LARGE)
-            self.transport.close()
+        if self._in_headers and self._head_bytes > self.max_header_bytes:
+            self._refuse()
+
+    def on_url(self, url: bytes) -> None:
+        self._header_bytes += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        super().on_header(name, value)
 
     def on_message_begin(self) -> None:
+        # The count is not reset here: this runs inside the parse of the data that was just
+        # counted, and a reset would let the first read of every request through uncounted.
         super().on_message_begin()
-        self._in_headers, self._head_bytes = True, 0
+        self._in_headers = True
         if self._guard is None:  # a keep-alive connection's next request: its headers are due now
             self._arm(self.header_timeout)
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
+        if self._header_bytes > self.max_header_bytes:
+            self._refuse()  # and the request is never started
+            return
         self._arm(self.body_timeout)
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:  # a refused request was never started: its body has nowhere to go
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
         self._disarm()
-        super().on_message_complete()
+        if not self._refused:
+            super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self._in_headers, self._head_bytes = True, 0
+        self._in_headers, self._head_bytes, self._header_bytes = True, 0, 0
+
+    def _refuse(self) -> None:
+        self._refused = True
+        if not self.transport.is_closing():
+            self.transport.write(HEADERS_TOO_LARGE)
+            self.transport.close()
 
     def _arm(self, seconds: float) -> None:
         self._disarm()

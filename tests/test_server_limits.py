@@ -77,6 +77,22 @@ def test_headers_beyond_the_cap_are_refused_without_being_read_whole(strict: Ser
     assert received.startswith(b"HTTP/1.1 431 ")
 
 
+def test_headers_beyond_the_cap_in_one_read_are_refused_too(strict: ServerProcess) -> None:
+    """The read that holds the request line counts: a first packet past the cap is refused."""
+    for request in (
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: " + b"a" * 20_000 + b"\r\n\r\n",
+        b"POST /auth/guest HTTP/1.1\r\nHost: 127.0.0.1\r\nX-CSRF: 1\r\nX-A: "
+        + b"a" * 20_000
+        + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+    ):
+        with connect(strict) as sock:
+            sock.sendall(request)
+            received, _ = closed_after(sock)
+
+        assert received.startswith(b"HTTP/1.1 431 ")
+        assert received.count(b"HTTP/1.1") == 1  # that answer only: the request never ran
+
+
 def test_requests_that_take_longer_than_the_limits_to_answer_are_not_cut(
     strict: ServerProcess, upstream: EmulatorControl
 ) -> None:
