@@ -25,7 +25,6 @@ from proxy.middleware.cors import CorsMiddleware
 from proxy.middleware.csrf import CsrfMiddleware
 from proxy.middleware.hosts import AllowedHostsMiddleware
 from proxy.middleware.request_id import RequestIdMiddleware
-from proxy.middleware.response import ResponseMiddleware
 from proxy.middleware.security_headers import SecurityHeadersMiddleware
 from proxy.openapi import openapi_route
 from proxy.routes.auth import auth_routes
@@ -152,12 +151,13 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         *(extra_routes or []),
         index_route(),
     ]
-    # Listed outermost first. Forwarded headers are believed only from BFF_TRUSTED_PROXIES, so the
-    # CSRF check sees the scheme the browser used. CORS answers preflights before the CSRF check, and
-    # wraps it so an allowed origin can read a refusal.
+    # Listed outermost first. Each works in any order; this one is chosen. Those that add to every
+    # answer come first, so that the refusals of the checks after them are logged, counted and carry
+    # the headers too. Forwarded headers are believed only from BFF_TRUSTED_PROXIES, so the CSRF check
+    # sees the scheme the browser used. CORS answers preflights before the CSRF check, and wraps it so
+    # an allowed origin can read a refusal.
     middleware = [
         *([Middleware(MetricsPortMiddleware, port=settings.metrics_port)] if settings.metrics_port else []),
-        Middleware(ResponseMiddleware),
         Middleware(RequestIdMiddleware),
         Middleware(AccessLogMiddleware),
         Middleware(MetricsMiddleware, metrics=metrics),

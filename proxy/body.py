@@ -7,8 +7,8 @@ import re
 
 from starlette.requests import ClientDisconnect, Request
 
+from proxy.context import request_context
 from proxy.errors import client_gone, invalid_input
-from proxy.middleware.access_log import annotate
 
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -45,7 +45,7 @@ async def read_json(request: Request) -> object:
             body += chunk
     except ClientDisconnect:
         # The client left mid-upload: it must not count as a server error.
-        annotate(end="client_gone_early")
+        request_context().end = "client_gone_early"
         raise client_gone() from None
     try:
         return loads_text(body)

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Send
 
-from proxy.middleware.access_log import annotate
+from proxy.context import request_context
 
 CHAT_PATH_PREFIX = "/api/chat/"
 
@@ -59,7 +59,7 @@ def error_response(error: ApiError, *, text: bool = False) -> Response:
 async def send_error(error: ApiError, path: str, send: Send) -> None:
     """Answer from pure-ASGI code (middleware, streaming responses) before any byte was sent. The
     request's summary line says why (a CSRF refusal is answered before any route matched)."""
-    annotate(end=f"refused:{error.code}")
+    request_context().end = f"refused:{error.code}"
     response = error_response(error, text=wants_text_errors(path))
     await response({"type": "http"}, _no_receive, send)
 

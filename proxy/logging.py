@@ -11,7 +11,7 @@ import re
 import sys
 import time
 
-from proxy.middleware.request_id import current_request_id
+from proxy.context import request_context
 
 TOKEN_PATTERN = re.compile(r"pub_tok_[A-Za-z0-9_\-]+")
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
@@ -31,7 +31,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "pid": record.process,  # which worker, with `serve --workers N`
         }
-        request_id = current_request_id()
+        request_id = request_context().request_id
         if request_id:
             entry["request_id"] = request_id
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})

@@ -24,8 +24,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxy.middleware.response import on_response_start
-
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -88,15 +86,19 @@ class MetricsMiddleware:
         self.app = app
         self.metrics = metrics
 
-    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        if scope["type"] == "http":
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
 
-            def count(message: Message) -> None:
+        def send_counted(message: Message) -> Awaitable[None]:
+            if message["type"] == "http.response.start":
+                # The router has put the matched route into the scope by the time the response starts.
                 template = getattr(scope.get("route"), "path", None) or "unmatched"
                 self.metrics.requests.labels(template, scope["method"], str(message["status"])).inc()
+            return send(message)
 
-            on_response_start(scope, count)
-        return self.app(scope, receive, send)  # not awaited here: see proxy/middleware/response.py
+        await self.app(scope, receive, send_counted)
 
 
 class MetricsPortMiddleware:
@@ -107,13 +109,14 @@ class MetricsPortMiddleware:
         self.app = app
         self.port = port
 
-    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             server = scope.get("server")
             on_metrics_port = server is not None and server[1] == self.port
             if on_metrics_port != (scope["path"] == "/metrics"):
-                return Response("Not Found", 404, media_type="text/plain")(scope, receive, send)
-        return self.app(scope, receive, send)
+                await Response("Not Found", 404, media_type="text/plain")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def metrics_route(metrics: Metrics) -> Route:

@@ -24,9 +24,9 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
 from proxy.audit import AuditLog
+from proxy.context import request_context
 from proxy.errors import ApiError, unauthenticated
 from proxy.metrics import Metrics
-from proxy.middleware.access_log import annotate
 from proxy.storage import SessionRecord, Storage, StorageUnavailable
 from proxy.streams import StreamRegistry
 from proxy.throttle import client_ip
@@ -117,7 +117,7 @@ class SessionManager:
         """
         previous = await self._end(connection, reason="replaced")
         session, cookie = await self.start(user)
-        annotate(user_hash=self.audit.user_hash(user.id))
+        request_context().user_hash = self.audit.user_hash(user.id)
         self.audit.record(
             "session.renewed" if previous is not None else "session.created",
             session.key,
@@ -161,7 +161,7 @@ class SessionManager:
             if not await self._storage.touch_session(record.key, now):
                 return None
             record = dataclasses.replace(record, last_seen=now)
-        annotate(user_hash=self.audit.user_hash(record.user_id))  # for the request's summary line
+        request_context().user_hash = self.audit.user_hash(record.user_id)  # for the request's summary line
         return Session(record, self.idle_seconds, revocations_seen, self._limit_key(record, connection))
 
     def _limit_key(self, record: SessionRecord, connection: HTTPConnection) -> str:

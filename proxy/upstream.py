@@ -23,9 +23,9 @@ import httpx
 from pydantic import SecretStr
 
 from proxy.body import loads_text
+from proxy.context import request_context
 from proxy.errors import ApiError
 from proxy.metrics import Metrics
-from proxy.middleware.access_log import annotate
 from proxy.transport import AiohttpTransport, open_body
 
 logger = logging.getLogger("proxy.upstream")
@@ -219,16 +219,16 @@ class UpstreamClient:
                 self.breaker.failure()
                 kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connect"
                 self._metrics.upstream_errors.labels(kind).inc()
-                annotate(upstream_status=None, upstream_error=kind)
+                request_context().upstream_answered(None, kind)
                 raise _transport_error(exc, operation) from None
             except httpx.HTTPError as exc:  # an answer httpx cannot read, e.g. a body that is not the gzip it claims
                 self._metrics.upstream_errors.labels("unreadable").inc()
-                annotate(upstream_status=None, upstream_error="unreadable")
+                request_context().upstream_answered(None, "unreadable")
                 logger.warning("upstream %s answer unreadable: %s", operation, type(exc).__name__)
                 raise ApiError(502, "upstream_error", "The upstream service sent an unreadable answer.") from None
             status = response.status_code
             # The last upstream call of a request is the one its summary line reports.
-            annotate(upstream_status=status, upstream_error=None)
+            request_context().upstream_answered(status)
             if status >= 400:
                 self._metrics.upstream_errors.labels("5xx" if status >= 500 else "4xx").inc()
             # Only signs of an upstream that is down count; a 500 from one broken workflow must not

@@ -8,8 +8,6 @@ once, and a chunked body is counted as it is read and refused the moment it pass
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,10 +26,10 @@ class BodyPolicyMiddleware:
         self.app = app
         self.max_bytes = max_bytes
 
-    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        # Not async, and the inner app is not awaited here: see proxy/middleware/response.py.
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not is_protected(scope):
-            return self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         headers = Headers(scope=scope)
         declared = headers.get("content-length")
         has_body = "transfer-encoding" in headers or declared not in (None, "0")
@@ -42,7 +40,8 @@ class BodyPolicyMiddleware:
         elif declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
             problem = too_large(self.max_bytes)
         if problem is not None:
-            return send_error(problem, scope["path"], send)
+            await send_error(problem, scope["path"], send)
+            return
 
         received = 0
 
@@ -56,4 +55,4 @@ class BodyPolicyMiddleware:
                     raise too_large(self.max_bytes)
             return message
 
-        return self.app(scope, counted_receive, send)
+        await self.app(scope, counted_receive, send)

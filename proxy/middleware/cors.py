@@ -4,7 +4,15 @@ Off by default: same-origin deployment needs no CORS at all. Each allowed origin
 (no wildcard, no pattern over subdomains) and echoed back with `Access-Control-Allow-Credentials`,
 never `*`. A preflight from any other origin is refused with 403 `csrf_failed`, so the browser never
 sends the real request; a simple request from another origin gets no CORS headers, so its script
-cannot read the answer (and the CSRF policy refuses it anyway when it would change state).
+cannot read the answer (and the CSRF policy refuses it anyway when it would change state). With CORS
+on, every answer says `Vary: Origin`, since it depends on the origin.
+
+Not Starlette's `CORSMiddleware`, which matches origins exactly too, but cannot give these answers:
+it refuses a preflight with a 400 in plain text that still carries `Access-Control-Allow-*` headers
+(ours is the 403 `csrf_failed` of the error format, with none), it sends
+`Access-Control-Allow-Credentials` and `Access-Control-Expose-Headers` to origins it refuses, it
+answers an accepted preflight 200 rather than 204, and off (no origins) it would not refuse
+preflights at all.
 """
 
 from __future__ import annotations
@@ -16,7 +24,6 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.errors import ApiError, send_error
-from proxy.middleware.response import on_response_start
 
 ALLOWED_METHODS = "GET, POST"
 # Authorization: POST /auth/exchange carries the identity provider's token in it.
@@ -34,32 +41,25 @@ class CorsMiddleware:
         self.app = app
         self.allowed_origins = frozenset(allowed_origins)
 
-    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        # Not async, and the inner app is not awaited here: see proxy/middleware/response.py.
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            return self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         headers = Headers(scope=scope)
         origin = headers.get("origin")
         preflight = scope["method"] == "OPTIONS" and "access-control-request-method" in headers
-        if origin is None or origin not in self.allowed_origins:
-            if preflight and origin is not None:
-                error = ApiError(403, "csrf_failed", "This origin may not call this service.")
-                return send_error(error, scope["path"], send)
-            if self.allowed_origins:  # with CORS on, every answer depends on the Origin
-                on_response_start(scope, _vary_on_origin)
-            return self.app(scope, receive, send)
-        if preflight:
-            return self._preflight(origin)(scope, receive, send)
-
-        def allow(message: Message) -> None:
-            response_headers = MutableHeaders(scope=message)
-            response_headers["Access-Control-Allow-Origin"] = origin
-            response_headers["Access-Control-Allow-Credentials"] = "true"
-            response_headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
-            response_headers.add_vary_header("Origin")
-
-        on_response_start(scope, allow)
-        return self.app(scope, receive, send)
+        if origin is not None and origin in self.allowed_origins:
+            if preflight:
+                await self._preflight(origin)(scope, receive, send)
+            else:
+                await self.app(scope, receive, _allowing(origin, send))
+        elif preflight and origin is not None:
+            error = ApiError(403, "csrf_failed", "This origin may not call this service.")
+            await send_error(error, scope["path"], send)
+        elif self.allowed_origins:
+            await self.app(scope, receive, _varying_on_origin(send))
+        else:
+            await self.app(scope, receive, send)
 
     def _preflight(self, origin: str) -> Response:
         return Response(
@@ -75,5 +75,23 @@ class CorsMiddleware:
         )
 
 
-def _vary_on_origin(message: Message) -> None:
-    MutableHeaders(scope=message).add_vary_header("Origin")
+def _allowing(origin: str, send: Send) -> Send:
+    def send_allowing(message: Message) -> Awaitable[None]:
+        if message["type"] == "http.response.start":
+            headers = MutableHeaders(scope=message)
+            headers["Access-Control-Allow-Origin"] = origin
+            headers["Access-Control-Allow-Credentials"] = "true"
+            headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
+            headers.add_vary_header("Origin")
+        return send(message)
+
+    return send_allowing
+
+
+def _varying_on_origin(send: Send) -> Send:
+    def send_varying(message: Message) -> Awaitable[None]:
+        if message["type"] == "http.response.start":
+            MutableHeaders(scope=message).add_vary_header("Origin")
+        return send(message)
+
+    return send_varying

@@ -9,8 +9,6 @@ let through on the header alone: browsers send at least one of them on every cro
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -35,12 +33,12 @@ class CsrfMiddleware:
         self.app = app
         self.allowed_origins = frozenset(allowed_origins)
 
-    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        if is_protected(scope):
-            problem = self.problem(scope)
-            if problem is not None:
-                return send_error(ApiError(403, "csrf_failed", problem), scope["path"], send)
-        return self.app(scope, receive, send)  # not awaited here: see proxy/middleware/response.py
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        problem = self.problem(scope) if is_protected(scope) else None
+        if problem is not None:
+            await send_error(ApiError(403, "csrf_failed", problem), scope["path"], send)
+        else:
+            await self.app(scope, receive, send)
 
     def problem(self, scope: Scope) -> str | None:
         headers = Headers(scope=scope)

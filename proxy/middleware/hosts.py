@@ -11,8 +11,6 @@ probe them by pod address.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -32,11 +30,10 @@ class AllowedHostsMiddleware:
         self.app = app
         self.allowed = [host.lower().rstrip(".") for host in allowed_hosts]
 
-    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        # Not async, and the inner app is not awaited here: see proxy/middleware/response.py.
-        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
-            return self.app(scope, receive, send)
-        if not host_allowed(Headers(scope=scope).get("host", ""), self.allowed):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        checked = scope["type"] == "http" and scope["path"] not in PROBE_PATHS
+        if checked and not host_allowed(Headers(scope=scope).get("host", ""), self.allowed):
             error = ApiError(400, "invalid_host", "This service does not answer for that host name.")
-            return send_error(error, scope["path"], send)
-        return self.app(scope, receive, send)
+            await send_error(error, scope["path"], send)
+        else:
+            await self.app(scope, receive, send)

@@ -1,25 +1,21 @@
 """Give every request an id: the caller's `X-Request-ID` when it is sane, a new one otherwise.
 
-The id is echoed in the response, forwarded upstream and put on every log line of the request.
+The id is echoed in the response, kept in the request's context (proxy/context.py), from where it is
+forwarded upstream and put on every log line of the request.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
-from contextvars import ContextVar
+from collections.abc import Awaitable
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxy.middleware.response import on_response_start
+from proxy.context import ServingRequest
 
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
-request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
-
-
-def current_request_id() -> str | None:
-    return request_id_var.get()
 
 
 class RequestIdMiddleware:
@@ -32,13 +28,12 @@ class RequestIdMiddleware:
             return
         offered = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = offered if REQUEST_ID_PATTERN.fullmatch(offered) else secrets.token_hex(8)
-        token = request_id_var.set(request_id)
 
-        def add_id(message: Message) -> None:
-            MutableHeaders(scope=message)["X-Request-ID"] = request_id
+        def send_with_id(message: Message) -> Awaitable[None]:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            return send(message)
 
-        on_response_start(scope, add_id)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            request_id_var.reset(token)
+        with ServingRequest() as context:
+            context.request_id = request_id
+            await self.app(scope, receive, send_with_id)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from proxy.middleware.response import on_response_start
 
 BASE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -21,15 +18,21 @@ HSTS = "max-age=63072000; includeSubDomains"
 class SecurityHeadersMiddleware:
     def __init__(self, app: ASGIApp, *, hsts: bool) -> None:
         self.app = app
-        self.headers = {**BASE_HEADERS, **({"Strict-Transport-Security": HSTS} if hsts else {})}
+        headers = {**BASE_HEADERS, **({"Strict-Transport-Security": HSTS} if hsts else {})}
+        self.headers = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
 
-    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        if scope["type"] == "http":
-            on_response_start(scope, self._add_headers)
-        return self.app(scope, receive, send)  # not awaited here: see proxy/middleware/response.py
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
 
-    def _add_headers(self, message: Message) -> None:
-        headers = MutableHeaders(scope=message)
-        for name, value in self.headers.items():
-            if name not in headers:
-                headers[name] = value
+        def send_with_headers(message: Message) -> Awaitable[None]:
+            if message["type"] == "http.response.start":
+                # A header the response set itself wins (the demo page's own CSP).
+                headers = list(message.get("headers", ()))
+                present = {name.lower() for name, _ in headers}
+                headers += [header for header in self.headers if header[0] not in present]
+                message["headers"] = headers
+            return send(message)
+
+        await self.app(scope, receive, send_with_headers)

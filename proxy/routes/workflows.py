@@ -10,9 +10,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.body import read_json
+from proxy.context import request_context
 from proxy.errors import invalid_input
-from proxy.middleware.access_log import annotate
-from proxy.middleware.request_id import current_request_id
 from proxy.protocols import TextEncoder
 from proxy.routes.auth import iso
 from proxy.runs import DisconnectWatch, RunRequest, RunStream
@@ -36,9 +35,9 @@ async def mint(request: Request) -> Response:
         raise invalid_input('"ttl" must be a whole number of seconds, at least 1.')
     limit_headers = await bff.limiter.check("mint", session.limit_key)
     if ttl >= bff.settings.token_ttl:
-        minted = await bff.tokens.take(request_id=current_request_id())
+        minted = await bff.tokens.take(request_id=request_context().request_id)
     else:  # a shorter TTL than pooled tokens have: mint one to order
-        minted = await bff.upstream.mint_token(ttl, request_id=current_request_id())
+        minted = await bff.upstream.mint_token(ttl, request_id=request_context().request_id)
     remaining = max(1, round(minted.expires_at - time.time()))
     bff.sessions.audit.record(
         "token.minted",
@@ -83,7 +82,7 @@ async def run(request: Request) -> Response:
         await run.done.wait()
     ending, result = run.ending, run.result
     assert ending is not None
-    annotate(relay=what, run_id=run.id, end=ending.reason, chars=run.stats.chars)
+    request_context().relayed(what, run.id, end=ending.reason, chars=run.stats.chars)
     if ending.reason == "revoked":
         raise bff.sessions.unauthenticated(request)
     if ending.error is not None:

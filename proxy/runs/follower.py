@@ -27,8 +27,8 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from proxy.context import request_context
 from proxy.errors import ApiError, error_response, wants_text_errors
-from proxy.middleware.access_log import annotate
 from proxy.protocols import StreamEncoder
 from proxy.runs.ending import Ending
 from proxy.runs.manager import RunManager
@@ -132,12 +132,8 @@ class RunStream(Response):
             if run is not None and run.log is not None:
                 run.detach()
             runs.metrics.bytes_relayed.inc(self.sent_bytes)
-            annotate(
-                relay=self.what,
-                run_id=self.meta.run_id,
-                end=self.end,
-                chars=self.sent_chars,
-                first_byte_at=self.first_text_at,
+            request_context().relayed(
+                self.what, self.meta.run_id, end=self.end, chars=self.sent_chars, first_byte_at=self.first_text_at
             )
 
     async def _remote_read(self, after: int, wait: float | None) -> list[Entry]:

@@ -25,9 +25,9 @@ import anyio
 import anyio.lowlevel
 import httpx
 
+from proxy.context import request_context
 from proxy.errors import ApiError
 from proxy.limits import Lease
-from proxy.middleware.request_id import current_request_id
 from proxy.runs.ending import Ending
 from proxy.sessions import Session
 from proxy.storage.runlog import MAX_ENTRIES, OPEN_ENTRY, TEXT, ChunkLog, RunMeta, utf8_chars
@@ -96,7 +96,7 @@ class Run:
         self._idle_since = 0.0  # when the last follower here left
         self._remote_until = 0.0  # a follower on another replica said it is there until then
         self._grace: asyncio.TimerHandle | None = None
-        self._request_id = current_request_id()
+        self._request_id = request_context().request_id
         self._meter = runs.budget.meter(session.limit_key) if log is not None else None
         self._task = asyncio.get_running_loop().create_task(self._life())
 
