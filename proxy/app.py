@@ -104,7 +104,6 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         )
         services = Services(
             settings=settings,
-            http=http,
             upstream=upstream,
             tokens=tokens,
             metrics=metrics,

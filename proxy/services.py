@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import httpx
 from starlette.requests import HTTPConnection
 
 from proxy.budget import OutputBudget
@@ -23,7 +22,6 @@ from proxy.workflows import WorkflowRegistry
 @dataclass
 class Services:
     settings: Settings
-    http: httpx.AsyncClient
     upstream: UpstreamClient
     storage: Storage
     sessions: SessionManager

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from proxy.auth.jwt import JwksCache
 from tests.identity import (
     AUDIENCE,
     ISSUER,
@@ -239,3 +240,28 @@ def test_a_failing_key_set_backs_off_instead_of_being_fetched_for_every_junk_tok
 
     assert provider.fetches <= 3  # the first load, then at most the stale refresh and one kid refetch
     assert still.status_code == 200  # the keys it had keep working
+
+
+# The key cache in-process: its HTTP client comes from its constructor, never from a request
+
+
+@pytest.mark.anyio
+async def test_the_key_cache_fetches_with_the_client_it_was_given_and_closes_it() -> None:
+    fetched: list[httpx.Request] = []
+    clients: list[httpx.AsyncClient] = []
+
+    def provider(request: httpx.Request) -> httpx.Response:
+        fetched.append(request)
+        return httpx.Response(200, json={"keys": [RSA_KEY.jwk(), EC_KEY.jwk()]})
+
+    def open_client() -> httpx.AsyncClient:
+        clients.append(httpx.AsyncClient(transport=httpx.MockTransport(provider)))
+        return clients[-1]
+
+    cache = JwksCache("https://id.example.test/jwks.json", open_client=open_client)
+
+    found = [await cache.key("rsa-1"), await cache.key("ec-1")]
+
+    assert [key.algorithm_name for key in found if key is not None] == ["RS256", "ES256"]
+    assert [str(request.url) for request in fetched] == ["https://id.example.test/jwks.json"]  # one fetch serves both
+    assert [client.is_closed for client in clients] == [True]

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import anyio
 import httpx
@@ -22,7 +23,6 @@ import jwt
 from starlette.requests import Request
 
 from proxy.errors import ApiError, unauthenticated
-from proxy.services import services
 from proxy.sessions import User
 
 logger = logging.getLogger("proxy.auth.jwt")
@@ -43,18 +43,40 @@ JWKS_MAX_BACKOFF_SECONDS = 60.0
 JWKS_MAX_BYTES = 512 * 1024
 
 
+def jwks_client() -> httpx.AsyncClient:
+    # Identity encoding: the size cap counts what arrives, and a small compressed answer must not
+    # unpack into a large one.
+    return httpx.AsyncClient(
+        timeout=JWKS_TIMEOUT,
+        headers={"Accept": "application/json", "Accept-Encoding": "identity", "User-Agent": "workflow-bff"},
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
 class JwksCache:
-    """The provider's signing keys by `kid`, fetched with the process's httpx client.
+    """The provider's signing keys by `kid`.
 
     One fetch at a time, shared by every sign-in that needs it, and never one per sign-in: a stale
     set keeps serving while a refresh runs in the background, a fetch that fails or hangs (it is cut
     after `JWKS_TIMEOUT_SECONDS`) backs off before the next (1 s, doubling to a minute), and an
     unknown `kid` refetches at most once per cooldown. Only the very first load is waited for.
+
+    Each fetch opens a client of its own (`open_client`) and closes it. Fetches are at least a
+    cooldown apart, and usually `max_age`: longer than any keep-alive, so a client kept open would
+    save no connection, and would need the app's lifespan to close it.
     """
 
-    def __init__(self, url: str, *, max_age: float = JWKS_MAX_AGE_SECONDS) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_age: float = JWKS_MAX_AGE_SECONDS,
+        open_client: Callable[[], httpx.AsyncClient] = jwks_client,
+    ) -> None:
         self.url = url
         self.max_age = max_age
+        self._open_client = open_client
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = -math.inf
         self._refreshed_at = -math.inf
@@ -62,9 +84,9 @@ class JwksCache:
         self._retry_at = -math.inf
         self._backoff = 0.0
 
-    async def key(self, http: httpx.AsyncClient, kid: str | None) -> jwt.PyJWK | None:
+    async def key(self, kid: str | None) -> jwt.PyJWK | None:
         if not self._keys:
-            await self._fetched(http)
+            await self._fetched()
             if not self._keys:
                 raise ApiError(
                     503,
@@ -73,22 +95,22 @@ class JwksCache:
                     headers={"Retry-After": str(max(1, math.ceil(self._retry_at - time.monotonic())))},
                 )
         elif time.monotonic() - self._fetched_at >= self.max_age:
-            self._fetch(http)  # in the background: the stale keys serve meanwhile
+            self._fetch()  # in the background: the stale keys serve meanwhile
         found = self._find(kid)
         if found is None and time.monotonic() - self._refreshed_at >= JWKS_REFRESH_COOLDOWN_SECONDS:
             self._refreshed_at = time.monotonic()
-            await self._fetched(http)
+            await self._fetched()
             found = self._find(kid)
         return found
 
-    def _fetch(self, http: httpx.AsyncClient) -> asyncio.Task[None] | None:
+    def _fetch(self) -> asyncio.Task[None] | None:
         """The fetch under way, or a new one unless the last failure's backoff still runs."""
         if self._fetch_task is None and time.monotonic() >= self._retry_at:
-            self._fetch_task = asyncio.get_running_loop().create_task(self._load(http))
+            self._fetch_task = asyncio.get_running_loop().create_task(self._load())
         return self._fetch_task
 
-    async def _fetched(self, http: httpx.AsyncClient) -> None:
-        task = self._fetch(http)
+    async def _fetched(self) -> None:
+        task = self._fetch()
         if task is not None:
             await asyncio.shield(task)
 
@@ -98,12 +120,12 @@ class JwksCache:
             return next(iter(self._keys.values())) if len(self._keys) == 1 else None
         return self._keys.get(kid)
 
-    async def _load(self, http: httpx.AsyncClient) -> None:
+    async def _load(self) -> None:
         """Replace the keys with the provider's current set. A failure keeps the keys we have (with
         none at all, sign-in answers 503) and backs off."""
         try:
             with anyio.fail_after(JWKS_TIMEOUT_SECONDS):
-                keys = await self._download(http)
+                keys = await self._download()
         except (httpx.HTTPError, ValueError, TimeoutError) as exc:
             self._backoff = min(max(1.0, 2 * self._backoff), JWKS_MAX_BACKOFF_SECONDS)
             self._retry_at = time.monotonic() + self._backoff
@@ -117,9 +139,9 @@ class JwksCache:
         finally:
             self._fetch_task = None
 
-    async def _download(self, http: httpx.AsyncClient) -> dict[str, jwt.PyJWK]:
+    async def _download(self) -> dict[str, jwt.PyJWK]:
         body = bytearray()
-        async with http.stream("GET", self.url, timeout=JWKS_TIMEOUT, headers={"Accept": "application/json"}) as reply:
+        async with self._open_client() as http, http.stream("GET", self.url) as reply:
             if reply.status_code != 200:
                 raise ValueError(f"status {reply.status_code}")
             async for chunk in reply.aiter_bytes():
@@ -182,7 +204,7 @@ class JwtAuthenticator:
         if algorithm == "HS256" and self._secret is not None:
             key, accepted = self._secret, "HS256"
         elif isinstance(algorithm, str) and algorithm in ASYMMETRIC_ALGORITHMS and self._jwks is not None:
-            found = await self._jwks.key(services(request).http, kid)
+            found = await self._jwks.key(kid)
             if found is None:
                 raise _refused("unknown_key")
             key, accepted = found, found.algorithm_name
