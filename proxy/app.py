@@ -17,7 +17,7 @@ from proxy.auth.password import PasswordAuthenticator
 from proxy.budget import OutputBudget
 from proxy.drain import Drain
 from proxy.errors import ApiError, handle_api_error
-from proxy.limits import RateLimiter, StreamSlots, parse_limit, parse_rate_limits
+from proxy.limits import parse_limit, parse_rate_limits
 from proxy.metrics import Metrics, MetricsMiddleware, MetricsPortMiddleware, metrics_route
 from proxy.middleware.access_log import AccessLogMiddleware
 from proxy.middleware.body_policy import BodyPolicyMiddleware
@@ -28,6 +28,7 @@ from proxy.middleware.request_id import RequestIdMiddleware
 from proxy.middleware.response import ResponseMiddleware
 from proxy.middleware.security_headers import SecurityHeadersMiddleware
 from proxy.openapi import openapi_route
+from proxy.rate_limiter import RateLimiter
 from proxy.routes.auth import auth_routes
 from proxy.routes.chat import chat_routes
 from proxy.routes.ops import index_route, ops_routes
@@ -37,6 +38,7 @@ from proxy.runs import RunManager, RunSettings
 from proxy.services import Services
 from proxy.sessions import SessionManager
 from proxy.settings import Settings
+from proxy.slots import StreamSlots
 from proxy.storage import open_limits_storage, open_run_logs, open_storage
 from proxy.token_pool import TokenSource
 from proxy.upstream import CircuitBreaker, UpstreamClient, build_http_client

@@ -9,11 +9,12 @@ from starlette.requests import HTTPConnection
 
 from proxy.budget import OutputBudget
 from proxy.drain import Drain
-from proxy.limits import RateLimiter, StreamSlots
 from proxy.metrics import Metrics
+from proxy.rate_limiter import RateLimiter
 from proxy.runs import RunManager
 from proxy.sessions import SessionManager
 from proxy.settings import Settings
+from proxy.slots import StreamSlots
 from proxy.storage import Storage
 from proxy.token_pool import TokenSource
 from proxy.upstream import UpstreamClient

@@ -18,10 +18,11 @@ import anyio
 
 from proxy.audit import AuditLog
 from proxy.budget import OutputBudget
-from proxy.limits import RateLimiter, StreamSlots
 from proxy.metrics import Metrics
+from proxy.rate_limiter import RateLimiter
 from proxy.runs.run import Run, RunRequest
 from proxy.sessions import Session, SessionManager
+from proxy.slots import StreamSlots
 from proxy.storage import Storage, StorageUnavailable
 from proxy.storage.runlog import RunLogs, RunMeta
 from proxy.token_pool import TokenSource

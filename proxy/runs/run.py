@@ -26,10 +26,10 @@ import anyio.lowlevel
 import httpx
 
 from proxy.errors import ApiError
-from proxy.limits import Lease
 from proxy.middleware.request_id import current_request_id
 from proxy.runs.ending import Ending
 from proxy.sessions import Session
+from proxy.slots import Lease
 from proxy.storage.runlog import MAX_ENTRIES, OPEN_ENTRY, TEXT, ChunkLog, RunMeta, utf8_chars
 from proxy.streams import RunningStream
 from proxy.transport import Body, open_body
