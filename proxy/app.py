@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
+import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
@@ -41,7 +42,8 @@ from proxy.settings import Settings
 from proxy.slots import StreamSlots
 from proxy.storage import open_limits_storage, open_run_logs, open_storage
 from proxy.token_pool import TokenSource
-from proxy.upstream import CircuitBreaker, UpstreamClient, build_http_client
+from proxy.upstream.breaker import CircuitBreaker
+from proxy.upstream.client import HttpUpstream
 from proxy.workflows import parse_workflows
 
 
@@ -64,7 +66,8 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
-        http = build_http_client(settings.max_stream_seconds)
+        # For the JWKS fetches of jwt sign-in (proxy/auth/jwt.py); the upstream has its own client.
+        http = httpx.AsyncClient(headers={"User-Agent": "workflow-bff"}, follow_redirects=False, trust_env=False)
         storage = open_storage(settings.storage_url)
         sessions = SessionManager(
             storage,
@@ -76,10 +79,10 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
             metrics=metrics,
             guests_share_ip=settings.guest_limits == "ip",
         )
-        upstream = UpstreamClient(
-            http,
+        upstream = HttpUpstream(
             settings.upstream_url,
             api_key,
+            max_stream_seconds=settings.max_stream_seconds,
             metrics=metrics,
             breaker=CircuitBreaker(settings.upstream_failure_threshold, settings.upstream_cooldown_seconds),
         )
@@ -139,6 +142,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         finally:
             drain.active = True
             tokens.close()
+            await upstream.aclose()
             await http.aclose()
             await run_logs.close()
             await storage.close()

@@ -17,7 +17,7 @@ from proxy.settings import Settings
 from proxy.slots import StreamSlots
 from proxy.storage import Storage
 from proxy.token_pool import TokenSource
-from proxy.upstream import UpstreamClient
+from proxy.upstream import Upstream
 from proxy.workflows import WorkflowRegistry
 
 
@@ -25,7 +25,7 @@ from proxy.workflows import WorkflowRegistry
 class Services:
     settings: Settings
     http: httpx.AsyncClient
-    upstream: UpstreamClient
+    upstream: Upstream
     storage: Storage
     sessions: SessionManager
     workflows: WorkflowRegistry

@@ -26,7 +26,7 @@ from proxy.slots import StreamSlots
 from proxy.storage import Storage, StorageUnavailable
 from proxy.storage.runlog import RunLogs, RunMeta
 from proxy.token_pool import TokenSource
-from proxy.upstream import UpstreamClient
+from proxy.upstream import Upstream
 
 if TYPE_CHECKING:
     from proxy.runs.follower import RunStream
@@ -61,7 +61,7 @@ class RunManager:
         logs: RunLogs,
         storage: Storage,
         sessions: SessionManager,
-        upstream: UpstreamClient,
+        upstream: Upstream,
         tokens: TokenSource,
         slots: StreamSlots,
         limiter: RateLimiter,
