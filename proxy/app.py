@@ -67,7 +67,11 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
         # For the JWKS fetches of jwt sign-in (proxy/auth/jwt.py); the upstream has its own client.
-        http = httpx.AsyncClient(headers={"User-Agent": "workflow-bff"}, follow_redirects=False, trust_env=False)
+        http = httpx.AsyncClient(
+            headers={"Accept-Encoding": "identity", "User-Agent": "workflow-bff"},
+            follow_redirects=False,
+            trust_env=False,
+        )
         storage = open_storage(settings.storage_url)
         sessions = SessionManager(
             storage,
