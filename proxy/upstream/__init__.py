@@ -7,19 +7,24 @@ aiohttp session per process, created in the lifespan; what an upstream failure b
 errors.py, when to stop calling a failing upstream in breaker.py, and how an open answer is read in
 body.py. Unit tests give runs an in-process fake (tests/fake_upstream.py).
 
-Why aiohttp directly, behind this interface, and not httpx's API (issue 17 offered both). httpx kept
-honestly (public API only: `build_request`, no private cookie jar, aiohttp as its transport, answers
-read through `aiter_raw`) costs more than today's shortcuts, and aiohttp alone costs less; measured
-with `python -m bench --targets bff,bare-aiohttp --streams 200` (one repeat a run, designs run in
-turn on a shared 2-core machine), median over the runs, and as a ratio to bare aiohttp in the same run:
+Why aiohttp directly behind this interface, rather than httpx's API over an aiohttp transport: httpx
+kept honestly (public API only: `build_request`, no private cookie jar, answers read through
+`aiter_raw`) costs more than the shortcuts it would replace, and aiohttp alone costs less. Measured
+with `python -m bench --targets bff,bare-aiohttp --streams 200` (one repeat a run, the designs run in
+turn on a shared 2-core machine): medians, and the ratio to bare aiohttp in the same run with its
+range:
 
-    CPU per relayed request   before 1,347 us (3.71x, 5 runs)   httpx 1,508 us (4.1x, 4)   aiohttp 1,075 us (2.82x, 3)
-    CPU per relayed chunk     before 64.1 us (1.57x)            httpx 66.3 us (1.74x)      aiohttp 65.0 us (1.47x)
+                              before                  httpx, honestly         aiohttp (this)
+    CPU per relayed request   1,272 us  3.71x         1,508 us  4.14x         1,055 us  2.82x
+                              (3.24-4.18, 7 runs)     (3.61-4.83, 4 runs)     (2.72-3.45, 5 runs)
+    CPU per relayed chunk     64.1 us  1.57x          66.2 us  1.74x          65.0 us  1.47x
+                              (1.41-1.86)             (1.45-1.95)             (1.26-1.73)
 
-and this door alone (a mint and a stream request, read and closed, against the bench upstream, three
-runs each): 448-473 us before, 630-646 us with httpx, 257-271 us with aiohttp per request; 8.7-10.0,
-9.4-10.9 and 7.4-8.7 us per chunk. One HTTP library now serves the upstream; httpx is left for the
-JWKS fetch of jwt sign-in (proxy/auth/jwt.py).
+The chunk figures overlap within the machine's noise. The door alone shows the same order (a mint
+and a stream request, read and closed, in one process against the bench upstream, three runs each;
+before, httpx, aiohttp): 448-473, 630-646 and 257-271 us per request; 8.7-10.0, 9.4-10.9 and 7.4-8.7
+us per chunk. One HTTP library now serves the upstream; httpx is left for the JWKS fetch of jwt
+sign-in (proxy/auth/jwt.py).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class RunResult:
 
 
 class UpstreamCut(Exception):
-    """The upstream's answer broke off after it had started (a connection lost mid-answer)."""
+    """The upstream's answer broke off after it had started (its connection lost, its framing broken)."""
 
 
 class UpstreamBody(Protocol):
