@@ -27,8 +27,8 @@ from limits import parse
 from slowapi import Limiter
 from slowapi.util import get_remote_address
 
-from proxy.limits import RateLimiter
 from proxy.metrics import Metrics
+from proxy.rate_limiter import RateLimiter
 from proxy.storage import open_limits_storage
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import httpx
 
 from proxy.emulator import generate_text
-from proxy.limits import StreamSlots
+from proxy.slots import StreamSlots
 from proxy.storage import RedisStorage
 from tests.servers import TEST_API_KEY, RedisServer, ServerProcess, start_proxy
 

@@ -17,7 +17,7 @@ from proxy.auth.password import PasswordAuthenticator
 from proxy.budget import OutputBudget
 from proxy.drain import Drain
 from proxy.errors import ApiError, handle_api_error
-from proxy.limits import RateLimiter, StreamSlots, parse_limit, parse_rate_limits
+from proxy.limits import parse_limit, parse_rate_limits
 from proxy.metrics import Metrics, MetricsMiddleware, MetricsPortMiddleware, metrics_route
 from proxy.middleware.access_log import AccessLogMiddleware
 from proxy.middleware.body_policy import BodyPolicyMiddleware
@@ -27,6 +27,7 @@ from proxy.middleware.hosts import AllowedHostsMiddleware
 from proxy.middleware.request_id import RequestIdMiddleware
 from proxy.middleware.security_headers import SecurityHeadersMiddleware
 from proxy.openapi import openapi_route
+from proxy.rate_limiter import RateLimiter
 from proxy.routes.auth import auth_routes
 from proxy.routes.chat import chat_routes
 from proxy.routes.ops import index_route, ops_routes
@@ -36,9 +37,11 @@ from proxy.runs import RunManager, RunSettings
 from proxy.services import Services
 from proxy.sessions import SessionManager
 from proxy.settings import Settings
+from proxy.slots import StreamSlots
 from proxy.storage import open_limits_storage, open_run_logs, open_storage
 from proxy.token_pool import TokenSource
-from proxy.upstream import CircuitBreaker, UpstreamClient, build_http_client
+from proxy.upstream.breaker import CircuitBreaker
+from proxy.upstream.client import HttpUpstream
 from proxy.workflows import parse_workflows
 
 
@@ -61,7 +64,6 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
-        http = build_http_client(settings.max_stream_seconds)
         storage = open_storage(settings.storage_url)
         sessions = SessionManager(
             storage,
@@ -73,10 +75,10 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
             metrics=metrics,
             guests_share_ip=settings.guest_limits == "ip",
         )
-        upstream = UpstreamClient(
-            http,
+        upstream = HttpUpstream(
             settings.upstream_url,
             api_key,
+            max_stream_seconds=settings.max_stream_seconds,
             metrics=metrics,
             breaker=CircuitBreaker(settings.upstream_failure_threshold, settings.upstream_cooldown_seconds),
         )
@@ -135,7 +137,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         finally:
             drain.active = True
             tokens.close()
-            await http.aclose()
+            await upstream.aclose()
             await run_logs.close()
             await storage.close()
 

@@ -33,7 +33,7 @@ from proxy.server_protocol import guarded_protocol
 from proxy.sessions_cli import add_sessions_command
 from proxy.settings import Settings, describe_errors, invalid_fields
 from proxy.storage import REDIS_SCHEMES, open_limits_storage, open_storage, storage_scheme
-from proxy.upstream import UpstreamClient, build_http_client
+from proxy.upstream.client import HttpUpstream
 from proxy.workers import run_workers
 from proxy.workflows import WorkflowConfigError, parse_workflows
 
@@ -246,14 +246,16 @@ async def _live_problems(settings: Settings) -> list[str]:
         problems.append(f"BFF_STORAGE_URL: cannot reach the storage: {_cause(settings.storage_url)}")
     finally:
         await storage.close()
+    upstream = HttpUpstream(settings.upstream_url, api_key, max_stream_seconds=30.0)
     try:
-        async with build_http_client(30.0) as http:
-            await UpstreamClient(http, settings.upstream_url, api_key).mint_token(ttl=1)
+        await upstream.mint_token(ttl=1)
     except ApiError as exc:
         # The transport's own words (connection refused, name not known), which the API error hides.
-        cause = f" ({type(exc.__context__).__name__}: {exc.__context__})" if exc.__context__ is not None else ""
+        cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ is not None else ""
         minted = f"{settings.upstream_url} did not mint a test token"
         problems.append(f"BFF_UPSTREAM_URL / BFF_API_KEY: {minted}: {exc.code}: {exc.message}{cause}")
+    finally:
+        await upstream.aclose()
     return problems
 
 

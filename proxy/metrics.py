@@ -57,7 +57,7 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "bff_upstream_errors",
-            "Upstream failures by class (connect, timeout, unreadable, 4xx, 5xx, cut, circuit_open).",
+            "Upstream failures by class (connect, timeout, 4xx, 5xx, cut, circuit_open).",
             ["kind"],
             registry=r,
         )

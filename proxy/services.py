@@ -8,21 +8,22 @@ from starlette.requests import HTTPConnection
 
 from proxy.budget import OutputBudget
 from proxy.drain import Drain
-from proxy.limits import RateLimiter, StreamSlots
 from proxy.metrics import Metrics
+from proxy.rate_limiter import RateLimiter
 from proxy.runs import RunManager
 from proxy.sessions import SessionManager
 from proxy.settings import Settings
+from proxy.slots import StreamSlots
 from proxy.storage import Storage
 from proxy.token_pool import TokenSource
-from proxy.upstream import UpstreamClient
+from proxy.upstream import Upstream
 from proxy.workflows import WorkflowRegistry
 
 
 @dataclass
 class Services:
     settings: Settings
-    upstream: UpstreamClient
+    upstream: Upstream
     storage: Storage
     sessions: SessionManager
     workflows: WorkflowRegistry

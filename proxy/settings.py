@@ -1,7 +1,8 @@
 """Configuration: every `BFF_*` environment variable (CONTRACT B8), also read from `.env`.
 
 Validation runs when the settings are built, so a bad value stops the process at start-up with the
-name of the variable at fault (see `describe_errors`).
+name of the variable at fault (see `describe_errors`). Settings import no domain code: the syntaxes
+they check are defined here (storage URLs, which proxy/storage opens) or in a leaf (proxy/limits.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from proxy.limits import DEFAULT_RATE_LIMITS, RateLimitConfigError, parse_rate_limits
-from proxy.storage import storage_scheme
 
 AuthMethod = Literal["guest", "jwt", "password"]
 Mode = Literal["token", "relay"]
@@ -33,6 +33,8 @@ HOW_TO_GENERATE = (
 )
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 HOST_PATTERN = re.compile(r"(\*\.)?[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
+MEMORY_SCHEMES = ("memory",)
+REDIS_SCHEMES = ("redis", "rediss")
 
 
 def secret_problem(value: str) -> str | None:
@@ -45,6 +47,18 @@ def secret_problem(value: str) -> str | None:
     if bits < MIN_SECRET_BITS:
         return f"has too little entropy (about {bits:.0f} bits; at least {MIN_SECRET_BITS} needed)"
     return None
+
+
+def storage_scheme(url: str) -> str:
+    """The backend a storage URL (`BFF_STORAGE_URL`) names; ValueError for one we do not support."""
+    scheme, separator, rest = url.partition("://")
+    if not separator or scheme not in MEMORY_SCHEMES + REDIS_SCHEMES:
+        raise ValueError(f"unsupported storage URL scheme {scheme!r}: use memory://, redis:// or rediss://")
+    if scheme in MEMORY_SCHEMES and rest:
+        raise ValueError("memory:// takes nothing after the scheme")
+    if scheme in REDIS_SCHEMES and not rest.rpartition("@")[2].split("/", 1)[0]:
+        raise ValueError(f"{scheme}:// needs a host, as in {scheme}://redis:6379/0")
+    return scheme
 
 
 def _split_commas(value: object) -> object:

@@ -22,7 +22,7 @@ from collections import deque
 import anyio
 
 from proxy.errors import ApiError
-from proxy.upstream import MintedToken, UpstreamClient
+from proxy.upstream import MintedToken, Upstream
 
 logger = logging.getLogger("proxy.token_pool")
 
@@ -31,7 +31,7 @@ REFILL_BACKOFF_SECONDS = 1.0
 
 
 class TokenSource:
-    def __init__(self, upstream: UpstreamClient, ttl: int, pool_size: int) -> None:
+    def __init__(self, upstream: Upstream, ttl: int, pool_size: int) -> None:
         self._upstream = upstream
         self._ttl = ttl
         self.pool_size = pool_size

@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from proxy.errors import ApiError
-from proxy.limits import StreamSlots, parse_rate_limits
+from proxy.limits import parse_rate_limits
+from proxy.slots import StreamSlots
 from proxy.storage import MemoryStorage
 from tests.servers import EmulatorControl, ServerProcess, browser, guest_of, start_proxy
 

@@ -18,7 +18,7 @@ import pytest
 
 from proxy.budget import BATCH_CHARS
 from proxy.emulator import generate_text
-from proxy.limits import StreamSlots
+from proxy.slots import StreamSlots
 from proxy.storage import RedisStorage
 from tests.servers import (
     SESSION_SECRET,

@@ -11,7 +11,8 @@ import pytest
 
 from proxy.emulator import generate_text
 from proxy.token_pool import TokenSource
-from proxy.upstream import MINT_ATTEMPTS, MintedToken
+from proxy.upstream import MintedToken
+from proxy.upstream.client import MINT_ATTEMPTS
 from tests.servers import EmulatorControl, ServerProcess, proxy_with
 
 

@@ -7,7 +7,7 @@ import socket
 import httpx
 import pytest
 
-from proxy.upstream import MINT_ATTEMPTS
+from proxy.upstream.client import MINT_ATTEMPTS
 from tests.servers import TEST_API_KEY, EmulatorControl, ServerProcess, browser, start_proxy
 
 SHAPES = ["flat", "nested", "text"]

@@ -18,14 +18,15 @@ import anyio
 
 from proxy.audit import AuditLog
 from proxy.budget import OutputBudget
-from proxy.limits import RateLimiter, StreamSlots
 from proxy.metrics import Metrics
+from proxy.rate_limiter import RateLimiter
 from proxy.runs.run import Run, RunRequest
 from proxy.sessions import Session, SessionManager
+from proxy.slots import StreamSlots
 from proxy.storage import Storage, StorageUnavailable
 from proxy.storage.runlog import RunLogs, RunMeta
 from proxy.token_pool import TokenSource
-from proxy.upstream import UpstreamClient
+from proxy.upstream import Upstream
 
 if TYPE_CHECKING:
     from proxy.runs.follower import RunStream
@@ -60,7 +61,7 @@ class RunManager:
         logs: RunLogs,
         storage: Storage,
         sessions: SessionManager,
-        upstream: UpstreamClient,
+        upstream: Upstream,
         tokens: TokenSource,
         slots: StreamSlots,
         limiter: RateLimiter,

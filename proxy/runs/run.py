@@ -23,17 +23,15 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
-import httpx
 
 from proxy.context import request_context
 from proxy.errors import ApiError
-from proxy.limits import Lease
 from proxy.runs.ending import Ending
 from proxy.sessions import Session
+from proxy.slots import Lease
 from proxy.storage.runlog import MAX_ENTRIES, OPEN_ENTRY, TEXT, ChunkLog, RunMeta, utf8_chars
 from proxy.streams import RunningStream
-from proxy.transport import Body, open_body
-from proxy.upstream import RunResult
+from proxy.upstream import RunResult, UpstreamBody, UpstreamCut
 from proxy.workflows import Workflow
 
 if TYPE_CHECKING:
@@ -91,7 +89,7 @@ class Run:
         self._entry = RunningStream(session.key, session.user.id, self.stop)
         self._stop_reason: str | None = None
         self._scope: anyio.CancelScope | None = None
-        self._body: Body | None = None
+        self._body: UpstreamBody | None = None
         self._followers = 0
         self._idle_since = 0.0  # when the last follower here left
         self._remote_until = 0.0  # a follower on another replica said it is there until then
@@ -198,15 +196,14 @@ class Run:
                 self.stats.chars = len(self.result.result)
                 return Ending.of("complete")
             minted = await runs.tokens.take(request_id=self._request_id)
-            response = await runs.upstream.open_stream(
+            self._body = await runs.upstream.open_stream(
                 request.workflow.id, minted.token, request.inputs, request_id=self._request_id
             )
-            self._body = open_body(response)
             return await self._relay(self._body, self.log)
         except ApiError as error:
             return Ending.refused(error)
-        except httpx.TransportError as exc:
-            logger.warning("upstream stream broke off: %s", type(exc).__name__)
+        except UpstreamCut as exc:
+            logger.warning("upstream stream broke off: %s", type(exc.__cause__ or exc).__name__)
             runs.metrics.upstream_errors.labels("cut").inc()
             return Ending.of("upstream_cut")
         except Exception:
@@ -218,7 +215,7 @@ class Run:
                 with anyio.CancelScope(shield=True):
                     await self._body.aclose()
 
-    async def _relay(self, body: Body, log: ChunkLog) -> Ending:
+    async def _relay(self, body: UpstreamBody, log: ChunkLog) -> Ending:
         log.append(OPEN_ENTRY)
         stats, max_bytes, meter = self.stats, self._runs.max_bytes, self._meter
         unyielded = 0

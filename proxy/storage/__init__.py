@@ -9,6 +9,7 @@ from __future__ import annotations
 from limits.aio.storage import Storage as LimitsStorage
 from limits.storage import storage_from_string
 
+from proxy.settings import MEMORY_SCHEMES, REDIS_SCHEMES, storage_scheme
 from proxy.storage.base import SessionRecord, Storage, StorageUnavailable
 from proxy.storage.limits_memory import MovingWindowMemory
 from proxy.storage.memory import MemoryStorage
@@ -16,21 +17,7 @@ from proxy.storage.redis import RedisStorage, connection_pool
 from proxy.storage.runlog import MemoryRunLogs, RunLogs
 from proxy.storage.runlog_redis import RedisRunLogs
 
-MEMORY_SCHEMES = ("memory",)
-REDIS_SCHEMES = ("redis", "rediss")
 LIMITS_KEY_PREFIX = "bff-limits"
-
-
-def storage_scheme(url: str) -> str:
-    """The backend a storage URL names; ValueError for one we do not support."""
-    scheme, separator, rest = url.partition("://")
-    if not separator or scheme not in MEMORY_SCHEMES + REDIS_SCHEMES:
-        raise ValueError(f"unsupported storage URL scheme {scheme!r}: use memory://, redis:// or rediss://")
-    if scheme in MEMORY_SCHEMES and rest:
-        raise ValueError("memory:// takes nothing after the scheme")
-    if scheme in REDIS_SCHEMES and not rest.rpartition("@")[2].split("/", 1)[0]:
-        raise ValueError(f"{scheme}:// needs a host, as in {scheme}://redis:6379/0")
-    return scheme
 
 
 def open_storage(url: str) -> Storage:

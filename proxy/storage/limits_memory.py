@@ -8,7 +8,7 @@ next read, and once a minute a sweep drops the keys that nobody has used for a w
 sweep visits every live key in one go, about 1 ms per 1,000 keys: keys live as long as their window,
 so many users under day-long limits are a reason to use Redis.
 
-Only the moving window is supported, the one strategy workflow-bff uses (proxy/limits.py,
+Only the moving window is supported, the one strategy workflow-bff uses (proxy/rate_limiter.py,
 proxy/throttle.py).
 """
 

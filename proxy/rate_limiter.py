@@ -1,0 +1,93 @@
+"""Per-user rate limits (CONTRACT B5, B8 `BFF_RATE_LIMITS`), in slowapi's limit syntax ("30/minute",
+parsed by proxy/limits.py).
+
+Why not slowapi's own request path: its checks are synchronous (`Limiter._check_request_limit` calls
+`limits`' sync `hit` and `get_window_stats` inline), so with Redis every check blocks the event loop
+and stalls every open stream; its pure-ASGI middleware breaks streaming responses; and it cannot
+charge after a stream ends. `bench/limiter_stall.py` measures the stall. So the checks here are the
+same `limits` strategies slowapi uses, through `limits.aio` and its async storage, with slowapi's
+header conventions (`X-RateLimit-Limit`, `-Remaining`, `-Reset`, `Retry-After`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+
+from limits import RateLimitItem
+from limits.aio.storage import Storage as LimitsStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
+from limits.util import WindowStats
+
+from proxy.errors import ApiError
+from proxy.metrics import Metrics
+from proxy.storage import StorageUnavailable
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        storage: LimitsStorage,
+        limits_by_name: Mapping[str, list[RateLimitItem]],
+        *,
+        per_workflow: Mapping[str, list[RateLimitItem]] | None = None,
+        metrics: Metrics,
+    ) -> None:
+        self._strategy = MovingWindowRateLimiter(storage)
+        self._limits = dict(limits_by_name)
+        self._per_workflow = dict(per_workflow or {})
+        self._metrics = metrics
+
+    def describe(self) -> dict[str, str]:
+        """The configured limits, as the user wrote them (for GET /auth/session)."""
+        return {name: ", ".join(str(item) for item in items) for name, items in sorted(self._limits.items())}
+
+    async def check(self, name: str, key: str, *, workflow: str | None = None) -> dict[str, str]:
+        """Count one request against limit `name` (and the workflow's own limit) for `key`, a user id
+        or, before sign-in, a client IP.
+
+        Returns the X-RateLimit-* headers of the tightest limit. Raises a 429 ApiError with Retry-After
+        when a limit is spent, and 503 when the limit storage cannot be reached: limits fail closed, or
+        an outage would let one user burn the account's credits.
+        """
+        checks = [(name, item) for item in self._limits.get(name, [])]
+        if workflow is not None:
+            checks += [(f"{name}:{workflow}", item) for item in self._per_workflow.get(workflow, [])]
+        try:
+            # Test every limit before counting against any: a request refused by one limit must not
+            # use up the others. A single limit needs no test: its hit counts only when it allows.
+            for scope, item in checks if len(checks) > 1 else []:
+                if not await self._strategy.test(item, "bff", scope, key):
+                    raise await self._refusal(name, scope, item, key)
+            headers: dict[str, str] = {}
+            tightest = math.inf
+            for scope, item in checks:
+                if not await self._strategy.hit(item, "bff", scope, key):  # lost a race with another request
+                    raise await self._refusal(name, scope, item, key)
+                stats = await self._strategy.get_window_stats(item, "bff", scope, key)
+                if stats.remaining < tightest:
+                    tightest, headers = stats.remaining, self._headers(item, stats)
+        except StorageError as exc:
+            raise StorageUnavailable() from exc
+        return headers
+
+    async def _refusal(self, name: str, scope: str, item: RateLimitItem, key: str) -> ApiError:
+        stats = await self._strategy.get_window_stats(item, "bff", scope, key)
+        self._metrics.rate_limited.labels(name).inc()
+        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+        return ApiError(
+            429,
+            "rate_limited",
+            f"Too many requests; try again in {retry_after} seconds.",
+            headers={"Retry-After": str(retry_after), **self._headers(item, stats)},
+        )
+
+    @staticmethod
+    def _headers(item: RateLimitItem, stats: WindowStats) -> dict[str, str]:
+        return {
+            "X-RateLimit-Limit": str(item.amount),
+            "X-RateLimit-Remaining": str(stats.remaining),
+            "X-RateLimit-Reset": str(math.ceil(stats.reset_time)),
+        }

@@ -1,0 +1,277 @@
+"""`HttpUpstream`, the one implementation of `Upstream`: every call to the upstream workflow API.
+
+Everything that builds an upstream URL, sends the API key, sets a timeout or retries a mint lives
+here, over one aiohttp session per process (created in the lifespan). What a failure becomes is in
+errors.py; when to stop calling, in breaker.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+import time
+from urllib.parse import quote
+
+import aiohttp
+from pydantic import SecretStr
+
+from proxy.body import loads_text
+from proxy.context import request_context
+from proxy.errors import ApiError
+from proxy.metrics import Metrics
+from proxy.upstream import MintedToken, RunResult, UpstreamBody, UpstreamCut
+from proxy.upstream.body import StreamedBody, let_go
+from proxy.upstream.breaker import CircuitBreaker
+from proxy.upstream.errors import (
+    TRANSPORT_ERRORS,
+    UpstreamTimeout,
+    rate_limited,
+    status_error,
+    transport_error,
+    transport_failure,
+)
+
+logger = logging.getLogger("proxy.upstream")
+
+MINT_ATTEMPTS = 3
+MINT_BACKOFF_SECONDS = 0.2
+ERROR_BODY_LIMIT = 4096
+MINT_ANSWER_LIMIT = 65536
+POOL_CONNECTIONS = 1000
+KEEPALIVE_SECONDS = 30.0
+CONNECT_SECONDS = 5.0  # the TCP (and TLS) connect
+POOL_WAIT_SECONDS = 10.0  # a connection from the pool, connecting included
+MINT_READ_SECONDS = 10.0
+GATEWAY_FAILURES = frozenset({502, 503, 504})
+# Identity encoding: the relay forwards raw bytes and must not forward a compressed body.
+HEADERS = {"Accept-Encoding": "identity", "User-Agent": "workflow-bff"}
+
+
+def _timeout(read: float | None) -> aiohttp.ClientTimeout:
+    """`read` is the longest silence while an answer is read; the whole of it has no bound here."""
+    return aiohttp.ClientTimeout(total=None, connect=POOL_WAIT_SECONDS, sock_connect=CONNECT_SECONDS, sock_read=read)
+
+
+class HttpUpstream:
+    """The upstream over HTTP. Create it inside the running event loop (the lifespan), as aiohttp
+    requires, and `aclose()` it at shutdown."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: SecretStr,
+        *,
+        max_stream_seconds: float,
+        metrics: Metrics | None = None,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=POOL_CONNECTIONS, keepalive_timeout=KEEPALIVE_SECONDS),
+            headers=HEADERS,
+            # One session serves every user: a cookie the upstream sets must never be kept, nor go out
+            # again, to anyone.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            trust_env=False,
+        )
+        # A model can think for minutes before its first token: a `/run` answer may be silent as long
+        # as a stream may last.
+        self._run_timeout = _timeout(read=max_stream_seconds)
+        self._mint_timeout = _timeout(read=MINT_READ_SECONDS)
+        # A stream's duration and its silences are bounded by the run's deadline. A read timeout as
+        # well would only re-arm a timer on every chunk (aiohttp's `_reschedule_timeout`).
+        self._stream_timeout = _timeout(read=None)
+        self._metrics = metrics or Metrics()
+        self.breaker = breaker or CircuitBreaker()
+        # After an upstream 429 on minting, mints wait out its Retry-After here instead of adding load.
+        self._mint_paused_until = 0.0
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key.get_secret_value()}"}
+
+    def _run_url(self, workflow_id: str) -> str:
+        return f"{self._base_url}/api/v1/run/{quote(workflow_id, safe='')}"
+
+    def stream_url(self, workflow_id: str, token: str) -> str:
+        return f"{self._run_url(workflow_id)}/stream?token={quote(token, safe='')}"
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        operation: str,
+        headers: dict[str, str],
+        timeouts: aiohttp.ClientTimeout,
+        *,
+        body: dict[str, str] | None = None,
+        read: int | None = None,
+    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        """One upstream call, through the circuit breaker; transport failures become ApiErrors.
+
+        With `read`, the answer is read (at most that many bytes, an error's at most 4 KB: never a
+        body whole, whatever its size) and closed; without, it is returned open, to be streamed."""
+        content = None
+        if body is not None:
+            content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+            headers = {**headers, "Content-Type": "application/json"}
+        with self.breaker.guard():
+            try:
+                response = await self._session.request(
+                    method, url, headers=headers, data=content, allow_redirects=False, timeout=timeouts
+                )
+                answer = b""
+                if read is not None:
+                    try:
+                        answer = await _read_limited(response, read if response.status == 200 else ERROR_BODY_LIMIT)
+                    finally:
+                        let_go(response)
+            except TRANSPORT_ERRORS as exc:
+                self.breaker.failure()
+                failure = transport_failure(exc)
+                kind = "timeout" if isinstance(failure, UpstreamTimeout) else "connect"
+                self._metrics.upstream_errors.labels(kind).inc()
+                request_context().upstream_answered(None, kind)
+                raise transport_error(failure, operation) from failure
+            status = response.status
+            # The last upstream call of a request is the one its summary line reports.
+            request_context().upstream_answered(status)
+            if status >= 400:
+                self._metrics.upstream_errors.labels("5xx" if status >= 500 else "4xx").inc()
+            # Only signs of an upstream that is down count; a 500 from one broken workflow must not
+            # shut every workflow off.
+            if status in GATEWAY_FAILURES:
+                self.breaker.failure()
+            else:
+                self.breaker.success()
+            return response, answer
+
+    async def mint_token(self, ttl: int, *, request_id: str | None = None) -> MintedToken:
+        """GET /api/v1/token. Retried on connect errors and 5xx: an unused token costs nothing."""
+        paused = self._mint_paused_until - time.monotonic()
+        if paused > 0:
+            self._metrics.mints.labels("paused").inc()
+            raise rate_limited(str(math.ceil(paused)))
+        url = f"{self._base_url}/api/v1/token?ttl={int(ttl)}"
+        headers = {**self._auth(), **_request_id_header(request_id)}
+        for attempt in range(1, MINT_ATTEMPTS + 1):
+            retry = attempt < MINT_ATTEMPTS
+            # The TTL runs from when the upstream minted, which is after this: never later than it.
+            asked_at = time.time()
+            try:
+                response, content = await self._send(
+                    "GET", url, "mint", headers, self._mint_timeout, read=MINT_ANSWER_LIMIT
+                )
+            except ApiError as error:
+                if not retry or error.code == "upstream_unavailable":
+                    self._metrics.mints.labels("failed").inc()
+                    raise
+                await _backoff(attempt)
+                continue
+            if response.status >= 500 and retry and not self.breaker.is_open:
+                logger.warning("upstream mint answered %s; retrying", response.status)
+                await _backoff(attempt)
+                continue
+            break
+        if response.status != 200:
+            self._metrics.mints.labels("failed").inc()
+            refusal = status_error(response.status, response.headers, content, "mint")
+            if response.status == 429:
+                self._mint_paused_until = time.monotonic() + int(refusal.headers["Retry-After"])
+            raise refusal
+        answer = _json_object(content)
+        token = answer.get("token")
+        granted = answer.get("ttl", ttl)
+        if not isinstance(token, str) or not token or not isinstance(granted, int):
+            raise ApiError(502, "upstream_error", "The upstream service sent an unexpected answer.")
+        self._metrics.mints.labels("ok").inc()
+        return MintedToken(token=token, ttl=granted, expires_at=asked_at + granted)
+
+    async def open_stream(
+        self, workflow_id: str, token: str, inputs: dict[str, str], *, request_id: str | None = None
+    ) -> UpstreamBody:
+        """POST the stream request and return the open answer once the upstream answered 200.
+
+        The caller owns the answer and must `aclose()` it. Nothing here retries: a stream request
+        spends the single-use token, and once bytes flowed a retry would duplicate output.
+        """
+        response, _ = await self._send(
+            "POST",
+            self.stream_url(workflow_id, token),
+            "stream",
+            _request_id_header(request_id),
+            self._stream_timeout,
+            body=inputs,
+        )
+        if response.status != 200:
+            try:
+                content = await _read_limited(response, ERROR_BODY_LIMIT)
+            except TRANSPORT_ERRORS as exc:
+                raise UpstreamCut(str(exc) or type(exc).__name__) from exc
+            finally:
+                let_go(response)
+            raise status_error(response.status, response.headers, content, "stream")
+        return StreamedBody(response)
+
+    async def run(
+        self, workflow_id: str, inputs: dict[str, str], *, max_bytes: int, request_id: str | None = None
+    ) -> RunResult:
+        """POST /api/v1/run/{id}: the whole answer at once, if it is no larger than `max_bytes`.
+
+        Read as a stream with a cap, never whole: an upstream that answers with megabytes would
+        otherwise cost this process that much memory before anything could look at it."""
+        response, content = await self._send(
+            "POST",
+            self._run_url(workflow_id),
+            "run",
+            {**self._auth(), **_request_id_header(request_id)},
+            self._run_timeout,
+            body=inputs,
+            read=max_bytes + 1,
+        )
+        if response.status != 200:
+            raise status_error(response.status, response.headers, content, "run")
+        if len(content) > max_bytes:
+            logger.warning("upstream run answer larger than %s bytes; refused", max_bytes)
+            raise ApiError(502, "answer_too_large", "The answer was too large to return.")
+        answer = _json_object(content)
+        result = answer.get("result")
+        citations = answer.get("citations") or []
+        if not isinstance(result, str) or not isinstance(citations, list):
+            raise ApiError(502, "upstream_error", "The upstream service sent an unexpected answer.")
+        return RunResult(result=result, citations=[str(c) for c in citations])
+
+
+def _request_id_header(request_id: str | None) -> dict[str, str]:
+    return {"X-Request-ID": request_id} if request_id else {}
+
+
+async def _backoff(attempt: int) -> None:
+    await asyncio.sleep(MINT_BACKOFF_SECONDS * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+
+
+async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """At most `limit` bytes of the answer (what is beyond is not read)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit and (chunk := await response.content.readany()):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)[:limit]
+
+
+def _json_object(content: bytes) -> dict[str, object]:
+    try:
+        answer = loads_text(content)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise ApiError(502, "upstream_error", "The upstream service sent an unexpected answer.")
+    return answer

@@ -1,0 +1,87 @@
+"""What an upstream failure becomes: the CONTRACT B6 status and code a browser sees.
+
+The messages are ours and generic, never the upstream's text (which goes to the server log only, see
+`upstream_error_detail`), and never contain the key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+
+import aiohttp
+
+from proxy.errors import ApiError
+
+logger = logging.getLogger("proxy.upstream")
+
+DEFAULT_RETRY_AFTER = "5"
+RETRY_AFTER_SECONDS = re.compile(r"[0-9]{1,9}")
+MAX_RETRY_AFTER_SECONDS = 3600
+# What aiohttp raises when the upstream cannot be reached or breaks off: a `ClientError` (refused,
+# reset, unresolvable, malformed), or a `TimeoutError` (its own timeouts are one too).
+TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
+
+
+class UpstreamConnectError(ConnectionError):
+    """The upstream could not be reached, or the connection broke before its answer was read."""
+
+
+class UpstreamTimeout(TimeoutError):
+    """The upstream did not connect, or answer, in time."""
+
+
+def transport_failure(exc: BaseException) -> UpstreamConnectError | UpstreamTimeout:
+    """aiohttp's exception as one of ours, with its words (`python -m proxy check` shows them). Which of
+    the two it is decides the status the browser sees: a refused connection is a 502, a timeout a 504."""
+    message = str(exc) or type(exc).__name__
+    failure = UpstreamTimeout(message) if isinstance(exc, TimeoutError) else UpstreamConnectError(message)
+    failure.__cause__ = exc
+    return failure
+
+
+def transport_error(failure: UpstreamConnectError | UpstreamTimeout, operation: str) -> ApiError:
+    logger.warning("upstream %s failed: %s", operation, type(failure.__cause__ or failure).__name__)
+    if isinstance(failure, UpstreamTimeout):
+        return ApiError(504, "upstream_timeout", "The upstream service did not answer in time.")
+    return ApiError(502, "upstream_error", "The upstream service could not be reached.")
+
+
+def status_error(status: int, headers: Mapping[str, str], content: bytes, operation: str) -> ApiError:
+    """The error for an answer whose status is not 200."""
+    logger.warning("upstream %s answered %s: %s", operation, status, upstream_error_detail(content))
+    if status == 401 and operation == "stream":
+        return ApiError(502, "upstream_error", "The upstream service refused the stream token.")
+    if status in (401, 403):
+        return ApiError(502, "upstream_auth_failed", "The upstream service refused our credentials.")
+    if status == 402:
+        return ApiError(402, "upstream_out_of_credits", "The upstream account has no credits left.")
+    if status == 404:
+        return ApiError(404, "workflow_not_found", "The upstream service does not know this workflow.")
+    if status == 429:
+        # Seconds only (an HTTP date gets the default), ASCII digits, and capped: the value is ours to
+        # parse and to pass on, and a mint pause must not outlive any sensible rate-limit window.
+        retry_after = headers.get("retry-after", "")
+        if RETRY_AFTER_SECONDS.fullmatch(retry_after):
+            return rate_limited(str(min(int(retry_after), MAX_RETRY_AFTER_SECONDS)))
+        return rate_limited(DEFAULT_RETRY_AFTER)
+    return ApiError(502, "upstream_error", "The upstream service failed.")
+
+
+def rate_limited(retry_after: str) -> ApiError:
+    message = "The upstream service is busy; try again shortly."
+    return ApiError(503, "upstream_rate_limited", message, headers={"Retry-After": retry_after})
+
+
+def upstream_error_detail(content: bytes) -> str:
+    """The upstream's own error text, for the server log only. Both CONTRACT A4 shapes, or raw text."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return content[:200].decode("utf-8", "replace")
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return f"{error.get('code', '')}: {error.get('message', '')}"[:200]
+    return str(error)[:200]
