@@ -366,7 +366,9 @@ def start_bff(
         **BFF_BENCH_ENV,
         **(extra_env or {}),
     }
-    # The working directory is the run's temp dir, so a developer's .env is not picked up.
+    # The working directory is the run's temp dir, so a developer's .env is not picked up; the proxy
+    # measured is this checkout's, not whichever one the venv's editable install points at.
+    env["PYTHONPATH"] = str(ROOT)
     command = [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "0"]
     if workers > 1:
         command += ["--workers", str(workers)]
