@@ -20,7 +20,7 @@ from pydantic import MISSING, ConfigDict, Field, model_validator, with_config
 from typing_extensions import TypedDict  # pydantic reads typing's own only from Python 3.12
 
 from proxy.errors import invalid_input
-from proxy.models import STRICT, BodyModel, Refusals, refused
+from proxy.models import FAIL_FAST, STRICT, BodyModel, Refusals, refused
 from proxy.workflows import Workflow, is_https_url
 
 Role = Literal["user", "assistant"]
@@ -70,9 +70,9 @@ class ChatMessage(TypedDict):
 
     id: NotRequired[str | None]
     role: str
-    parts: NotRequired[list[ChatPart]]
+    parts: NotRequired[Annotated[list[ChatPart], FAIL_FAST]]
     content: NotRequired[str]
-    experimental_attachments: NotRequired[list[Attachment]]
+    experimental_attachments: NotRequired[Annotated[list[Attachment], FAIL_FAST]]
 
 
 def message_text(message: ChatMessage) -> str:
@@ -108,7 +108,7 @@ class ChatRequest(BodyModel):
 
     model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["messages"]}, {"required": ["message"]}]})
     id: str | None = None  # identifiers may be null: some clients send one for "none yet"
-    messages: Annotated[list[ChatMessage], Field(min_length=1)] | MISSING = MISSING
+    messages: Annotated[list[ChatMessage], Field(min_length=1), FAIL_FAST] | MISSING = MISSING
     message: ChatMessage | MISSING = MISSING
     trigger: Trigger = SUBMIT
     message_id: str | None = Field(None, alias="messageId")

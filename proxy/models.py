@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, ClassVar, Self, TypeVar
 
-from pydantic import MISSING, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
+from pydantic import MISSING, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from proxy.errors import invalid_input
@@ -27,6 +27,10 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 REFUSED = "refused"  # the error type of our own rules, whose message is already the client's
 Message = str | Callable[[ErrorDetails], str]
 STRICT = ConfigDict(strict=True)  # "5" is no number and 5 no string, as in JSON itself
+# On every list and object of a body: validation stops at its first bad item. A client is told of one
+# problem, and a body of 20,000 bad items would otherwise cost 20,000 errors, 80 ms where the first
+# costs microseconds.
+FAIL_FAST = Field(fail_fast=True)
 IsoTime = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
 
 
@@ -118,6 +122,24 @@ class BodyModel(BaseModel):
     @classmethod
     def parse(cls, body: object) -> Self:
         return validate(cls, body, cls.refusals)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_unknown_field(cls, body: object) -> object:
+        """Only the first unknown field (in alphabetical order) is ever named, so the others are left
+        out before validation: thousands of them would otherwise cost an error each."""
+        if (
+            cls.model_config.get("extra") != "forbid"
+            or not isinstance(body, dict)
+            or len(body) <= len(cls.model_fields)
+        ):
+            return body
+        known = {field.alias or name for name, field in cls.model_fields.items()}
+        unknown = [key for key in body if key not in known]
+        if len(unknown) < 2:
+            return body
+        first = min(unknown)
+        return {key: value for key, value in body.items() if key in known or key == first}
 
 
 class TokenRequest(BodyModel):

@@ -20,7 +20,7 @@ from pydantic_core import ErrorDetails
 
 from proxy.errors import ApiError, invalid_input
 from proxy.limits import RateLimitConfigError, parse_limit
-from proxy.models import Refusals, message_of, name_pattern, refused, validate
+from proxy.models import FAIL_FAST, Refusals, message_of, name_pattern, refused, validate
 
 ALIAS_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 # Workflow ids end up in an upstream URL path, so they are held to a strict shape.
@@ -62,7 +62,10 @@ def is_https_url(url: str) -> bool:
     return parts.scheme == "https" and bool(parts.hostname)
 
 
-class WorkflowInputs(RootModel[dict[Annotated[str, Field(pattern=name_pattern(INPUT_NAME_PATTERN))], str]]):
+InputName = Annotated[str, Field(pattern=name_pattern(INPUT_NAME_PATTERN))]
+
+
+class WorkflowInputs(RootModel[Annotated[dict[InputName, str], FAIL_FAST]]):
     """Workflow input variables: names matching [A-Za-z_][A-Za-z0-9_]{0,63}, text values. Which names a
     workflow takes, and how long a value may be, is the workflow's own (CONTRACT B4)."""
 

@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from pydantic import MISSING, Field, field_validator
+from pydantic import MISSING, Field, ValidationError, field_validator
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy.auth.password import LoginRequest
-from proxy.chat import parse_chat_request
+from proxy.chat import ChatRequest, parse_chat_request
 from proxy.errors import ApiError
 from proxy.models import BodyModel, Refusals, TokenRequest, refused
 from proxy.openapi import OPERATIONS, UntitledFields, build_openapi, openapi_route
@@ -111,6 +111,22 @@ def test_a_token_request_is_refused_with_the_message_for_its_first_problem(body:
 )
 def test_a_login_is_refused_with_the_message_for_its_first_problem(body: object, message: str) -> None:
     assert refusal(LoginRequest.parse, body) == message
+
+
+def errors_of(model: Any, body: object) -> int:
+    with pytest.raises(ValidationError) as invalid:
+        model.model_validate(body)
+    return invalid.value.error_count()
+
+
+def test_a_body_of_thousands_of_bad_items_costs_one_error_not_thousands() -> None:
+    """What a client is told is one problem; collecting 20,000 of them took 80 ms of the event loop."""
+    assert errors_of(ChatRequest, {"messages": [{}] * 20_000}) == 1
+    assert errors_of(ChatRequest, {"messages": [{"role": "user", "parts": [{}] * 20_000}]}) == 1
+    assert errors_of(WorkflowInputs, {f"bad name {n}": n for n in range(20_000)}) == 1
+    unknown = {"workflow": "tutor", **{f"x{n}": n for n in range(20_000)}}
+    assert errors_of(TokenRequest, unknown) == 1
+    assert refusal(TokenRequest.parse, unknown) == "Unknown field: 'x0'."
 
 
 # Relay inputs: the shape is the model's, the policy the workflow's
