@@ -65,8 +65,8 @@ def _protocol(default: str) -> Schema:
     return {"name": "protocol", "in": "query", "required": False, "schema": schema}
 
 
-def _path_parameter(name: str) -> Schema:
-    return {"name": name, "in": "path", "required": True, "schema": STRING}
+def _path_parameter(name: str, schema: Schema = STRING) -> Schema:
+    return {"name": name, "in": "path", "required": True, "schema": schema}
 
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
@@ -195,12 +195,8 @@ def build_openapi(routes: Sequence[BaseRoute], aliases: Sequence[str] = ()) -> S
 
 def _operation(method: str, path: str, operation: Operation, alias_schema: Schema) -> Schema:
     own = {parameter["name"]: parameter for parameter in operation.parameters}
-    parameters = [
-        own.pop(
-            name, {"name": name, "in": "path", "required": True, "schema": alias_schema if name == "alias" else STRING}
-        )
-        for name in _path_parameters(path)
-    ] + list(own.values())
+    for_path = [_path_parameter(name, alias_schema if name == "alias" else STRING) for name in _path_parameters(path)]
+    parameters = [own.pop(parameter["name"], parameter) for parameter in for_path] + list(own.values())
     if method == "post":
         parameters.append(STATE_CHANGING_HEADER)
     error = Answer("Error, as short text", {TEXT: STRING}) if operation.text_errors else Answer("Error", {JSON: Error})
