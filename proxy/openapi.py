@@ -1,285 +1,159 @@
-"""`GET /openapi.json`: the public interface (CONTRACT Part B) as OpenAPI 3.1.
+"""`GET /openapi.json`: the public interface (CONTRACT Part B) as OpenAPI 3.1, generated.
 
-The document lists exactly the routes this deployment serves (it follows BFF_AUTH and BFF_MODES);
-tests/test_openapi.py fails if a route is served that is not described here, or the reverse.
+The schemas are the models the routes validate and answer with (proxy/models.py and the modules it
+names), rendered by pydantic; what is written here is only what a route table knows: each operation's
+summary, its body, its answers and the error statuses it can give. The document lists exactly the
+routes this deployment serves (it follows BFF_AUTH and BFF_MODES); tests/test_openapi.py fails if a
+route is served that is not described here, or the reverse.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, models_json_schema
+from pydantic_core import CoreSchema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from proxy import __version__
+from proxy.auth.password import LoginRequest
+from proxy.chat import ChatRequest
+from proxy.models import Error, RunResult, SessionInfo, Status, Token, TokenRequest, UiStreamEvent
 from proxy.services import services
+from proxy.workflows import WorkflowInputs
 
 Schema = dict[str, Any]
+JSON = "application/json"
+TEXT = "text/plain"
+STRING: Schema = {"type": "string"}
+OBJECT: Schema = {"type": "object"}
 
 
-def _ref(name: str) -> Schema:
-    return {"$ref": f"#/components/schemas/{name}"}
+@dataclass(frozen=True)
+class Answer:
+    description: str
+    content: Mapping[str, type[BaseModel] | Schema] = field(default_factory=dict)  # media type → shape
 
 
-def _json(schema: Schema) -> Schema:
-    return {"application/json": {"schema": schema}}
+@dataclass(frozen=True)
+class Operation:
+    summary: str
+    answers: Mapping[int, Answer]
+    errors: tuple[int, ...] = ()
+    body: type[BaseModel] | None = None
+    text_errors: bool = False  # the chat routes: a short text body, which useChat shows as it is
+    parameters: tuple[Schema, ...] = ()  # besides the path's own and the CSRF header
 
 
-def _errors(*statuses: int) -> dict[str, Schema]:
-    return {str(status): {"description": "Error", "content": _json(_ref("Error"))} for status in statuses}
-
-
-SCHEMAS: dict[str, Schema] = {
-    "Error": {
-        "type": "object",
-        "required": ["error"],
-        "properties": {
-            "error": {
-                "type": "object",
-                "required": ["code", "message"],
-                "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-            }
-        },
-    },
-    "Session": {
-        "type": "object",
-        "required": ["user", "expires_at", "limits"],
-        "properties": {
-            "user": {
-                "type": "object",
-                "required": ["id", "kind"],
-                "properties": {"id": {"type": "string"}, "kind": {"type": "string"}},
-            },
-            "expires_at": {"type": "string", "format": "date-time"},
-            "limits": {"type": "object"},
-        },
-    },
-    "Inputs": {
-        "type": "object",
-        "description": "Workflow input variables: names matching [A-Za-z_][A-Za-z0-9_]{0,63}, text values.",
-        "additionalProperties": {"type": "string"},
-    },
-    "TokenRequest": {
-        "type": "object",
-        "required": ["workflow"],
-        "additionalProperties": False,
-        "properties": {"workflow": {"type": "string"}, "ttl": {"type": "integer", "minimum": 1}},
-    },
-    "Token": {
-        "type": "object",
-        "required": ["token", "ttl", "expires_at", "stream_url"],
-        "properties": {
-            "token": {"type": "string"},
-            "ttl": {"type": "integer"},
-            "expires_at": {"type": "string", "format": "date-time"},
-            "stream_url": {"type": "string", "format": "uri"},
-        },
-    },
-    "RunResult": {
-        "type": "object",
-        "required": ["result", "citations"],
-        "properties": {"result": {"type": "string"}, "citations": {"type": "array", "items": {"type": "string"}}},
-    },
-    "ChatRequest": {
-        "type": "object",
-        "description": "A Vercel AI SDK useChat request: v5+ {id, messages[parts], trigger, messageId?}, "
-        "the single-message form {id, message}, or v3/v4 {messages[{role, content}]}. Other fields are ignored.",
-        "anyOf": [{"required": ["messages"]}, {"required": ["message"]}],
-        "properties": {
-            "id": {"type": "string"},
-            "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
-            "message": _ref("ChatMessage"),
-            "trigger": {"type": "string", "enum": ["submit-message", "regenerate-message"]},
-            "messageId": {"type": "string"},
-        },
-    },
-    "ChatMessage": {
-        "type": "object",
-        "description": "The latest message must be the user's; system messages are dropped.",
-        "required": ["role"],
-        "properties": {
-            "id": {"type": "string"},
-            "role": {"type": "string", "enum": ["user", "assistant", "system"]},
-            "parts": {"type": "array", "items": _ref("ChatPart"), "description": "AI SDK 5+"},
-            "content": {"type": "string", "description": "AI SDK 3/4"},
-        },
-    },
-    "ChatPart": {
-        "type": "object",
-        "description": "`text` parts carry the text; `file` parts with an image/* mediaType an https: image URL.",
-        "required": ["type"],
-        "properties": {
-            "type": {"type": "string"},
-            "text": {"type": "string"},
-            "mediaType": {"type": "string"},
-            "url": {"type": "string"},
-        },
-    },
-    "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
-    "UiStreamEvent": {
-        "type": "object",
-        "description": "One server-sent event of the AI SDK UI message stream.",
-        "required": ["data"],
-        "properties": {"data": {"type": "string", "description": "A UI message chunk as JSON, or [DONE] at the end."}},
-    },
+SIGNED_IN = {200: Answer("Signed in", {JSON: SessionInfo})}
+DONE = {204: Answer("Done")}
+CHAT_STREAM = {
+    200: Answer(
+        "UI message stream (SSE), plain text, or v4 data stream", {"text/event-stream": UiStreamEvent, TEXT: STRING}
+    )
 }
-
-SESSION_OK = {"200": {"description": "Signed in", "content": _json(_ref("Session"))}}
-NO_CONTENT = {"204": {"description": "Done"}}
-TEXT_STREAM = {"text/plain": {"schema": {"type": "string"}}}
+RELAY_ERRORS = (401, 402, 403, 404, 413, 422, 429, 502, 503, 504)
 
 
-def _text_errors(*statuses: int) -> dict[str, Schema]:
-    """The chat routes' errors: a short text body, which useChat shows as it is."""
-    return {str(status): {"description": "Error, as short text", "content": TEXT_STREAM} for status in statuses}
+def _protocol(default: str) -> Schema:
+    schema = {"type": "string", "enum": ["ui", "text", "data"], "default": default}
+    return {"name": "protocol", "in": "query", "required": False, "schema": schema}
 
 
-PROTOCOL_PARAMETER: Schema = {
-    "name": "protocol",
-    "in": "query",
-    "required": False,
-    "schema": {"type": "string", "enum": ["ui", "text", "data"], "default": "ui"},
-}
-CHAT_STREAM_OK: dict[str, Schema] = {
-    "200": {
-        "description": "UI message stream (SSE), plain text, or v4 data stream",
-        "content": {"text/event-stream": {"schema": _ref("UiStreamEvent")}, **TEXT_STREAM},
-    }
-}
-OPERATIONS: dict[tuple[str, str], Schema] = {
-    ("post", "/auth/guest"): {
-        "summary": "Start an anonymous session",
-        "responses": {**SESSION_OK, **_errors(403, 413, 422, 429, 503)},
-    },
-    ("post", "/auth/exchange"): {
-        "summary": "Exchange an identity-provider JWT (Authorization: Bearer) for a session",
-        "responses": {**SESSION_OK, **_errors(401, 403, 413, 422, 429, 503)},
-    },
-    ("post", "/auth/login"): {
-        "summary": "Sign in with a username and password",
-        "requestBody": {
-            "required": True,
-            "content": _json(
-                {
-                    "type": "object",
-                    "required": ["username", "password"],
-                    "properties": {"username": {"type": "string"}, "password": {"type": "string"}},
-                }
-            ),
-        },
-        "responses": {**SESSION_OK, **_errors(401, 403, 413, 422, 429, 503)},
-    },
-    ("get", "/auth/session"): {
-        "summary": "The current session; never extends it",
-        "responses": {**SESSION_OK, **_errors(401, 503)},
-    },
-    ("post", "/auth/logout"): {
-        "summary": "End this session",
-        "responses": {**NO_CONTENT, **_errors(403, 413, 422, 503)},
-    },
-    ("post", "/auth/logout-all"): {
-        "summary": "End every session of this user",
-        "responses": {**NO_CONTENT, **_errors(401, 403, 413, 422, 503)},
-    },
-    ("post", "/api/token"): {
-        "summary": "Mint a single-use upstream stream token (token mode)",
-        "requestBody": {"required": True, "content": _json(_ref("TokenRequest"))},
-        "responses": {
-            "200": {"description": "A fresh token", "content": _json(_ref("Token"))},
-            **_errors(401, 402, 403, 404, 413, 422, 429, 502, 503, 504),
-        },
-    },
-    ("post", "/api/workflows/{alias}/stream"): {
-        "summary": "Relay a workflow run as a plain-text stream",
-        "requestBody": {"required": True, "content": _json(_ref("Inputs"))},
-        "responses": {
-            "200": {"description": "The generated text, streamed", "content": TEXT_STREAM},
-            **_errors(401, 402, 403, 404, 413, 422, 429, 502, 503, 504),
-        },
-    },
-    ("post", "/api/workflows/{alias}/run"): {
-        "summary": "Run a workflow and return the whole answer",
-        "requestBody": {"required": True, "content": _json(_ref("Inputs"))},
-        "responses": {
-            "200": {"description": "The answer", "content": _json(_ref("RunResult"))},
-            **_errors(401, 402, 403, 404, 413, 422, 429, 502, 503, 504),
-        },
-    },
-    ("post", "/api/chat/{alias}"): {
-        "summary": "Relay a workflow run in an AI SDK chat protocol (useChat)",
-        "parameters": [PROTOCOL_PARAMETER],
-        "requestBody": {"required": True, "content": _json(_ref("ChatRequest"))},
-        "responses": {
-            **CHAT_STREAM_OK,
-            **_text_errors(401, 402, 403, 404, 413, 422, 429, 502, 503, 504),
-        },
-    },
-    ("get", "/api/chat/{alias}/{chat_id}/stream"): {
-        "summary": "Resume a chat's answer (useChat resume: true): replayed from its first chunk, then live",
+def _path_parameter(name: str, schema: Schema = STRING) -> Schema:
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+OPERATIONS: dict[tuple[str, str], Operation] = {
+    ("post", "/auth/guest"): Operation("Start an anonymous session", SIGNED_IN, (403, 413, 422, 429, 503)),
+    ("post", "/auth/exchange"): Operation(
+        "Exchange an identity-provider JWT (Authorization: Bearer) for a session",
+        SIGNED_IN,
+        (401, 403, 413, 422, 429, 503),
+    ),
+    ("post", "/auth/login"): Operation(
+        "Sign in with a username and password", SIGNED_IN, (401, 403, 413, 422, 429, 503), body=LoginRequest
+    ),
+    ("get", "/auth/session"): Operation("The current session; never extends it", SIGNED_IN, (401, 503)),
+    ("post", "/auth/logout"): Operation("End this session", DONE, (403, 413, 422, 503)),
+    ("post", "/auth/logout-all"): Operation("End every session of this user", DONE, (401, 403, 413, 422, 503)),
+    ("post", "/api/token"): Operation(
+        "Mint a single-use upstream stream token (token mode)",
+        {200: Answer("A fresh token", {JSON: Token})},
+        RELAY_ERRORS,
+        body=TokenRequest,
+    ),
+    ("post", "/api/workflows/{alias}/stream"): Operation(
+        "Relay a workflow run as a plain-text stream",
+        {200: Answer("The generated text, streamed", {TEXT: STRING})},
+        RELAY_ERRORS,
+        body=WorkflowInputs,
+    ),
+    ("post", "/api/workflows/{alias}/run"): Operation(
+        "Run a workflow and return the whole answer",
+        {200: Answer("The answer", {JSON: RunResult})},
+        RELAY_ERRORS,
+        body=WorkflowInputs,
+    ),
+    ("post", "/api/chat/{alias}"): Operation(
+        "Relay a workflow run in an AI SDK chat protocol (useChat)",
+        CHAT_STREAM,
+        RELAY_ERRORS,
+        body=ChatRequest,
+        text_errors=True,
+        parameters=(_protocol("ui"),),
+    ),
+    ("get", "/api/chat/{alias}/{chat_id}/stream"): Operation(
+        "Resume a chat's answer (useChat resume: true): replayed from its first chunk, then live",
+        {**CHAT_STREAM, **DONE},
+        (422, 503),
+        text_errors=True,
         # Any alias: a 204 is the answer for every unknown one, so it reveals nothing.
-        "parameters": [
-            {"name": "alias", "in": "path", "required": True, "schema": {"type": "string"}},
-            {"name": "chat_id", "in": "path", "required": True, "schema": {"type": "string"}},
-            PROTOCOL_PARAMETER,
-        ],
-        "responses": {**CHAT_STREAM_OK, **NO_CONTENT, **_text_errors(422, 503)},
-    },
-    ("get", "/api/chat/{alias}"): {
-        "summary": "Resume a chat's answer for AI SDK 4 (experimental_resume); an empty stream when none",
-        "parameters": [
-            {"name": "alias", "in": "path", "required": True, "schema": {"type": "string"}},
-            {"name": "chatId", "in": "query", "required": True, "schema": {"type": "string"}},
-            {**PROTOCOL_PARAMETER, "schema": {"type": "string", "enum": ["ui", "text", "data"], "default": "data"}},
-        ],
-        "responses": {**CHAT_STREAM_OK, **_text_errors(422, 503)},
-    },
-    ("post", "/api/chat/{alias}/{chat_id}/stop"): {
-        "summary": "Stop a chat's answer on whichever replica runs it",
-        "parameters": [
-            {"name": "alias", "in": "path", "required": True, "schema": {"type": "string"}},
-            {"name": "chat_id", "in": "path", "required": True, "schema": {"type": "string"}},
-        ],
-        "responses": {**NO_CONTENT, **_text_errors(401, 403, 413, 422, 503)},
-    },
-    ("get", "/api/runs/{run_id}/stream"): {
-        "summary": "A relayed answer as plain text from character `from`: replayed, then live",
-        "parameters": [
-            {"name": "from", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}},
-        ],
-        "responses": {
-            "200": {"description": "The answer's text from that character", "content": TEXT_STREAM},
-            **_errors(401, 404, 422, 503),
-        },
-    },
-    ("post", "/api/runs/{run_id}/stop"): {
-        "summary": "Stop a relayed answer on whichever replica runs it",
-        "responses": {**NO_CONTENT, **_errors(401, 403, 404, 413, 422, 503)},
-    },
-    ("get", "/"): {
-        "summary": "What this service is, its version, and where its routes are described",
-        "responses": {"200": {"description": "The service", "content": _json({"type": "object"})}},
-    },
-    ("get", "/healthz"): {
-        "summary": "Process alive",
-        "responses": {"200": {"description": "Alive", "content": _json(_ref("Status"))}},
-    },
-    ("get", "/readyz"): {
-        "summary": "Storage reachable and not draining",
-        "responses": {
-            "200": {"description": "Ready", "content": _json(_ref("Status"))},
-            "503": {"description": "Not ready", "content": _json(_ref("Status"))},
-        },
-    },
-    ("get", "/metrics"): {
-        "summary": "Prometheus metrics",
-        "responses": {"200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}},
-    },
-    ("get", "/openapi.json"): {
-        "summary": "This document",
-        "responses": {"200": {"description": "OpenAPI 3.1", "content": _json({"type": "object"})}},
-    },
+        parameters=(_path_parameter("alias"), _protocol("ui")),
+    ),
+    ("get", "/api/chat/{alias}"): Operation(
+        "Resume a chat's answer for AI SDK 4 (experimental_resume); an empty stream when none",
+        CHAT_STREAM,
+        (422, 503),
+        text_errors=True,
+        parameters=(
+            _path_parameter("alias"),
+            {"name": "chatId", "in": "query", "required": True, "schema": STRING},
+            _protocol("data"),
+        ),
+    ),
+    ("post", "/api/chat/{alias}/{chat_id}/stop"): Operation(
+        "Stop a chat's answer on whichever replica runs it",
+        DONE,
+        (401, 403, 413, 422, 503),
+        text_errors=True,
+        parameters=(_path_parameter("alias"),),
+    ),
+    ("get", "/api/runs/{run_id}/stream"): Operation(
+        "A relayed answer as plain text from character `from`: replayed, then live",
+        {200: Answer("The answer's text from that character", {TEXT: STRING})},
+        (401, 404, 422, 503),
+        parameters=({"name": "from", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}},),
+    ),
+    ("post", "/api/runs/{run_id}/stop"): Operation(
+        "Stop a relayed answer on whichever replica runs it", DONE, (401, 403, 404, 413, 422, 503)
+    ),
+    ("get", "/"): Operation(
+        "What this service is, its version, and where its routes are described",
+        {200: Answer("The service", {JSON: OBJECT})},
+    ),
+    ("get", "/healthz"): Operation("Process alive", {200: Answer("Alive", {JSON: Status})}),
+    ("get", "/readyz"): Operation(
+        "Storage reachable and not draining",
+        {200: Answer("Ready", {JSON: Status}), 503: Answer("Not ready", {JSON: Status})},
+    ),
+    ("get", "/metrics"): Operation("Prometheus metrics", {200: Answer("Metrics", {TEXT: STRING})}),
+    ("get", "/openapi.json"): Operation("This document", {200: Answer("OpenAPI 3.1", {JSON: OBJECT})}),
 }
 
 STATE_CHANGING_HEADER = {
@@ -302,40 +176,82 @@ def served_operations(routes: Sequence[BaseRoute]) -> set[tuple[str, str]]:
     return found
 
 
-_STRING: Schema = {"type": "string"}
-
-
 def build_openapi(routes: Sequence[BaseRoute], aliases: Sequence[str] = ()) -> Schema:
     """The document for `routes`; `aliases`, the configured workflows, are what `{alias}` and a token
     request's `workflow` accept (they are public: browsers name them)."""
-    alias_schema: Schema = {"type": "string", "enum": list(aliases)} if aliases else {"type": "string"}
+    alias_schema: Schema = {"type": "string", "enum": list(aliases)} if aliases else STRING
     paths: dict[str, dict[str, Schema]] = {}
     for method, path in sorted(served_operations(routes) & set(OPERATIONS)):
-        operation = dict(OPERATIONS[(method, path)])
-        own = list(operation.get("parameters", []))
-        named = {parameter["name"] for parameter in own}
-        parameters = [
-            {"name": name, "in": "path", "required": True, "schema": alias_schema if name == "alias" else _STRING}
-            for name in _path_parameters(path)
-            if name not in named
-        ] + own
-        if method == "post":
-            parameters.append(STATE_CHANGING_HEADER)
-        if parameters:
-            operation["parameters"] = parameters
-        paths.setdefault(path, {})[method] = operation
+        paths.setdefault(path, {})[method] = _operation(method, path, OPERATIONS[(method, path)], alias_schema)
+    schemas = _schemas()
+    schemas["TokenRequest"]["properties"]["workflow"] = alias_schema
     return {
         "openapi": "3.1.0",
         "info": {"title": "workflow-bff", "version": __version__},
         "paths": paths,
-        "components": {"schemas": {**SCHEMAS, "TokenRequest": _token_request(alias_schema)}},
+        "components": {"schemas": schemas},
     }
 
 
-def _token_request(alias_schema: Schema) -> Schema:
-    schema = dict(SCHEMAS["TokenRequest"])
-    schema["properties"] = {**schema["properties"], "workflow": alias_schema}
-    return schema
+def _operation(method: str, path: str, operation: Operation, alias_schema: Schema) -> Schema:
+    own = {parameter["name"]: parameter for parameter in operation.parameters}
+    for_path = [_path_parameter(name, alias_schema if name == "alias" else STRING) for name in _path_parameters(path)]
+    parameters = [own.pop(parameter["name"], parameter) for parameter in for_path] + list(own.values())
+    if method == "post":
+        parameters.append(STATE_CHANGING_HEADER)
+    error = Answer("Error, as short text", {TEXT: STRING}) if operation.text_errors else Answer("Error", {JSON: Error})
+    answers = {**operation.answers, **dict.fromkeys(operation.errors, error)}
+    rendered: Schema = {
+        "summary": operation.summary,
+        "responses": {str(status): _answer(answer) for status, answer in answers.items()},
+    }
+    if parameters:
+        rendered["parameters"] = parameters
+    if operation.body is not None:
+        rendered["requestBody"] = {"required": True, "content": {JSON: {"schema": _ref(operation.body)}}}
+    return rendered
+
+
+def _answer(answer: Answer) -> Schema:
+    rendered: Schema = {"description": answer.description}
+    if answer.content:
+        rendered["content"] = {
+            media: {"schema": shape if isinstance(shape, dict) else _ref(shape)}
+            for media, shape in answer.content.items()
+        }
+    return rendered
+
+
+def _ref(model: type[BaseModel]) -> Schema:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _schemas() -> dict[str, Schema]:
+    """Every model an operation names, and the models they are made of, as pydantic renders them:
+    request bodies as they are validated, answers as they are sent."""
+    bodies = {operation.body for operation in OPERATIONS.values() if operation.body is not None}
+    answers = {
+        shape
+        for operation in OPERATIONS.values()
+        for answer in operation.answers.values()
+        for shape in answer.content.values()
+        if not isinstance(shape, dict)
+    }
+    validated: list[tuple[type[BaseModel], JsonSchemaMode]] = [(model, "validation") for model in bodies]
+    sent: list[tuple[type[BaseModel], JsonSchemaMode]] = [(model, "serialization") for model in answers | {Error}]
+    models = sorted(validated + sent, key=lambda pair: pair[0].__name__)
+    _, document = models_json_schema(
+        models, ref_template="#/components/schemas/{model}", schema_generator=UntitledFields
+    )
+    schemas: dict[str, Schema] = document["$defs"]
+    return schemas
+
+
+class UntitledFields(GenerateJsonSchema):
+    """Models keep their titles; fields go without ("Mediatype" says less than the name beside it)."""
+
+    def field_title_should_be_set(self, schema: CoreSchema) -> bool:
+        return False
 
 
 def _path_parameters(path: str) -> list[str]:

@@ -23,16 +23,19 @@ import anyio
 import anyio.to_thread
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from pydantic import ConfigDict, Field
 from starlette.requests import Request
 
 from proxy.auth.base import AuthConfigError
 from proxy.body import read_json
-from proxy.errors import ApiError, invalid_input
+from proxy.errors import ApiError
+from proxy.models import BodyModel, Refusals, name_pattern
 from proxy.sessions import User
 from proxy.throttle import LoginThrottle, client_ip
 
 logger = logging.getLogger("proxy.auth.password")
 
+USAGE = 'Send {"username": "...", "password": "..."}.'
 USERNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
 MAX_PASSWORD_CHARS = 1024
 MIN_PASSWORD_CHARS = 8  # enforced when a password is set (`users add`), not at sign-in
@@ -130,7 +133,8 @@ class PasswordAuthenticator:
         return self._users.reload()
 
     async def authenticate(self, request: Request) -> User:
-        username, password = _credentials(await read_json(request))
+        credentials = LoginRequest.parse(await read_json(request))
+        username, password = credentials.username, credentials.password
         ip = client_ip(request)
         async with self._throttle.attempt(ip, username):
             if not await anyio.to_thread.run_sync(self._verify, username, password, limiter=self._limiter):
@@ -149,15 +153,18 @@ class PasswordAuthenticator:
         return stored is not None
 
 
-def _credentials(body: object) -> tuple[str, str]:
-    usage = 'Send {"username": "...", "password": "..."}.'
-    if not isinstance(body, dict) or set(body) != {"username", "password"}:
-        raise invalid_input(usage)
-    username, password = body["username"], body["password"]
-    if not isinstance(username, str) or not isinstance(password, str):
-        raise invalid_input(usage)
-    if not USERNAME_PATTERN.fullmatch(username):
-        raise invalid_input("That is not a valid username.")
-    if not 0 < len(password) <= MAX_PASSWORD_CHARS:
-        raise invalid_input(f"The password must be 1 to {MAX_PASSWORD_CHARS} characters.")
-    return username, password
+class LoginRequest(BodyModel):
+    """`POST /auth/login`: a username and its password."""
+
+    model_config = ConfigDict(extra="forbid")
+    username: str = Field(pattern=name_pattern(USERNAME_PATTERN))
+    password: str = Field(min_length=1, max_length=MAX_PASSWORD_CHARS)
+
+    refusals = Refusals(
+        USAGE,
+        {
+            "**:shape": USAGE,
+            "username": "That is not a valid username.",
+            "password": f"The password must be 1 to {MAX_PASSWORD_CHARS} characters.",
+        },
+    )

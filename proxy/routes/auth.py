@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.auth import Authenticator
+from proxy.models import SessionInfo, UserInfo
 from proxy.services import Services, services
 from proxy.sessions import Session
 from proxy.throttle import client_ip
@@ -36,7 +37,8 @@ async def session_body(bff: Services, session: Session) -> dict[str, object]:
             {"limit": budget.daily_chars, "used": await budget.used(session.limit_key)} if budget.daily_chars else None
         ),
     }
-    return {"user": {"id": user.id, "kind": user.kind}, "expires_at": iso(session.expires_at), "limits": limits}
+    answer = SessionInfo(user=UserInfo(id=user.id, kind=user.kind), expires_at=iso(session.expires_at), limits=limits)
+    return answer.model_dump()
 
 
 def sign_in_endpoint(authenticator: Authenticator) -> Callable[[Request], Awaitable[Response]]:

@@ -47,15 +47,11 @@ async def chat(request: Request) -> Response:
     session = await bff.sessions.require(request)
     workflow = bff.workflows.get(request.path_params["alias"])
     protocol = _protocol(request)
-    body = await read_json(request)
-    chat = parse_chat_request(body, accepts_images=workflow.image_input is not None)
-    inputs = chat_inputs(chat, workflow, bff.settings.max_input_chars)
-    chat_id = body.get("id") if isinstance(body, dict) else None
+    prompt = parse_chat_request(await read_json(request), accepts_images=workflow.image_input is not None)
+    inputs = chat_inputs(prompt, workflow, bff.settings.max_input_chars)
     what = f"chat:{workflow.alias}:{protocol}"
     # The user's limits are checked last, so a request refused for bad input costs nothing against them.
-    run = await bff.runs.start(
-        session, RunRequest(workflow, inputs, what, chat_id=chat_id if isinstance(chat_id, str) else None)
-    )
+    run = await bff.runs.start(session, RunRequest(workflow, inputs, what, chat_id=prompt.chat_id))
     return RunStream(bff.runs, run.meta, ENCODERS[protocol](run.meta), headers=run.headers, what=what)
 
 

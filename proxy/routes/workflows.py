@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from pydantic import MISSING
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.body import read_json
 from proxy.context import request_context
-from proxy.errors import invalid_input
+from proxy.models import RunResult, Token, TokenRequest
 from proxy.protocols import TextEncoder
 from proxy.routes.auth import iso
 from proxy.runs import DisconnectWatch, RunRequest, RunStream
@@ -23,16 +24,9 @@ from proxy.workflows import Workflow
 async def mint(request: Request) -> Response:
     bff = services(request)
     session = await bff.sessions.require(request)
-    body = await read_json(request)
-    if not isinstance(body, dict) or not isinstance(body.get("workflow"), str):
-        raise invalid_input('Send {"workflow": "<name>"} with an optional "ttl" in seconds.')
-    unknown = sorted(set(body) - {"workflow", "ttl"})
-    if unknown:
-        raise invalid_input(f"Unknown field: {unknown[0][:64]!r}.")
-    workflow = bff.workflows.get(body["workflow"])
-    ttl = body.get("ttl", bff.settings.token_ttl)
-    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
-        raise invalid_input('"ttl" must be a whole number of seconds, at least 1.')
+    asked = TokenRequest.parse(await read_json(request))
+    workflow = bff.workflows.get(asked.workflow)
+    ttl = asked.ttl if asked.ttl is not MISSING else bff.settings.token_ttl
     limit_headers = await bff.limiter.check("mint", session.limit_key)
     if ttl >= bff.settings.token_ttl:
         minted = await bff.tokens.take(request_id=request_context().request_id)
@@ -47,15 +41,13 @@ async def mint(request: Request) -> Response:
         workflow=workflow.alias,
         ttl=remaining,
     )
-    return JSONResponse(
-        {
-            "token": minted.token,
-            "ttl": remaining,
-            "expires_at": iso(minted.expires_at),
-            "stream_url": bff.upstream.stream_url(workflow.id, minted.token),
-        },
-        headers={"Cache-Control": "no-store", **limit_headers},
+    token = Token(
+        token=minted.token,
+        ttl=remaining,
+        expires_at=iso(minted.expires_at),
+        stream_url=bff.upstream.stream_url(workflow.id, minted.token),
     )
+    return JSONResponse(token.model_dump(), headers={"Cache-Control": "no-store", **limit_headers})
 
 
 async def _workflow_and_inputs(request: Request) -> tuple[Services, Session, Workflow, dict[str, str]]:
@@ -88,9 +80,8 @@ async def run(request: Request) -> Response:
     if ending.error is not None:
         raise ending.error
     assert result is not None
-    return JSONResponse(
-        {"result": result.result, "citations": result.citations}, headers={**run.headers, "X-Run-Id": run.id}
-    )
+    answer = RunResult(result=result.result, citations=result.citations)
+    return JSONResponse(answer.model_dump(), headers={**run.headers, "X-Run-Id": run.id})
 
 
 def workflow_routes(modes: Sequence[str]) -> list[Route]:
