@@ -208,8 +208,8 @@ async def handle_api_error(request: Request, exc: Exception) -> Response:
 
 
 class NoAnswer(Response):
-    """The response to a client that left: nothing is sent. (uvicorn, too, sends nothing once the
-    client is gone.)"""
+    """The response to a client that left: nothing is sent. uvicorn adds no 500 of its own for an app
+    that returns without answering when the client has disconnected, as it would otherwise."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         return None

@@ -9,7 +9,9 @@ import json
 import re
 from pathlib import Path
 
+import limits.errors
 import pytest
+import redis.exceptions
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -37,6 +39,7 @@ from proxy.errors import (
 from proxy.middleware.access_log import AccessLogMiddleware
 from proxy.middleware.csrf import CsrfMiddleware
 from proxy.runs.ending import Ending
+from proxy.storage import StorageUnavailable, reachable
 from tests.servers import ROOT
 
 # CONTRACT B6 and C4: code -> status.
@@ -126,6 +129,19 @@ def test_only_the_catalogue_makes_errors() -> None:
 def _code(path: Path) -> str:
     """The module without its docstrings and comments' prose about `ApiError(...)`."""
     return re.sub(r'"""[\s\S]*?"""|#.*', "", path.read_text())
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [redis.exceptions.ConnectionError("down"), limits.errors.StorageError(ConnectionError("down"))],
+    ids=["ours", "the-rate-limits"],
+)
+def test_a_storage_out_of_reach_is_503_whichever_client_met_it(failure: Exception) -> None:
+    with pytest.raises(StorageUnavailable) as raised, reachable():
+        raise failure
+
+    error = raised.value
+    assert (error.status, error.code, error.headers) == (503, "storage_unavailable", {"Retry-After": "5"})
 
 
 # A run's ending, told on another replica
