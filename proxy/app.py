@@ -16,7 +16,7 @@ from proxy.auth import build_authenticators
 from proxy.auth.password import PasswordAuthenticator
 from proxy.budget import OutputBudget
 from proxy.drain import Drain
-from proxy.errors import ApiError, handle_api_error
+from proxy.errors import ApiError, ClientGone, handle_api_error, handle_client_gone
 from proxy.limits import parse_limit, parse_rate_limits
 from proxy.metrics import Metrics, MetricsMiddleware, MetricsPortMiddleware, metrics_route
 from proxy.middleware.access_log import AccessLogMiddleware
@@ -177,7 +177,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={ApiError: handle_api_error},
+        exception_handlers={ApiError: handle_api_error, ClientGone: handle_client_gone},
     )
     app.state.drain = drain  # the CLI's server starts it on SIGTERM
     return app

@@ -8,7 +8,7 @@ import re
 from starlette.requests import ClientDisconnect, Request
 
 from proxy.context import request_context
-from proxy.errors import client_gone, invalid_input
+from proxy.errors import INVALID_INPUT, ClientGone
 
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -38,16 +38,16 @@ async def read_json(request: Request) -> object:
     for every route that reads a body, on the declared length and on the bytes as they arrive."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
-        raise invalid_input("Send the body as application/json.")
+        raise INVALID_INPUT.error("Send the body as application/json.")
     body = bytearray()
     try:
         async for chunk in request.stream():
             body += chunk
     except ClientDisconnect:
-        # The client left mid-upload: it must not count as a server error.
+        # The client left mid-upload: nobody to answer, and no server error either.
         request_context().end = "client_gone_early"
-        raise client_gone() from None
+        raise ClientGone from None
     try:
         return loads_text(body)
     except ValueError:
-        raise invalid_input("The body is not valid JSON text.") from None
+        raise INVALID_INPUT.error("The body is not valid JSON text.") from None

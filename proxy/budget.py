@@ -23,7 +23,7 @@ from datetime import time as dt_time
 
 import anyio
 
-from proxy.errors import ApiError
+from proxy.errors import BUDGET_EXHAUSTED, ApiError
 from proxy.metrics import Metrics
 from proxy.storage import Storage, StorageUnavailable
 
@@ -37,13 +37,15 @@ SETTLE_SECONDS = 5.0
 MAX_DEFERRED_USERS = 10_000
 
 
-def spent(retry_after: int) -> ApiError:
-    return ApiError(
-        429,
-        "budget_exhausted",
-        "Today's answer budget is used up; it renews at midnight UTC.",
-        headers={"Retry-After": str(retry_after)},
-    )
+def spent() -> ApiError:
+    """`budget_exhausted`, with the seconds until the budget renews."""
+    return BUDGET_EXHAUSTED.error(retry_after=until_midnight())
+
+
+def until_midnight() -> int:
+    """Seconds until the next UTC midnight, when every user's budget renews."""
+    midnight = datetime.combine(datetime.now(UTC).date() + timedelta(days=1), dt_time(), UTC)
+    return max(1, math.ceil((midnight - datetime.now(UTC)).total_seconds()))
 
 
 class OutputBudget:
@@ -57,14 +59,9 @@ class OutputBudget:
     def _key(user_id: str) -> str:
         return f"output:{user_id}:{datetime.now(UTC).date().isoformat()}"
 
-    @staticmethod
-    def _until_midnight() -> int:
-        midnight = datetime.combine(datetime.now(UTC).date() + timedelta(days=1), dt_time(), UTC)
-        return max(1, math.ceil((midnight - datetime.now(UTC)).total_seconds()))
-
     async def ensure_left(self, user_id: str) -> None:
         if self.daily_chars and await self.used(user_id) >= self.daily_chars:
-            raise spent(self._until_midnight())
+            raise spent()
 
     async def used(self, user_id: str) -> int:
         return await self._storage.get_counter(self._key(user_id)) if self.daily_chars else 0
@@ -92,7 +89,7 @@ class OutputBudget:
             return
         total = await self._storage.incr_up_to(self._key(user_id), chars, self.daily_chars, ttl=COUNTER_TTL_SECONDS)
         if total is None:
-            raise spent(self._until_midnight())
+            raise spent()
 
     def _defer(self, key: str, chars: int) -> None:
         if key not in self._deferred and len(self._deferred) >= MAX_DEFERRED_USERS:

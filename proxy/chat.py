@@ -19,7 +19,7 @@ from typing import Annotated, Literal, NotRequired
 from pydantic import MISSING, ConfigDict, Field, model_validator, with_config
 from typing_extensions import TypedDict  # pydantic reads typing's own only from Python 3.12
 
-from proxy.errors import invalid_input
+from proxy.errors import INVALID_INPUT
 from proxy.models import FAIL_FAST, STRICT, BodyModel, Refusals, refused
 from proxy.workflows import Workflow, is_https_url
 
@@ -81,7 +81,7 @@ def message_text(message: ChatMessage) -> str:
     # Checked here, on the messages read, not by the model: a system message with neither is dropped
     # unread, so it is no error.
     if "parts" not in message:
-        raise invalid_input(NO_TEXT)
+        raise INVALID_INPUT.error(NO_TEXT)
     return "\n\n".join(part["text"] for part in message["parts"] if part["type"] == "text" and "text" in part)
 
 
@@ -90,14 +90,14 @@ def image_urls(message: ChatMessage, *, accepted: bool) -> list[str]:
     files = [(part.get("mediaType"), part.get("url")) for part in message.get("parts", ()) if part["type"] == "file"]
     files += [(item.get("contentType"), item.get("url")) for item in message.get("experimental_attachments", ())]
     if files and not accepted:  # said first: advice on how to attach would only lead here
-        raise invalid_input(NO_IMAGES)
+        raise INVALID_INPUT.error(NO_IMAGES)
     urls = []
     for media_type, url in files:
         if media_type is None or not media_type.startswith("image/"):
-            raise invalid_input(ONLY_IMAGES)
+            raise INVALID_INPUT.error(ONLY_IMAGES)
         if url is None or len(url) > MAX_IMAGE_URL_CHARS or not is_https_url(url):
             # The workflow fetches images itself; data: URLs would also put megabytes into a text input.
-            raise invalid_input(HTTPS_IMAGES)
+            raise INVALID_INPUT.error(HTTPS_IMAGES)
         urls.append(url)
     return urls
 
@@ -161,7 +161,7 @@ class Prompt:
 
 
 def parse_chat_request(body: object, *, accepts_images: bool = True) -> Prompt:
-    """Read any of the three useChat request shapes; raises ApiError(422) for anything else, and for
+    """Read any of the three useChat request shapes; raises `INVALID_INPUT` (422) for anything else, and for
     any attachment unless the workflow `accepts_images`."""
     request = ChatRequest.parse(body)
     if request.messages is not MISSING:
@@ -175,12 +175,12 @@ def parse_chat_request(body: object, *, accepts_images: bool = True) -> Prompt:
     # results) carry nothing a text workflow can use.
     conversation = [message for message in messages if message["role"] in SPEAKERS]
     if not conversation or conversation[-1]["role"] != "user":
-        raise invalid_input("The last message must be the user's.")
+        raise INVALID_INPUT.error("The last message must be the user's.")
     latest = conversation[-1]
     text = message_text(latest)
     images = image_urls(latest, accepted=accepts_images)
     if not text.strip() and not images:
-        raise invalid_input("The message is empty.")
+        raise INVALID_INPUT.error("The message is empty.")
     history = [Turn(_role(message), message_text(message)) for message in conversation[:-1]]
     return Prompt(
         text=text,
@@ -193,17 +193,17 @@ def parse_chat_request(body: object, *, accepts_images: bool = True) -> Prompt:
 def chat_inputs(prompt: Prompt, workflow: Workflow, max_chars: int) -> dict[str, str]:
     """The upstream inputs for one chat turn, by the workflow's settings; fixed inputs always win."""
     if len(prompt.text) > max_chars:
-        raise invalid_input(f"The message is longer than {max_chars} characters.")
+        raise INVALID_INPUT.error(f"The message is longer than {max_chars} characters.")
     inputs = {workflow.chat_input: prompt.text}
     if workflow.history_input is not None:
         # Always sent, empty on the first turn, so a prompt template never sees an unset variable.
         inputs[workflow.history_input] = transcript(prompt.history, max_chars)
     if prompt.images:
         if workflow.image_input is None:
-            raise invalid_input(NO_IMAGES)
+            raise INVALID_INPUT.error(NO_IMAGES)
         urls = "\n".join(prompt.images)
         if len(urls) > max_chars:
-            raise invalid_input("Too many images in one message.")
+            raise INVALID_INPUT.error("Too many images in one message.")
         inputs[workflow.image_input] = urls
     return {**inputs, **workflow.fixed}
 

@@ -32,7 +32,7 @@ from proxy.routes.demo import demo_routes
 from proxy.server_protocol import guarded_protocol
 from proxy.sessions_cli import add_sessions_command
 from proxy.settings import Settings, describe_errors, invalid_fields
-from proxy.storage import REDIS_SCHEMES, open_limits_storage, open_storage, storage_scheme
+from proxy.storage import REDIS_SCHEMES, StorageUnavailable, open_limits_storage, open_storage, storage_scheme
 from proxy.upstream.client import HttpUpstream
 from proxy.workers import run_workers
 from proxy.workflows import WorkflowConfigError, parse_workflows
@@ -242,7 +242,7 @@ async def _live_problems(settings: Settings) -> list[str]:
     storage = open_storage(settings.storage_url)
     try:
         await storage.ping()
-    except ApiError:
+    except StorageUnavailable:
         problems.append(f"BFF_STORAGE_URL: cannot reach the storage: {_cause(settings.storage_url)}")
     finally:
         await storage.close()

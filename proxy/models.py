@@ -21,7 +21,7 @@ from typing import Annotated, Any, ClassVar, Self, TypeVar
 from pydantic import MISSING, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from proxy.errors import invalid_input
+from proxy.errors import INVALID_INPUT
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 REFUSED = "refused"  # the error type of our own rules, whose message is already the client's
@@ -105,11 +105,11 @@ def _matches(place: list[str], path: list[str]) -> bool:
 
 
 def validate(model: type[ModelT], body: object, refusals: Refusals) -> ModelT:
-    """`body`, already read as JSON, as a `model`; raises ApiError(422) with our message."""
+    """`body`, already read as JSON, as a `model`; raises `INVALID_INPUT` (422) with our message."""
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        raise invalid_input(refusals.message(exc.errors(include_url=False))) from None
+        raise INVALID_INPUT.error(refusals.message(exc.errors(include_url=False))) from None
 
 
 class BodyModel(BaseModel):

@@ -2,9 +2,11 @@
 
 The schemas are the models the routes validate and answer with (proxy/models.py and the modules it
 names), rendered by pydantic; what is written here is only what a route table knows: each operation's
-summary, its body, its answers and the error statuses it can give. The document lists exactly the
-routes this deployment serves (it follows BFF_AUTH and BFF_MODES); tests/test_openapi.py fails if a
-route is served that is not described here, or the reverse.
+summary, its body, its answers and the errors it can give, named by their catalogue entries
+(proxy/errors.py), which give their statuses. Whether errors are JSON or text is the route's own
+declaration (`TextErrorsRoute`). The document lists exactly the routes this deployment serves (it
+follows BFF_AUTH and BFF_MODES); tests/test_openapi.py fails if a route is served that is not
+described here, or the reverse.
 """
 
 from __future__ import annotations
@@ -23,6 +25,30 @@ from starlette.routing import BaseRoute, Route
 from proxy import __version__
 from proxy.auth.password import LoginRequest
 from proxy.chat import ChatRequest
+from proxy.errors import (
+    ANSWER_TOO_LARGE,
+    AUTH_UNAVAILABLE,
+    BODY_TOO_LARGE,
+    BUDGET_EXHAUSTED,
+    CSRF_FAILED,
+    INVALID_INPUT,
+    RATE_LIMITED,
+    SHUTTING_DOWN,
+    STORAGE_UNAVAILABLE,
+    TOO_MANY_STREAMS,
+    UNAUTHENTICATED,
+    UNKNOWN_RUN,
+    UNKNOWN_WORKFLOW,
+    UPSTREAM_AUTH_FAILED,
+    UPSTREAM_ERROR,
+    UPSTREAM_OUT_OF_CREDITS,
+    UPSTREAM_RATE_LIMITED,
+    UPSTREAM_TIMEOUT,
+    UPSTREAM_UNAVAILABLE,
+    WORKFLOW_NOT_FOUND,
+    Entry,
+    TextErrorsRoute,
+)
 from proxy.models import Error, RunResult, SessionInfo, Status, Token, TokenRequest, UiStreamEvent
 from proxy.services import services
 from proxy.workflows import WorkflowInputs
@@ -44,9 +70,8 @@ class Answer:
 class Operation:
     summary: str
     answers: Mapping[int, Answer]
-    errors: tuple[int, ...] = ()
+    errors: tuple[Entry, ...] = ()
     body: type[BaseModel] | None = None
-    text_errors: bool = False  # the chat routes: a short text body, which useChat shows as it is
     parameters: tuple[Schema, ...] = ()  # besides the path's own and the CSRF header
 
 
@@ -57,7 +82,23 @@ CHAT_STREAM = {
         "UI message stream (SSE), plain text, or v4 data stream", {"text/event-stream": UiStreamEvent, TEXT: STRING}
     )
 }
-RELAY_ERRORS = (401, 402, 403, 404, 413, 422, 429, 502, 503, 504)
+# Every state-changing route: the CSRF and origin checks, and the body policy.
+STATE_CHANGING = (CSRF_FAILED, BODY_TOO_LARGE, INVALID_INPUT)
+UPSTREAM_ERRORS = (
+    UPSTREAM_OUT_OF_CREDITS,
+    WORKFLOW_NOT_FOUND,
+    UPSTREAM_AUTH_FAILED,
+    UPSTREAM_ERROR,
+    UPSTREAM_RATE_LIMITED,
+    UPSTREAM_UNAVAILABLE,
+    UPSTREAM_TIMEOUT,
+)
+SIGN_IN_ERRORS = (*STATE_CHANGING, RATE_LIMITED, STORAGE_UNAVAILABLE)
+MINT_ERRORS = (*STATE_CHANGING, UNAUTHENTICATED, UNKNOWN_WORKFLOW, RATE_LIMITED, STORAGE_UNAVAILABLE, *UPSTREAM_ERRORS)
+# A run's admission (slots, budget), and how it can end before its answer started.
+RELAY_ERRORS = (*MINT_ERRORS, TOO_MANY_STREAMS, BUDGET_EXHAUSTED, ANSWER_TOO_LARGE, SHUTTING_DOWN)
+RESUME_ERRORS = (INVALID_INPUT, STORAGE_UNAVAILABLE)
+STOP_ERRORS = (*STATE_CHANGING, UNAUTHENTICATED, STORAGE_UNAVAILABLE)
 
 
 def _protocol(default: str) -> Schema:
@@ -70,22 +111,24 @@ def _path_parameter(name: str, schema: Schema = STRING) -> Schema:
 
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
-    ("post", "/auth/guest"): Operation("Start an anonymous session", SIGNED_IN, (403, 413, 422, 429, 503)),
+    ("post", "/auth/guest"): Operation("Start an anonymous session", SIGNED_IN, SIGN_IN_ERRORS),
     ("post", "/auth/exchange"): Operation(
         "Exchange an identity-provider JWT (Authorization: Bearer) for a session",
         SIGNED_IN,
-        (401, 403, 413, 422, 429, 503),
+        (*SIGN_IN_ERRORS, UNAUTHENTICATED, AUTH_UNAVAILABLE),
     ),
     ("post", "/auth/login"): Operation(
-        "Sign in with a username and password", SIGNED_IN, (401, 403, 413, 422, 429, 503), body=LoginRequest
+        "Sign in with a username and password", SIGNED_IN, (*SIGN_IN_ERRORS, UNAUTHENTICATED), body=LoginRequest
     ),
-    ("get", "/auth/session"): Operation("The current session; never extends it", SIGNED_IN, (401, 503)),
-    ("post", "/auth/logout"): Operation("End this session", DONE, (403, 413, 422, 503)),
-    ("post", "/auth/logout-all"): Operation("End every session of this user", DONE, (401, 403, 413, 422, 503)),
+    ("get", "/auth/session"): Operation(
+        "The current session; never extends it", SIGNED_IN, (UNAUTHENTICATED, STORAGE_UNAVAILABLE)
+    ),
+    ("post", "/auth/logout"): Operation("End this session", DONE, (*STATE_CHANGING, STORAGE_UNAVAILABLE)),
+    ("post", "/auth/logout-all"): Operation("End every session of this user", DONE, STOP_ERRORS),
     ("post", "/api/token"): Operation(
         "Mint a single-use upstream stream token (token mode)",
         {200: Answer("A fresh token", {JSON: Token})},
-        RELAY_ERRORS,
+        MINT_ERRORS,
         body=TokenRequest,
     ),
     ("post", "/api/workflows/{alias}/stream"): Operation(
@@ -105,22 +148,19 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         CHAT_STREAM,
         RELAY_ERRORS,
         body=ChatRequest,
-        text_errors=True,
         parameters=(_protocol("ui"),),
     ),
     ("get", "/api/chat/{alias}/{chat_id}/stream"): Operation(
         "Resume a chat's answer (useChat resume: true): replayed from its first chunk, then live",
         {**CHAT_STREAM, **DONE},
-        (422, 503),
-        text_errors=True,
+        RESUME_ERRORS,
         # Any alias: a 204 is the answer for every unknown one, so it reveals nothing.
         parameters=(_path_parameter("alias"), _protocol("ui")),
     ),
     ("get", "/api/chat/{alias}"): Operation(
         "Resume a chat's answer for AI SDK 4 (experimental_resume); an empty stream when none",
         CHAT_STREAM,
-        (422, 503),
-        text_errors=True,
+        RESUME_ERRORS,
         parameters=(
             _path_parameter("alias"),
             {"name": "chatId", "in": "query", "required": True, "schema": STRING},
@@ -130,18 +170,17 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("post", "/api/chat/{alias}/{chat_id}/stop"): Operation(
         "Stop a chat's answer on whichever replica runs it",
         DONE,
-        (401, 403, 413, 422, 503),
-        text_errors=True,
+        STOP_ERRORS,
         parameters=(_path_parameter("alias"),),
     ),
     ("get", "/api/runs/{run_id}/stream"): Operation(
         "A relayed answer as plain text from character `from`: replayed, then live",
         {200: Answer("The answer's text from that character", {TEXT: STRING})},
-        (401, 404, 422, 503),
+        (UNAUTHENTICATED, UNKNOWN_RUN, INVALID_INPUT, STORAGE_UNAVAILABLE),
         parameters=({"name": "from", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}},),
     ),
     ("post", "/api/runs/{run_id}/stop"): Operation(
-        "Stop a relayed answer on whichever replica runs it", DONE, (401, 403, 404, 413, 422, 503)
+        "Stop a relayed answer on whichever replica runs it", DONE, (*STOP_ERRORS, UNKNOWN_RUN)
     ),
     ("get", "/"): Operation(
         "What this service is, its version, and where its routes are described",
@@ -167,12 +206,16 @@ STATE_CHANGING_HEADER = {
 
 def served_operations(routes: Sequence[BaseRoute]) -> set[tuple[str, str]]:
     """(method, path) of every plain route, lower-case methods, HEAD left out."""
-    found = set()
+    return set(_served(routes))
+
+
+def _served(routes: Sequence[BaseRoute]) -> dict[tuple[str, str], Route]:
+    found = {}
     for route in routes:
         if isinstance(route, Route):
             for method in route.methods or ():
                 if method != "HEAD":
-                    found.add((method.lower(), route.path))
+                    found[(method.lower(), route.path)] = route
     return found
 
 
@@ -181,8 +224,11 @@ def build_openapi(routes: Sequence[BaseRoute], aliases: Sequence[str] = ()) -> S
     request's `workflow` accept (they are public: browsers name them)."""
     alias_schema: Schema = {"type": "string", "enum": list(aliases)} if aliases else STRING
     paths: dict[str, dict[str, Schema]] = {}
-    for method, path in sorted(served_operations(routes) & set(OPERATIONS)):
-        paths.setdefault(path, {})[method] = _operation(method, path, OPERATIONS[(method, path)], alias_schema)
+    served = _served(routes)
+    for method, path in sorted(served.keys() & OPERATIONS.keys()):
+        text_errors = isinstance(served[(method, path)], TextErrorsRoute)
+        operation = OPERATIONS[(method, path)]
+        paths.setdefault(path, {})[method] = _operation(method, path, operation, alias_schema, text_errors=text_errors)
     schemas = _schemas()
     schemas["TokenRequest"]["properties"]["workflow"] = alias_schema
     return {
@@ -193,14 +239,13 @@ def build_openapi(routes: Sequence[BaseRoute], aliases: Sequence[str] = ()) -> S
     }
 
 
-def _operation(method: str, path: str, operation: Operation, alias_schema: Schema) -> Schema:
+def _operation(method: str, path: str, operation: Operation, alias_schema: Schema, *, text_errors: bool) -> Schema:
     own = {parameter["name"]: parameter for parameter in operation.parameters}
     for_path = [_path_parameter(name, alias_schema if name == "alias" else STRING) for name in _path_parameters(path)]
     parameters = [own.pop(parameter["name"], parameter) for parameter in for_path] + list(own.values())
     if method == "post":
         parameters.append(STATE_CHANGING_HEADER)
-    error = Answer("Error, as short text", {TEXT: STRING}) if operation.text_errors else Answer("Error", {JSON: Error})
-    answers = {**operation.answers, **dict.fromkeys(operation.errors, error)}
+    answers = {**operation.answers, **_errors(operation.errors, text=text_errors)}
     rendered: Schema = {
         "summary": operation.summary,
         "responses": {str(status): _answer(answer) for status, answer in answers.items()},
@@ -210,6 +255,16 @@ def _operation(method: str, path: str, operation: Operation, alias_schema: Schem
     if operation.body is not None:
         rendered["requestBody"] = {"required": True, "content": {JSON: {"schema": _ref(operation.body)}}}
     return rendered
+
+
+def _errors(entries: Sequence[Entry], *, text: bool) -> dict[int, Answer]:
+    """One answer per status, naming the codes it stands for."""
+    codes: dict[int, list[str]] = {}
+    for entry in entries:
+        codes.setdefault(entry.status, []).append(entry.code)
+    content: Mapping[str, type[BaseModel] | Schema] = {TEXT: STRING} if text else {JSON: Error}
+    kind = "Error, as short text, its code in X-Error-Code" if text else "Error"
+    return {status: Answer(f"{kind}: {', '.join(codes[status])}", content) for status in sorted(codes)}
 
 
 def _answer(answer: Answer) -> Schema:

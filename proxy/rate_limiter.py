@@ -18,12 +18,11 @@ from collections.abc import Mapping
 from limits import RateLimitItem
 from limits.aio.storage import Storage as LimitsStorage
 from limits.aio.strategies import MovingWindowRateLimiter
-from limits.errors import StorageError
 from limits.util import WindowStats
 
-from proxy.errors import ApiError
+from proxy.errors import RATE_LIMITED, ApiError
 from proxy.metrics import Metrics
-from proxy.storage import StorageUnavailable
+from proxy.storage import reachable
 
 
 class RateLimiter:
@@ -55,7 +54,7 @@ class RateLimiter:
         checks = [(name, item) for item in self._limits.get(name, [])]
         if workflow is not None:
             checks += [(f"{name}:{workflow}", item) for item in self._per_workflow.get(workflow, [])]
-        try:
+        with reachable():
             # Test every limit before counting against any: a request refused by one limit must not
             # use up the others. A single limit needs no test: its hit counts only when it allows.
             for scope, item in checks if len(checks) > 1 else []:
@@ -69,20 +68,14 @@ class RateLimiter:
                 stats = await self._strategy.get_window_stats(item, "bff", scope, key)
                 if stats.remaining < tightest:
                     tightest, headers = stats.remaining, self._headers(item, stats)
-        except StorageError as exc:
-            raise StorageUnavailable() from exc
         return headers
 
     async def _refusal(self, name: str, scope: str, item: RateLimitItem, key: str) -> ApiError:
         stats = await self._strategy.get_window_stats(item, "bff", scope, key)
         self._metrics.rate_limited.labels(name).inc()
         retry_after = max(1, math.ceil(stats.reset_time - time.time()))
-        return ApiError(
-            429,
-            "rate_limited",
-            f"Too many requests; try again in {retry_after} seconds.",
-            headers={"Retry-After": str(retry_after), **self._headers(item, stats)},
-        )
+        message = f"Too many requests; try again in {retry_after} seconds."
+        return RATE_LIMITED.error(message, retry_after=retry_after, headers=self._headers(item, stats))
 
     @staticmethod
     def _headers(item: RateLimitItem, stats: WindowStats) -> dict[str, str]:

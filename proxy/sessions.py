@@ -25,7 +25,7 @@ from starlette.responses import Response
 
 from proxy.audit import AuditLog
 from proxy.context import request_context
-from proxy.errors import ApiError, unauthenticated
+from proxy.errors import UNAUTHENTICATED, ApiError
 from proxy.metrics import Metrics
 from proxy.storage import SessionRecord, Storage, StorageUnavailable
 from proxy.streams import StreamRegistry
@@ -188,10 +188,8 @@ class SessionManager:
         """401; when the browser still holds a cookie that no longer opens a session (expired, revoked,
         signed with a retired key), the answer also expires that cookie. Only ours: Clear-Site-Data
         would wipe every cookie of the site, including a fresh session another tab just signed in to."""
-        error = unauthenticated()
-        if self.cookie_name in connection.headers.get("cookie", ""):
-            error.headers.update(self.clear_headers(site_data=False))
-        return error
+        stale_cookie = self.cookie_name in connection.headers.get("cookie", "")
+        return UNAUTHENTICATED.error(headers=self.clear_headers(site_data=False) if stale_cookie else None)
 
     async def end(self, connection: HTTPConnection) -> Session | None:
         """Logout: revoke this browser's session and stop its relays."""

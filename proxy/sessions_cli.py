@@ -16,9 +16,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from proxy.audit import AuditLog
-from proxy.errors import ApiError
 from proxy.settings import Settings
-from proxy.storage import REDIS_SCHEMES, open_storage, storage_scheme
+from proxy.storage import REDIS_SCHEMES, StorageUnavailable, open_storage, storage_scheme
 
 
 class SessionsCommandError(Exception):
@@ -54,7 +53,7 @@ async def sessions_command(action: str, user_id: str, settings: Settings) -> str
             removed = await storage.delete_user_sessions(user_id)
             return f"ended {len(removed)} session(s) of {user_id}"
         records = await storage.user_sessions(user_id)
-    except ApiError as exc:
+    except StorageUnavailable as exc:
         raise SessionsCommandError(f"BFF_STORAGE_URL: {exc.message}") from None
     finally:
         await storage.close()

@@ -9,7 +9,7 @@ import secrets
 
 import anyio
 
-from proxy.errors import ApiError
+from proxy.errors import TOO_MANY_STREAMS
 from proxy.storage import Storage, StorageUnavailable
 
 logger = logging.getLogger("proxy.limits")
@@ -17,6 +17,8 @@ logger = logging.getLogger("proxy.limits")
 # Stream-slot lease: renewed every third of it while the stream runs; a crashed replica's slots
 # come back within this long.
 LEASE_SECONDS = 30.0
+# What a user refused at the cap is told to wait: answers take seconds, not minutes.
+RETRY_AFTER_SECONDS = 5
 # The cap a lapsed slot is taken back under: none (see `Lease.renew`).
 UNCAPPED = 2**31
 
@@ -38,12 +40,8 @@ class StreamSlots:
         name = f"streams:{user_id}"
         holder = holder or secrets.token_hex(8)
         if not await self.storage.acquire_lease(name, holder, self.limit, self.lease_seconds):
-            raise ApiError(
-                429,
-                "too_many_streams",
-                f"At most {self.limit} answers can stream at once; wait for one to finish.",
-                headers={"Retry-After": "5"},
-            )
+            message = f"At most {self.limit} answers can stream at once; wait for one to finish."
+            raise TOO_MANY_STREAMS.error(message, retry_after=RETRY_AFTER_SECONDS)
         return Lease(self, name, holder)
 
     async def open(self, user_id: str) -> int:

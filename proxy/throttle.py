@@ -20,19 +20,18 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from limits import RateLimitItemPerSecond
 from limits.aio.storage import Storage as LimitsStorage
 from limits.aio.strategies import MovingWindowRateLimiter
-from limits.errors import StorageError
 from starlette.requests import HTTPConnection
 
-from proxy.errors import ApiError
-from proxy.storage import StorageUnavailable
+from proxy.errors import RATE_LIMITED
+from proxy.storage import reachable
 
 # Refused because other attempts for the key are still being verified: they end within seconds.
 IN_FLIGHT_RETRY_SECONDS = 1.0
@@ -57,7 +56,7 @@ class WindowFailureCounter:
         self._name = name
 
     async def retry_after(self, key: str, attempts: int = 1) -> float:
-        with _reachable():
+        with reachable():
             stats = await self._strategy.get_window_stats(self._item, "login-failures", self._name, key)
         if stats.remaining >= attempts:
             return 0.0
@@ -66,20 +65,12 @@ class WindowFailureCounter:
         return max(stats.reset_time - time.time(), IN_FLIGHT_RETRY_SECONDS)
 
     async def record_failure(self, key: str) -> None:
-        with _reachable():
+        with reachable():
             await self._strategy.hit(self._item, "login-failures", self._name, key)
 
     async def clear(self, key: str) -> None:
-        with _reachable():
+        with reachable():
             await self._strategy.clear(self._item, "login-failures", self._name, key)
-
-
-@contextmanager
-def _reachable() -> Iterator[None]:
-    try:
-        yield
-    except StorageError as exc:
-        raise StorageUnavailable() from exc
 
 
 def client_ip(connection: HTTPConnection) -> str:
@@ -109,12 +100,8 @@ class LoginThrottle:
         try:
             wait = max([await counter.retry_after(key[1], ahead[key]) for key, counter in keys.items()])
             if wait > 0:
-                raise ApiError(
-                    429,
-                    "rate_limited",
-                    "Too many failed sign-in attempts. Try again later.",
-                    headers={"Retry-After": str(max(math.ceil(wait), 1))},
-                )
+                message = "Too many failed sign-in attempts. Try again later."
+                raise RATE_LIMITED.error(message, retry_after=max(math.ceil(wait), 1))
             yield
         finally:
             for key in keys:

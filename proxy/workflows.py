@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, ValidationError, model_validator
 from pydantic_core import ErrorDetails
 
-from proxy.errors import ApiError, invalid_input
+from proxy.errors import INVALID_INPUT, UNKNOWN_WORKFLOW
 from proxy.limits import RateLimitConfigError, parse_limit
 from proxy.models import FAIL_FAST, Refusals, message_of, name_pattern, refused, validate
 
@@ -135,15 +135,15 @@ class Workflow(WorkflowTable):
         inputs = WorkflowInputs.parse(submitted).root
         for name, value in inputs.items():
             if name in self.fixed:
-                raise invalid_input(f"The input {name!r} is set by the server and cannot be changed.")
+                raise INVALID_INPUT.error(f"The input {name!r} is set by the server and cannot be changed.")
             if self.inputs is not None and name not in self.inputs:
-                raise invalid_input(f"The input {name!r} is not accepted by this workflow.")
+                raise INVALID_INPUT.error(f"The input {name!r} is not accepted by this workflow.")
             if len(value) > max_chars:
-                raise invalid_input(f"The input {name!r} is longer than {max_chars} characters.")
+                raise INVALID_INPUT.error(f"The input {name!r} is longer than {max_chars} characters.")
             if name == self.image_input and not all(is_https_url(url) for url in value.split("\n") if url):
                 # The upstream fetches image inputs itself: http: could be read or changed on the way,
                 # and javascript:/data:/file: URLs are no images it should be asked to fetch.
-                raise invalid_input(f"The input {name!r} takes https: image URLs, one per line.")
+                raise INVALID_INPUT.error(f"The input {name!r} takes https: image URLs, one per line.")
         return {**inputs, **self.fixed}
 
 
@@ -170,7 +170,7 @@ class WorkflowRegistry:
     def get(self, alias: str) -> Workflow:
         workflow = self._by_alias.get(alias)
         if workflow is None:
-            raise ApiError(404, "unknown_workflow", "No workflow is configured under that name.")
+            raise UNKNOWN_WORKFLOW.error()
         return workflow
 
 

@@ -22,7 +22,7 @@ import httpx
 import jwt
 from starlette.requests import Request
 
-from proxy.errors import ApiError, unauthenticated
+from proxy.errors import AUTH_UNAVAILABLE, UNAUTHENTICATED, ApiError
 from proxy.sessions import User
 
 logger = logging.getLogger("proxy.auth.jwt")
@@ -88,12 +88,7 @@ class JwksCache:
         if not self._keys:
             await self._fetched()
             if not self._keys:
-                raise ApiError(
-                    503,
-                    "auth_unavailable",
-                    "Sign-in cannot be verified right now. Try again shortly.",
-                    headers={"Retry-After": str(max(1, math.ceil(self._retry_at - time.monotonic())))},
-                )
+                raise AUTH_UNAVAILABLE.error(retry_after=max(1, math.ceil(self._retry_at - time.monotonic())))
         elif time.monotonic() - self._fetched_at >= self.max_age:
             self._fetch()  # in the background: the stale keys serve meanwhile
         found = self._find(kid)
@@ -235,7 +230,7 @@ def _bearer_token(request: Request) -> str:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        raise ApiError(401, "unauthenticated", "Send the identity provider's token as Authorization: Bearer.")
+        raise UNAUTHENTICATED.error("Send the identity provider's token as Authorization: Bearer.")
     if len(token) > MAX_TOKEN_CHARS:
         raise _refused("too_long")
     return token
@@ -245,4 +240,4 @@ def _refused(reason: str) -> ApiError:
     # The reason goes to our log only: telling a caller which check failed helps an attacker more
     # than a developer, who can read the log line.
     logger.info("jwt refused", extra={"reason": reason})
-    return unauthenticated()
+    return UNAUTHENTICATED.error()

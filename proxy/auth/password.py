@@ -28,7 +28,7 @@ from starlette.requests import Request
 
 from proxy.auth.base import AuthConfigError
 from proxy.body import read_json
-from proxy.errors import ApiError
+from proxy.errors import UNAUTHENTICATED
 from proxy.models import BodyModel, Refusals, name_pattern
 from proxy.sessions import User
 from proxy.throttle import LoginThrottle, client_ip
@@ -140,7 +140,7 @@ class PasswordAuthenticator:
             if not await anyio.to_thread.run_sync(self._verify, username, password, limiter=self._limiter):
                 await self._throttle.failed(ip, username)
                 logger.info("password sign-in refused", extra={"client_ip": ip})
-                raise ApiError(401, "unauthenticated", "Wrong username or password.")
+                raise UNAUTHENTICATED.error("Wrong username or password.")
         await self._throttle.succeeded(ip, username)
         return User(id=username, kind="password")
 

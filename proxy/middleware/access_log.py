@@ -91,7 +91,7 @@ class AccessLogMiddleware:
         # A relay's first byte is the upstream's first byte it passed on, not a keep-alive or its headers.
         first_byte = context.first_byte_at if context.relay is not None else response.started_at
         end = context.end or outcome
-        if status is None and end == "client_gone_early":
+        if status is None and end in ("client_gone", "client_gone_early"):
             status = 499  # nothing was sent; nginx logs the same for a client that closed the request
         line: dict[str, object] = {
             "method": scope["method"],

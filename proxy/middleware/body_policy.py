@@ -11,14 +11,14 @@ from __future__ import annotations
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxy.errors import ApiError, invalid_input, send_error
+from proxy.errors import BODY_TOO_LARGE, INVALID_INPUT, ApiError, send_error
 from proxy.middleware.csrf import is_protected
 
 JSON_MEDIA_TYPE = "application/json"
 
 
 def too_large(max_bytes: int) -> ApiError:
-    return ApiError(413, "body_too_large", f"The body is larger than {max_bytes} bytes.")
+    return BODY_TOO_LARGE.error(f"The body is larger than {max_bytes} bytes.")
 
 
 class BodyPolicyMiddleware:
@@ -36,11 +36,11 @@ class BodyPolicyMiddleware:
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
         problem: ApiError | None = None
         if has_body and media_type != JSON_MEDIA_TYPE:
-            problem = invalid_input("Send the body as application/json.")
+            problem = INVALID_INPUT.error("Send the body as application/json.")
         elif declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
             problem = too_large(self.max_bytes)
         if problem is not None:
-            await send_error(problem, scope["path"], send)
+            await send_error(problem, scope, send)
             return
 
         received = 0

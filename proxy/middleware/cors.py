@@ -23,7 +23,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxy.errors import ApiError, send_error
+from proxy.errors import CSRF_FAILED, send_error
 
 ALLOWED_METHODS = "GET, POST"
 # Authorization: POST /auth/exchange carries the identity provider's token in it.
@@ -54,8 +54,7 @@ class CorsMiddleware:
             else:
                 await self.app(scope, receive, _allowing(origin, send))
         elif preflight and origin is not None:
-            error = ApiError(403, "csrf_failed", "This origin may not call this service.")
-            await send_error(error, scope["path"], send)
+            await send_error(CSRF_FAILED.error("This origin may not call this service."), scope, send)
         elif self.allowed_origins:
             await self.app(scope, receive, _varying_on_origin(send))
         else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.errors import ApiError, send_error
+from proxy.errors import CSRF_FAILED, send_error
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PROTECTED_PREFIXES = ("/auth/", "/api/")
@@ -36,7 +36,7 @@ class CsrfMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         problem = self.problem(scope) if is_protected(scope) else None
         if problem is not None:
-            await send_error(ApiError(403, "csrf_failed", problem), scope["path"], send)
+            await send_error(CSRF_FAILED.error(problem), scope, send)
         else:
             await self.app(scope, receive, send)
 

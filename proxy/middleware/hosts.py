@@ -14,7 +14,7 @@ from __future__ import annotations
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.errors import ApiError, send_error
+from proxy.errors import INVALID_HOST, send_error
 
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -33,7 +33,6 @@ class AllowedHostsMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         checked = scope["type"] == "http" and scope["path"] not in PROBE_PATHS
         if checked and not host_allowed(Headers(scope=scope).get("host", ""), self.allowed):
-            error = ApiError(400, "invalid_host", "This service does not answer for that host name.")
-            await send_error(error, scope["path"], send)
+            await send_error(INVALID_HOST.error(), scope, send)
         else:
             await self.app(scope, receive, send)

@@ -3,7 +3,8 @@
 `?protocol=ui` (default) answers with the AI SDK 5+ UI message stream for `DefaultChatTransport`,
 `?protocol=text` with plain text for `TextStreamChatTransport` (and v3/v4 `streamProtocol: "text"`),
 `?protocol=data` with the AI SDK 3/4 data stream. Errors found before the stream starts are short
-`text/plain` bodies, which useChat shows verbatim (proxy/errors.py).
+`text/plain` bodies, which useChat shows verbatim: every route here is a `TextErrorsRoute`
+(proxy/errors.py).
 
 The answer is a run (proxy/runs/) bound to the chat's id, so `useChat({ resume: true })` gets it
 back after a reload, from any replica, and the chat's Stop button can end it with
@@ -16,11 +17,10 @@ from collections.abc import Callable, Sequence
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from proxy.body import read_json
 from proxy.chat import chat_inputs, parse_chat_request
-from proxy.errors import invalid_input
+from proxy.errors import INVALID_INPUT, TextErrorsRoute
 from proxy.protocols import DataStreamEncoder, StreamEncoder, TextEncoder, UiMessageStreamEncoder
 from proxy.runs import RunRequest, RunStream
 from proxy.services import services
@@ -38,7 +38,7 @@ NO_STORE = {"Cache-Control": "no-store"}
 def _protocol(request: Request, default: str = "ui") -> str:
     protocol = request.query_params.get("protocol", default)
     if protocol not in ENCODERS:
-        raise invalid_input("protocol must be ui, text or data.")
+        raise INVALID_INPUT.error("protocol must be ui, text or data.")
     return protocol
 
 
@@ -101,12 +101,12 @@ async def stop(request: Request) -> Response:
     return Response(status_code=204, headers=NO_STORE)
 
 
-def chat_routes(modes: Sequence[str]) -> list[Route]:
+def chat_routes(modes: Sequence[str]) -> list[TextErrorsRoute]:
     if "relay" not in modes:
         return []
     return [
-        Route("/api/chat/{alias}", chat, methods=["POST"]),
-        Route("/api/chat/{alias}", resume_v4, methods=["GET"]),
-        Route("/api/chat/{alias}/{chat_id}/stream", resume, methods=["GET"]),
-        Route("/api/chat/{alias}/{chat_id}/stop", stop, methods=["POST"]),
+        TextErrorsRoute("/api/chat/{alias}", chat, methods=["POST"]),
+        TextErrorsRoute("/api/chat/{alias}", resume_v4, methods=["GET"]),
+        TextErrorsRoute("/api/chat/{alias}/{chat_id}/stream", resume, methods=["GET"]),
+        TextErrorsRoute("/api/chat/{alias}/{chat_id}/stop", stop, methods=["POST"]),
     ]

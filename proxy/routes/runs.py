@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy.errors import ApiError, invalid_input
+from proxy.errors import INVALID_INPUT, UNKNOWN_RUN
 from proxy.protocols import TextEncoder
 from proxy.runs import RunStream
 from proxy.services import Services, services
@@ -24,14 +24,14 @@ async def _owned_run(request: Request) -> tuple[Services, RunMeta]:
     session = await bff.sessions.require(request)
     meta = await bff.runs.owned(request.path_params["run_id"], session.user.id)
     if meta is None:
-        raise ApiError(404, "unknown_run", "No such answer, or it is no longer kept.")
+        raise UNKNOWN_RUN.error()
     return bff, meta
 
 
 async def follow(request: Request) -> Response:
     raw = request.query_params.get("from", "0")
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 12:
-        raise invalid_input('"from" must be a whole number of characters, at least 0.')
+        raise INVALID_INPUT.error('"from" must be a whole number of characters, at least 0.')
     bff, meta = await _owned_run(request)
     return RunStream(bff.runs, meta, TextEncoder(), skip_chars=int(raw), what=f"resume:{meta.alias}:text")
 

@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from proxy.body import read_json
 from proxy.context import request_context
+from proxy.errors import ClientGone
 from proxy.models import RunResult, Token, TokenRequest
 from proxy.protocols import TextEncoder
 from proxy.routes.auth import iso
@@ -75,6 +76,8 @@ async def run(request: Request) -> Response:
     ending, result = run.ending, run.result
     assert ending is not None
     request_context().relayed(what, run.id, end=ending.reason, chars=run.stats.chars)
+    if ending.nobody_left:
+        raise ClientGone
     if ending.reason == "revoked":
         raise bff.sessions.unauthenticated(request)
     if ending.error is not None:

@@ -14,7 +14,17 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from proxy.errors import ApiError, client_gone, shutting_down, unauthenticated
+from proxy.budget import spent
+from proxy.errors import (
+    ANSWER_TOO_LARGE,
+    BUDGET_EXHAUSTED,
+    SHUTTING_DOWN,
+    UNAUTHENTICATED,
+    UPSTREAM_ERROR,
+    UPSTREAM_TIMEOUT,
+    ApiError,
+    rebuilt,
+)
 from proxy.storage.runlog import END, Entry
 
 INTERRUPTED = "The answer was interrupted. Please try again."
@@ -22,25 +32,34 @@ TOO_LONG = "The answer took too long and was stopped."
 TOO_LARGE = "The answer was too long and was stopped."
 FAILED = "An error occurred."
 SESSION_ENDED = "The session ended."
-RESTARTING = "The service is restarting. Please try again."
-BUDGET_SPENT = "Today's answer budget is used up; it renews at midnight UTC."
+RESTARTING = SHUTTING_DOWN.message
+BUDGET_SPENT = BUDGET_EXHAUSTED.message
 CLEAN = frozenset({"complete", "stopped", "replaced"})
+NOBODY_LEFT = frozenset({"client_gone", "client_gone_early"})
+# How long a client is asked to wait when the replica running its answer shuts down.
+RESTART_RETRY_SECONDS = 5
 
 
 def _upstream_failed() -> ApiError:
-    return ApiError(502, "upstream_error", FAILED)
+    return UPSTREAM_ERROR.error(FAILED)
+
+
+def _interrupted() -> ApiError:
+    return UPSTREAM_ERROR.error(INTERRUPTED)
 
 
 # reason -> (the error before the answer started, the message in-band after it)
 _ENDINGS: dict[str, tuple[Callable[[], ApiError], str]] = {
-    "client_gone": (client_gone, INTERRUPTED),
-    "client_gone_early": (client_gone, INTERRUPTED),
-    "revoked": (unauthenticated, SESSION_ENDED),
-    "shutdown": (shutting_down, RESTARTING),
-    "deadline": (lambda: ApiError(504, "upstream_timeout", TOO_LONG), TOO_LONG),
+    # The follower that started the run left, so nobody hears these but a follower that came back
+    # later (a resume), to a run that stopped because nobody followed it.
+    "client_gone": (_interrupted, INTERRUPTED),
+    "client_gone_early": (_interrupted, INTERRUPTED),
+    "revoked": (UNAUTHENTICATED.error, SESSION_ENDED),
+    "shutdown": (lambda: SHUTTING_DOWN.error(retry_after=RESTART_RETRY_SECONDS), RESTARTING),
+    "deadline": (lambda: UPSTREAM_TIMEOUT.error(TOO_LONG), TOO_LONG),
     "upstream_cut": (_upstream_failed, INTERRUPTED),
-    "too_large": (lambda: ApiError(502, "answer_too_large", TOO_LARGE), TOO_LARGE),
-    "budget": (lambda: ApiError(429, "budget_exhausted", BUDGET_SPENT), BUDGET_SPENT),
+    "too_large": (lambda: ANSWER_TOO_LARGE.error(TOO_LARGE), TOO_LARGE),
+    "budget": (spent, BUDGET_SPENT),
     "lost": (_upstream_failed, INTERRUPTED),
     "failed": (_upstream_failed, FAILED),
 }
@@ -51,6 +70,11 @@ class Ending:
     reason: str
     error: ApiError | None = None  # None: a clean end
     inband: str = ""  # what a started stream says instead of the error
+
+    @property
+    def nobody_left(self) -> bool:
+        """The run ended because its client left: the request that started it answers nothing."""
+        return self.reason in NOBODY_LEFT
 
     @classmethod
     def of(cls, reason: str) -> Ending:
@@ -68,6 +92,7 @@ class Ending:
         fields: dict[str, object] = {"reason": self.reason}
         if self.error is not None and self.reason.startswith("refused:"):
             error = self.error
+            # The status too: a replica still on the previous version, mid-upgrade, reads it.
             fields.update(status=error.status, code=error.code, message=error.message, headers=error.headers)
         return (END, json.dumps(fields).encode())
 
@@ -79,7 +104,7 @@ class Ending:
             if not reason.startswith("refused:"):
                 return cls.of(reason)
             headers = {str(k): str(v) for k, v in dict(fields.get("headers") or {}).items()}
-            error = ApiError(int(fields["status"]), str(fields["code"]), str(fields["message"]), headers=headers)
-        except (KeyError, TypeError, ValueError):
+            error = rebuilt(str(fields["code"]), str(fields["message"]), headers)
+        except (KeyError, TypeError, ValueError):  # not written by us, or a code this version does not know
             return cls.of("lost")
         return cls.refused(error)

@@ -28,7 +28,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from proxy.context import request_context
-from proxy.errors import ApiError, error_response, wants_text_errors
+from proxy.errors import ApiError, error_response, errors_as_text
 from proxy.protocols import StreamEncoder
 from proxy.runs.ending import Ending
 from proxy.runs.manager import RunManager
@@ -122,7 +122,7 @@ class RunStream(Response):
         runs.followers.add(self)
         try:
             with self._left, DisconnectWatch(receive, self._left.cancel):
-                await self._follow(scope["path"], send, read, remote=run is None)
+                await self._follow(scope, send, read, remote=run is None)
             if self.too_slow:
                 self.end = "send_timeout"
             elif self._left.cancel_called and self.end == "incomplete":  # not once the answer was out
@@ -142,7 +142,7 @@ class RunStream(Response):
         except StorageUnavailable:
             return [lost_entry()]
 
-    async def _follow(self, path: str, send: Send, read: Read, *, remote: bool) -> None:
+    async def _follow(self, scope: Scope, send: Send, read: Read, *, remote: bool) -> None:
         encoder = self.encoder
         consumed = 0
         keepalive_at = time.monotonic() + self.keepalive_seconds if encoder.keepalive is not None else None
@@ -171,7 +171,7 @@ class RunStream(Response):
             consumed += len(entries)
             body, ending = self._encode(entries)
             if ending is not None:
-                await self._finish(path, send, body, ending)
+                await self._finish(scope, send, body, ending)
                 return
             await self._start(send)  # the upstream answered (`OPEN`), or text arrived
             if body:
@@ -196,7 +196,7 @@ class RunStream(Response):
                 return b"".join(out), Ending.from_entry(value)
         return b"".join(out), None
 
-    async def _finish(self, path: str, send: Send, body: bytes, ending: Ending) -> None:
+    async def _finish(self, scope: Scope, send: Send, body: bytes, ending: Ending) -> None:
         encoder = self.encoder
         if ending.error is None:  # a clean end: the answer as far as it got
             if not self.opened:
@@ -206,7 +206,7 @@ class RunStream(Response):
         elif not self.started and self.instead_of_error is not None:
             await self._bounded(self.instead_of_error({"type": "http"}, _no_receive, send))
         elif not self.started:
-            await self._error(path, send, ending.error)
+            await self._error(scope, send, ending.error)
         else:
             failure = encoder.fail(ending.inband)
             if failure is not None:
@@ -232,8 +232,8 @@ class RunStream(Response):
         self.sent_bytes += len(body)
         await self._bounded(send({"type": "http.response.body", "body": body, "more_body": more}))
 
-    async def _error(self, path: str, send: Send, error: ApiError) -> None:
-        response = error_response(error, text=wants_text_errors(path))
+    async def _error(self, scope: Scope, send: Send, error: ApiError) -> None:
+        response = error_response(error, text=errors_as_text(scope))
         response.headers["X-Run-Id"] = self.meta.run_id
         await self._bounded(response({"type": "http"}, _no_receive, send))
 

@@ -29,6 +29,7 @@ from proxy.errors import ApiError
 from proxy.runs.ending import Ending
 from proxy.sessions import Session
 from proxy.slots import Lease
+from proxy.storage import StorageUnavailable
 from proxy.storage.runlog import MAX_ENTRIES, OPEN_ENTRY, TEXT, ChunkLog, RunMeta, utf8_chars
 from proxy.streams import RunningStream
 from proxy.upstream import RunResult, UpstreamBody, UpstreamCut
@@ -151,7 +152,7 @@ class Run:
         await self.lease.renew()
         try:
             valid = await self._runs.storage.get_session(self.session.key) is not None
-        except ApiError:  # storage unreachable: not knowing is no reason to cut an answer
+        except StorageUnavailable:  # not knowing is no reason to cut an answer
             valid = True
         if not valid:
             self.stop("revoked")

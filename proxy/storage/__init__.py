@@ -13,7 +13,7 @@ from proxy.settings import MEMORY_SCHEMES, REDIS_SCHEMES, storage_scheme
 from proxy.storage.base import SessionRecord, Storage, StorageUnavailable
 from proxy.storage.limits_memory import MovingWindowMemory
 from proxy.storage.memory import MemoryStorage
-from proxy.storage.redis import RedisStorage, connection_pool
+from proxy.storage.redis import RedisStorage, connection_pool, reachable
 from proxy.storage.runlog import MemoryRunLogs, RunLogs
 from proxy.storage.runlog_redis import RedisRunLogs
 
@@ -39,8 +39,8 @@ def open_limits_storage(url: str) -> LimitsStorage:
 
     In memory it is our own (proxy/storage/limits_memory.py: `limits`' own one hands every key to a
     thread after each hit). With Redis it is `limits`' one over redis-py's asyncio client (not
-    coredis), with the same fail-fast options as `RedisStorage`; errors come out as
-    `limits.errors.StorageError` (raise `StorageUnavailable` from it).
+    coredis), with the same fail-fast options as `RedisStorage`; call it inside `reachable()`, which
+    turns its errors (`limits.errors.StorageError`) into `StorageUnavailable`.
     """
     if storage_scheme(url) not in REDIS_SCHEMES:
         return MovingWindowMemory()
@@ -66,5 +66,6 @@ __all__ = [
     "open_limits_storage",
     "open_run_logs",
     "open_storage",
+    "reachable",
     "storage_scheme",
 ]

@@ -17,21 +17,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from proxy.errors import ApiError
+from proxy.errors import STORAGE_UNAVAILABLE, ApiError
 
 RETRY_AFTER_SECONDS = 5
 
 
 class StorageUnavailable(ApiError):
-    """The storage backend cannot be reached. An `ApiError`, so any route that meets it answers 503."""
+    """The storage backend cannot be reached. An `ApiError`, so any route that meets it answers 503
+    `storage_unavailable`; a type of its own, so code that can do without the storage catches it."""
 
     def __init__(self) -> None:
-        super().__init__(
-            503,
-            "storage_unavailable",
-            "The service cannot reach its storage. Try again shortly.",
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
+        told = STORAGE_UNAVAILABLE.error(retry_after=RETRY_AFTER_SECONDS)
+        super().__init__(told.status, told.code, told.message, headers=told.headers)
 
 
 @dataclass(frozen=True)

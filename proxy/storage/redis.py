@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import limits.errors
 import redis.asyncio
 import redis.exceptions
 from redis.asyncio.retry import Retry
@@ -45,6 +46,9 @@ UNREACHABLE = (
     redis.exceptions.TimeoutError,
     redis.exceptions.ReadOnlyError,  # a primary turned replica during a failover
     OSError,
+    # The rate limits' storage (`limits`, over the same Redis) wraps whatever redis-py raised in one
+    # type of its own, so it cannot say more (proxy/storage/__init__.py: `open_limits_storage`).
+    limits.errors.StorageError,
 )
 
 SAVE_SESSION = """
@@ -157,7 +161,8 @@ def milliseconds(seconds: float) -> int:
 
 @contextmanager
 def reachable() -> Iterator[None]:
-    """Turn "Redis cannot be reached" into `StorageUnavailable`; the client reconnects on its next call."""
+    """Turn "Redis cannot be reached" into `StorageUnavailable`, around every call to Redis: ours, and
+    the rate limits' through `limits`. The client reconnects on its next call."""
     try:
         yield
     except UNREACHABLE as exc:

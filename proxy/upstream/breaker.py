@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from proxy.errors import ApiError
+from proxy.errors import UPSTREAM_UNAVAILABLE
 
 logger = logging.getLogger("proxy.upstream")
 
@@ -41,12 +41,7 @@ class CircuitBreaker:
         if self._opened_at is not None:
             remaining = self._opened_at + self.cooldown - time.monotonic()
             if remaining > 0 or self._probing:
-                raise ApiError(
-                    503,
-                    "upstream_unavailable",
-                    "The upstream service is unavailable; try again shortly.",
-                    headers={"Retry-After": str(max(1, math.ceil(remaining)))},
-                )
+                raise UPSTREAM_UNAVAILABLE.error(retry_after=max(1, math.ceil(remaining)))
             self._probing = True
         try:
             yield

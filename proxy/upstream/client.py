@@ -20,13 +20,14 @@ from pydantic import SecretStr
 
 from proxy.body import loads_text
 from proxy.context import request_context
-from proxy.errors import ApiError
+from proxy.errors import ANSWER_TOO_LARGE, UPSTREAM_ERROR, UPSTREAM_UNAVAILABLE, ApiError
 from proxy.metrics import Metrics
 from proxy.upstream import MintedToken, RunResult, UpstreamBody, UpstreamCut
 from proxy.upstream.body import StreamedBody, let_go
 from proxy.upstream.breaker import CircuitBreaker
 from proxy.upstream.errors import (
     TRANSPORT_ERRORS,
+    UNEXPECTED,
     UpstreamTimeout,
     rate_limited,
     status_error,
@@ -170,7 +171,7 @@ class HttpUpstream:
                     "GET", url, "mint", headers, self._mint_timeout, read=MINT_ANSWER_LIMIT
                 )
             except ApiError as error:
-                if not retry or error.code == "upstream_unavailable":
+                if not retry or error.code == UPSTREAM_UNAVAILABLE.code:
                     self._metrics.mints.labels("failed").inc()
                     raise
                 await _backoff(attempt)
@@ -190,7 +191,7 @@ class HttpUpstream:
         token = answer.get("token")
         granted = answer.get("ttl", ttl)
         if not isinstance(token, str) or not token or not isinstance(granted, int):
-            raise ApiError(502, "upstream_error", "The upstream service sent an unexpected answer.")
+            raise UPSTREAM_ERROR.error(UNEXPECTED)
         self._metrics.mints.labels("ok").inc()
         return MintedToken(token=token, ttl=granted, expires_at=asked_at + granted)
 
@@ -240,12 +241,12 @@ class HttpUpstream:
             raise status_error(response.status, response.headers, content, "run")
         if len(content) > max_bytes:
             logger.warning("upstream run answer larger than %s bytes; refused", max_bytes)
-            raise ApiError(502, "answer_too_large", "The answer was too large to return.")
+            raise ANSWER_TOO_LARGE.error()
         answer = _json_object(content)
         result = answer.get("result")
         citations = answer.get("citations") or []
         if not isinstance(result, str) or not isinstance(citations, list):
-            raise ApiError(502, "upstream_error", "The upstream service sent an unexpected answer.")
+            raise UPSTREAM_ERROR.error(UNEXPECTED)
         return RunResult(result=result, citations=[str(c) for c in citations])
 
 
@@ -273,5 +274,5 @@ def _json_object(content: bytes) -> dict[str, object]:
     except ValueError:
         answer = None
     if not isinstance(answer, dict):
-        raise ApiError(502, "upstream_error", "The upstream service sent an unexpected answer.")
+        raise UPSTREAM_ERROR.error(UNEXPECTED)
     return answer

@@ -13,11 +13,22 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from proxy.errors import ApiError
+from proxy.errors import (
+    UPSTREAM_AUTH_FAILED,
+    UPSTREAM_ERROR,
+    UPSTREAM_OUT_OF_CREDITS,
+    UPSTREAM_RATE_LIMITED,
+    UPSTREAM_TIMEOUT,
+    WORKFLOW_NOT_FOUND,
+    ApiError,
+)
 
 logger = logging.getLogger("proxy.upstream")
 
 DEFAULT_RETRY_AFTER = "5"
+UNREACHABLE = "The upstream service could not be reached."
+# An answer that is not the shape CONTRACT A1-A3 give it.
+UNEXPECTED = "The upstream service sent an unexpected answer."
 RETRY_AFTER_SECONDS = re.compile(r"[0-9]{1,9}")
 MAX_RETRY_AFTER_SECONDS = 3600
 # What aiohttp raises when the upstream cannot be reached or breaks off: a `ClientError` (refused,
@@ -45,21 +56,21 @@ def transport_failure(exc: BaseException) -> UpstreamConnectError | UpstreamTime
 def transport_error(failure: UpstreamConnectError | UpstreamTimeout, operation: str) -> ApiError:
     logger.warning("upstream %s failed: %s", operation, type(failure.__cause__ or failure).__name__)
     if isinstance(failure, UpstreamTimeout):
-        return ApiError(504, "upstream_timeout", "The upstream service did not answer in time.")
-    return ApiError(502, "upstream_error", "The upstream service could not be reached.")
+        return UPSTREAM_TIMEOUT.error()
+    return UPSTREAM_ERROR.error(UNREACHABLE)
 
 
 def status_error(status: int, headers: Mapping[str, str], content: bytes, operation: str) -> ApiError:
     """The error for an answer whose status is not 200."""
     logger.warning("upstream %s answered %s: %s", operation, status, upstream_error_detail(content))
     if status == 401 and operation == "stream":
-        return ApiError(502, "upstream_error", "The upstream service refused the stream token.")
+        return UPSTREAM_ERROR.error("The upstream service refused the stream token.")
     if status in (401, 403):
-        return ApiError(502, "upstream_auth_failed", "The upstream service refused our credentials.")
+        return UPSTREAM_AUTH_FAILED.error()
     if status == 402:
-        return ApiError(402, "upstream_out_of_credits", "The upstream account has no credits left.")
+        return UPSTREAM_OUT_OF_CREDITS.error()
     if status == 404:
-        return ApiError(404, "workflow_not_found", "The upstream service does not know this workflow.")
+        return WORKFLOW_NOT_FOUND.error()
     if status == 429:
         # Seconds only (an HTTP date gets the default), ASCII digits, and capped: the value is ours to
         # parse and to pass on, and a mint pause must not outlive any sensible rate-limit window.
@@ -67,12 +78,11 @@ def status_error(status: int, headers: Mapping[str, str], content: bytes, operat
         if RETRY_AFTER_SECONDS.fullmatch(retry_after):
             return rate_limited(str(min(int(retry_after), MAX_RETRY_AFTER_SECONDS)))
         return rate_limited(DEFAULT_RETRY_AFTER)
-    return ApiError(502, "upstream_error", "The upstream service failed.")
+    return UPSTREAM_ERROR.error()
 
 
 def rate_limited(retry_after: str) -> ApiError:
-    message = "The upstream service is busy; try again shortly."
-    return ApiError(503, "upstream_rate_limited", message, headers={"Retry-After": retry_after})
+    return UPSTREAM_RATE_LIMITED.error(retry_after=retry_after)
 
 
 def upstream_error_detail(content: bytes) -> str:
