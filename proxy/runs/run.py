@@ -204,7 +204,7 @@ class Run:
         except ApiError as error:
             return Ending.refused(error)
         except UpstreamCut as exc:
-            logger.warning("upstream stream broke off: %s", type(exc.__cause__ or exc).__name__)
+            logger.warning("upstream stream broke off: %s", exc)
             runs.metrics.upstream_errors.labels("cut").inc()
             return Ending.of("upstream_cut")
         except Exception:

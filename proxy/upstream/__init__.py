@@ -23,7 +23,10 @@ range:
 The chunk figures overlap within the machine's noise. The door alone shows the same order (a mint
 and a stream request, read and closed, in one process against the bench upstream, three runs each;
 before, httpx, aiohttp): 448-473, 630-646 and 257-271 us per request; 8.7-10.0, 9.4-10.9 and 7.4-8.7
-us per chunk. One HTTP library now serves the upstream; httpx is left for the JWKS fetch of jwt
+us per chunk. One private name of aiohttp is used, in body.py: `StreamReader._read_nowait`, to hand over the bytes
+that arrived just before a connection broke (aiohttp raises the error first, and its public
+`read_nowait` raises it too); tests/test_relay.py's and test_faults.py's cut tests fail without it.
+One HTTP library now serves the upstream; httpx is left for the JWKS fetch of jwt
 sign-in (proxy/auth/jwt.py).
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 
 from proxy.upstream import UpstreamCut
-from proxy.upstream.errors import TRANSPORT_ERRORS
+from proxy.upstream.errors import TRANSPORT_ERRORS, transport_words
 
 
 class StreamedBody:
@@ -23,14 +23,13 @@ class StreamedBody:
         try:
             return await content.readany()
         except TRANSPORT_ERRORS as exc:
-            failure = UpstreamCut(str(exc) or type(exc).__name__)
-            failure.__cause__ = exc
+            failure = UpstreamCut(transport_words(exc))
             # aiohttp raises a connection's error before handing over the bytes that arrived just
             # ahead of it (its public `read_nowait` raises it too); they are the answer's last words
             # and belong to the client.
             leftover = content._read_nowait(-1)
             if not leftover:
-                raise failure from exc
+                raise failure from None
             self._failure = failure
             return leftover
 

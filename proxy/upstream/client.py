@@ -33,6 +33,7 @@ from proxy.upstream.errors import (
     status_error,
     transport_error,
     transport_failure,
+    transport_words,
 )
 
 logger = logging.getLogger("proxy.upstream")
@@ -140,6 +141,8 @@ class HttpUpstream:
                 kind = "timeout" if isinstance(failure, UpstreamTimeout) else "connect"
                 self._metrics.upstream_errors.labels(kind).inc()
                 request_context().upstream_answered(None, kind)
+                # Chained to our failure, whose words have no token in them; never to aiohttp's, which
+                # may hold the stream URL (`from None` would also hide the words `check` shows).
                 raise transport_error(failure, operation) from failure
             status = response.status
             # The last upstream call of a request is the one its summary line reports.
@@ -215,7 +218,7 @@ class HttpUpstream:
             try:
                 content = await _read_limited(response, ERROR_BODY_LIMIT)
             except TRANSPORT_ERRORS as exc:
-                raise UpstreamCut(str(exc) or type(exc).__name__) from exc
+                raise UpstreamCut(transport_words(exc)) from None
             finally:
                 let_go(response)
             raise status_error(response.status, response.headers, content, "stream")

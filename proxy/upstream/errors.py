@@ -34,27 +34,40 @@ MAX_RETRY_AFTER_SECONDS = 3600
 # What aiohttp raises when the upstream cannot be reached or breaks off: a `ClientError` (refused,
 # reset, unresolvable, malformed), or a `TimeoutError` (its own timeouts are one too).
 TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
+URL_QUERY = re.compile(r"\?[^\s'\"]*")
 
 
-class UpstreamConnectError(ConnectionError):
+class UpstreamFailure(Exception):
+    """The upstream could not be reached or did not answer in time: aiohttp's words, without a URL's
+    query, and the name of aiohttp's exception (`source`), for the log and `python -m proxy check`."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(transport_words(exc))
+        self.source = type(exc).__name__
+
+
+class UpstreamConnectError(UpstreamFailure, ConnectionError):
     """The upstream could not be reached, or the connection broke before its answer was read."""
 
 
-class UpstreamTimeout(TimeoutError):
+class UpstreamTimeout(UpstreamFailure, TimeoutError):
     """The upstream did not connect, or answer, in time."""
 
 
+def transport_words(exc: BaseException) -> str:
+    """What aiohttp says of a failure. Its words may name the URL, and a stream URL carries a stream
+    token that was not spent yet: the query is cut off."""
+    return URL_QUERY.sub("", str(exc)) or type(exc).__name__
+
+
 def transport_failure(exc: BaseException) -> UpstreamConnectError | UpstreamTimeout:
-    """aiohttp's exception as one of ours, with its words (`python -m proxy check` shows them). Which of
-    the two it is decides the status the browser sees: a refused connection is a 502, a timeout a 504."""
-    message = str(exc) or type(exc).__name__
-    failure = UpstreamTimeout(message) if isinstance(exc, TimeoutError) else UpstreamConnectError(message)
-    failure.__cause__ = exc
-    return failure
+    """aiohttp's exception as one of ours. Which of the two it is decides the status the browser sees:
+    a refused connection is a 502, a timeout a 504. aiohttp's own exception is not chained to it."""
+    return UpstreamTimeout(exc) if isinstance(exc, TimeoutError) else UpstreamConnectError(exc)
 
 
-def transport_error(failure: UpstreamConnectError | UpstreamTimeout, operation: str) -> ApiError:
-    logger.warning("upstream %s failed: %s", operation, type(failure.__cause__ or failure).__name__)
+def transport_error(failure: UpstreamFailure, operation: str) -> ApiError:
+    logger.warning("upstream %s failed: %s", operation, failure.source)
     if isinstance(failure, UpstreamTimeout):
         return UPSTREAM_TIMEOUT.error()
     return UPSTREAM_ERROR.error(UNREACHABLE)
