@@ -270,3 +270,14 @@ def test_a_client_that_left_is_answered_nothing_and_logged_as_499(caplog: pytest
     assert sent == []
     [line] = [record for record in caplog.records if record.getMessage() == "request end"]
     assert (line.status, line.end) == (499, "client_gone_early")  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("reason", ["client_gone", "client_gone_early"])
+def test_resuming_an_answer_that_stopped_because_nobody_followed_it_finds_nothing_to_replay(reason: str) -> None:
+    ending = Ending.of(reason)
+
+    # Only a resume by id hears the error (the request that started the run had left): the upstream
+    # did not fail, so it is no upstream_error.
+    assert ending.error is not None
+    assert (ending.error.status, ending.error.code) == (404, "unknown_run")
+    assert ending.inband == "The answer was interrupted. Please try again."

@@ -20,6 +20,7 @@ from proxy.errors import (
     BUDGET_EXHAUSTED,
     SHUTTING_DOWN,
     UNAUTHENTICATED,
+    UNKNOWN_RUN,
     UPSTREAM_ERROR,
     UPSTREAM_TIMEOUT,
     ApiError,
@@ -44,16 +45,18 @@ def _upstream_failed() -> ApiError:
     return UPSTREAM_ERROR.error(FAILED)
 
 
-def _interrupted() -> ApiError:
-    return UPSTREAM_ERROR.error(INTERRUPTED)
+def _never_began() -> ApiError:
+    # Only a resume hears this: the run stopped before its first word because nobody followed it,
+    # so there is nothing to replay (the upstream did not fail: no upstream_error).
+    return UNKNOWN_RUN.error("That answer stopped before it began: nobody was following it.")
 
 
 # reason -> (the error before the answer started, the message in-band after it)
 _ENDINGS: dict[str, tuple[Callable[[], ApiError], str]] = {
     # The follower that started the run left, so nobody hears these but a follower that came back
     # later (a resume), to a run that stopped because nobody followed it.
-    "client_gone": (_interrupted, INTERRUPTED),
-    "client_gone_early": (_interrupted, INTERRUPTED),
+    "client_gone": (_never_began, INTERRUPTED),
+    "client_gone_early": (_never_began, INTERRUPTED),
     "revoked": (UNAUTHENTICATED.error, SESSION_ENDED),
     "shutdown": (lambda: SHUTTING_DOWN.error(retry_after=RESTART_RETRY_SECONDS), RESTARTING),
     "deadline": (lambda: UPSTREAM_TIMEOUT.error(TOO_LONG), TOO_LONG),
