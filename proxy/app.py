@@ -152,9 +152,9 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         *(extra_routes or []),
         index_route(),
     ]
-    # Listed outermost first. Each works in any order; this one is chosen. Those that add to every
-    # answer come first, so that the refusals of the checks after them are logged, counted and carry
-    # the headers too. Forwarded headers are believed only from BFF_TRUSTED_PROXIES, so the CSRF check
+    # Listed outermost first. Each works alone, whatever is around it; the order is chosen. Those that
+    # add to every answer come first, so that the refusals of the checks after them are logged,
+    # counted and carry the headers too. Forwarded headers are believed only from BFF_TRUSTED_PROXIES, so the CSRF check
     # sees the scheme the browser used. CORS answers preflights before the CSRF check, and wraps it so
     # an allowed origin can read a refusal.
     middleware = [

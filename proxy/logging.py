@@ -54,6 +54,6 @@ def configure_logging(secrets: list[str], level: str = "INFO") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
-    # httpx logs every request URL at INFO, and stream URLs carry single-use tokens.
+    # httpx (the JWKS fetch, the tests' clients) logs every request URL at INFO; a URL may carry a token.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)

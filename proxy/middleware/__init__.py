@@ -3,7 +3,9 @@
 Each is a class whose async `__call__` takes the request's `scope`, `receive` and `send`, checks what
 it checks, and wraps `send` (or `receive`) only when it has something to add. None relies on another
 having run, so each works alone and in any order (tests/test_middleware.py tries every order of the
-five that touch every answer), and none buffers a body:
+five that touch every answer); the order in app.py decides only which answers the outer ones see (a
+CSRF refusal is logged and carries the security headers because those two are outside it). None
+buffers a body:
 
 - request_id.py: the request's id, echoed in `X-Request-ID` and kept in the request context
 - access_log.py: one summary line per request, from what went out and the request context

@@ -11,8 +11,7 @@ Not Starlette's `CORSMiddleware`, which matches origins exactly too, but cannot 
 it refuses a preflight with a 400 in plain text that still carries `Access-Control-Allow-*` headers
 (ours is the 403 `csrf_failed` of the error format, with none), it sends
 `Access-Control-Allow-Credentials` and `Access-Control-Expose-Headers` to origins it refuses, it
-answers an accepted preflight 200 rather than 204, and off (no origins) it would not refuse
-preflights at all.
+answers an accepted preflight 200 rather than 204.
 """
 
 from __future__ import annotations
