@@ -16,7 +16,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.body import loads_text
 from proxy.chat import (
     MAX_IMAGE_URL_CHARS,
     REGENERATE,
@@ -28,6 +27,7 @@ from proxy.chat import (
     transcript,
 )
 from proxy.errors import ApiError
+from proxy.json_text import loads_text
 from proxy.workflows import INPUT_NAME_PATTERN, Workflow, is_https_url
 
 # A few hundred cases each in `make test`; `make fuzz` asks for many more.

@@ -18,9 +18,9 @@ from urllib.parse import quote
 import aiohttp
 from pydantic import SecretStr
 
-from proxy.body import loads_text
 from proxy.context import request_context
 from proxy.errors import ANSWER_TOO_LARGE, UPSTREAM_ERROR, UPSTREAM_UNAVAILABLE, ApiError
+from proxy.json_text import loads_text
 from proxy.metrics import Metrics
 from proxy.upstream import MintedToken, RunResult, UpstreamBody, UpstreamCut
 from proxy.upstream.body import StreamedBody, let_go
