@@ -12,7 +12,7 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from proxy.auth import build_authenticators
+from proxy.auth import build_authenticators, build_oidc
 from proxy.auth.password import PasswordAuthenticator
 from proxy.budget import OutputBudget
 from proxy.drain import Drain
@@ -61,6 +61,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
     )
 
     authenticators = build_authenticators(settings, limits_storage)
+    oidc = build_oidc(settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
@@ -145,7 +146,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         *ops_routes(),
         metrics_route(metrics),
         openapi_route(),
-        *auth_routes(authenticators),
+        *auth_routes(authenticators, oidc),
         *workflow_routes(settings.modes),
         *chat_routes(settings.modes),
         *run_routes(settings.modes),

@@ -79,6 +79,27 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("post", "/auth/login"): Operation(
         "Sign in with a username and password", SIGNED_IN, (401, 403, 413, 422, 429, 503), body=LoginRequest
     ),
+    ("get", "/auth/login"): Operation(
+        "Sign in with the identity provider (OpenID Connect): a redirect to it",
+        {302: Answer("To the identity provider's sign-in page")},
+        (400, 429, 503),
+        parameters=(
+            {
+                "name": "returnTo",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string", "default": "/"},
+                "description": "A path on this site to return to once signed in.",
+            },
+        ),
+    ),
+    ("get", "/auth/callback"): Operation(
+        "Where the identity provider sends the browser back: signs in, then moves on to returnTo",
+        {
+            200: Answer("Signed in: a page that moves on to returnTo", {"text/html": STRING}),
+            303: Answer("Not signed in: to /?auth_error=<code>"),
+        },
+    ),
     ("get", "/auth/session"): Operation("The current session; never extends it", SIGNED_IN, (401, 503)),
     ("post", "/auth/logout"): Operation("End this session", DONE, (403, 413, 422, 503)),
     ("post", "/auth/logout-all"): Operation("End every session of this user", DONE, (401, 403, 413, 422, 503)),

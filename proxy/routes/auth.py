@@ -14,7 +14,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.auth import Authenticator
+from proxy.auth.oidc import OidcClient
 from proxy.models import SessionInfo, UserInfo
+from proxy.routes.oidc import oidc_routes
 from proxy.services import Services, services
 from proxy.sessions import Session
 from proxy.throttle import client_ip
@@ -37,7 +39,13 @@ async def session_body(bff: Services, session: Session) -> dict[str, object]:
             {"limit": budget.daily_chars, "used": await budget.used(session.limit_key)} if budget.daily_chars else None
         ),
     }
-    answer = SessionInfo(user=UserInfo(id=user.id, kind=user.kind), expires_at=iso(session.expires_at), limits=limits)
+    name = session.record.display_name
+    answer = SessionInfo(
+        user=UserInfo(id=user.id, kind=user.kind, **({"name": name} if name else {})),
+        method=user.kind,
+        expires_at=iso(session.expires_at),
+        limits=limits,
+    )
     return answer.model_dump()
 
 
@@ -86,7 +94,7 @@ async def logout_all(request: Request) -> Response:
     return response
 
 
-def auth_routes(authenticators: Sequence[Authenticator]) -> list[Route]:
+def auth_routes(authenticators: Sequence[Authenticator], oidc: OidcClient | None = None) -> list[Route]:
     routes = [
         Route("/auth/session", current_session, methods=["GET"]),
         Route("/auth/logout", logout, methods=["POST"]),
@@ -94,4 +102,6 @@ def auth_routes(authenticators: Sequence[Authenticator]) -> list[Route]:
     ]
     for authenticator in authenticators:
         routes.append(Route(authenticator.path, sign_in_endpoint(authenticator), methods=["POST"]))
+    if oidc is not None:
+        routes += oidc_routes(oidc)
     return routes

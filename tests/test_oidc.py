@@ -1,0 +1,276 @@
+"""Sign-in with OpenID Connect (CONTRACT C2), against a real provider: panva's oidc-provider.
+
+One provider (tests/oidc_idp.py) and one BFF with `BFF_AUTH=oidc,guest` per module; each test signs in
+a browser of its own (an httpx client walking the provider's login and consent pages).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+import httpx
+import pytest
+
+from tests.conftest import require_tool
+from tests.oidc_idp import CLIENT_ID, CLIENT_SECRET, Idp, idp_port, running_idp, sign_in_at_idp
+from tests.servers import ServerProcess, browser, free_port, proxy_env
+from tests.test_chat_node import NODE_DIR, node_binary, require_node_modules
+
+
+@dataclass
+class OidcSetup:
+    bffs: list[ServerProcess]
+    idp: Idp
+
+    @property
+    def bff(self) -> ServerProcess:
+        return self.bffs[0]
+
+
+def oidc_env(issuer: str, public_url: str, **overrides: str) -> dict[str, str]:
+    return {
+        "BFF_AUTH": "oidc,guest",
+        "BFF_OIDC_ISSUER": issuer,
+        "BFF_OIDC_CLIENT_ID": CLIENT_ID,
+        "BFF_OIDC_CLIENT_SECRET": CLIENT_SECRET,
+        "BFF_PUBLIC_URL": public_url,
+        # A refresh token, which this provider issues only for offline_access asked with prompt=consent.
+        "BFF_OIDC_SCOPES": "openid profile email offline_access",
+        "BFF_OIDC_AUTH_PARAMS": "prompt=consent",
+        **overrides,
+    }
+
+
+@contextmanager
+def oidc_setup(
+    upstream_url: str, replicas: int = 1, idp_config: dict[str, Any] | None = None, **env: str
+) -> Iterator[OidcSetup]:
+    """A provider and `replicas` BFFs registered with it (the first one's URL is the public URL: all
+    replicas stand behind one address, as behind a load balancer). Ports are chosen up front: each
+    side must be configured with the other's address."""
+    require_node_modules(NODE_DIR)
+    port, bff_ports = idp_port(), [free_port() for _ in range(replicas)]
+    public_url = f"http://127.0.0.1:{bff_ports[0]}"
+    issuer = f"http://localhost:{port}"
+    servers: list[ServerProcess] = []
+    try:
+        for bff_port in bff_ports:
+            server = ServerProcess(
+                ["serve"], proxy_env(upstream_url, **oidc_env(issuer, public_url, **env)), port=bff_port
+            )
+            servers.append(server.start())
+        with running_idp(node_binary(), str(NODE_DIR), public_url, port, **(idp_config or {})) as idp:
+            assert idp.issuer == issuer
+            yield OidcSetup(servers, idp)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def oidc(emulator: ServerProcess) -> Iterator[OidcSetup]:
+    with oidc_setup(emulator.url) as setup:
+        yield setup
+
+
+def start_login(client: httpx.Client, return_to: str = "/") -> httpx.Response:
+    answer = client.get("/auth/login", params={"returnTo": return_to})
+    assert answer.status_code == 302, answer.text
+    return answer
+
+
+def sign_in(oidc: OidcSetup, client: httpx.Client, *, login: str = "alice", return_to: str = "/") -> httpx.Response:
+    """The whole login: the BFF's redirect, the provider's pages, the callback. Returns the callback's answer."""
+    location = start_login(client, return_to).headers["location"]
+    with httpx.Client(timeout=30.0) as idp_browser:
+        callback = sign_in_at_idp(idp_browser, location, oidc.bff.url, login=login)
+    return client.get(callback)
+
+
+def callback_with(client: httpx.Client, location: str, **params: str) -> httpx.Response:
+    """The callback as if the provider sent the browser back with `params` for the login at `location`."""
+    state = parse_qs(urlsplit(location).query)["state"][0]
+    return client.get("/auth/callback", params={"state": state, **params})
+
+
+# Signing in
+
+
+def test_a_browser_signs_in_at_the_provider_and_lands_where_it_started(oidc: OidcSetup) -> None:
+    with browser(oidc.bff.url) as client:
+        guest_cookie = client.post("/auth/guest").cookies["bff_session"]
+        login = start_login(client, "/chat?topic=fractions")
+        location = urlsplit(login.headers["location"])
+        query = parse_qs(location.query)
+        assert f"{location.scheme}://{location.netloc}" == oidc.idp.issuer
+        assert query["code_challenge_method"] == ["S256"] and query["code_challenge"] and query["nonce"]
+        assert query["redirect_uri"] == [f"{oidc.bff.url}/auth/callback"]
+        login_cookie = login.headers["set-cookie"]
+        assert login_cookie.startswith("bff_oidc_") and "HttpOnly" in login_cookie and "SameSite=lax" in login_cookie
+        assert query["state"][0] not in login_cookie  # sealed, not only signed
+
+        with httpx.Client(timeout=30.0) as idp_browser:
+            callback = sign_in_at_idp(idp_browser, login.headers["location"], oidc.bff.url)
+        landed = client.get(callback)
+
+        assert landed.status_code == 200
+        assert 'content="0;url=/chat?topic=fractions"' in landed.text
+        assert landed.headers["cache-control"] == "no-store"
+        session = client.get("/auth/session").json()
+        assert session["user"] == {"id": "oidc:alice", "kind": "oidc", "name": "Test alice"}
+        assert session["method"] == "oidc"
+        # The guest session the browser had is over: a new session id at sign-in, the old one refused.
+        replayed = httpx.get(f"{oidc.bff.url}/auth/session", cookies={"bff_session": guest_cookie})
+        assert replayed.status_code == 401
+        # No token reached the browser: only the session cookie.
+        assert oidc.idp.tokens("access_token") and oidc.idp.tokens("refresh_token")
+        for token in oidc.idp.tokens("access_token") + oidc.idp.tokens("refresh_token"):
+            assert token not in landed.text and token not in str(session)
+        assert "eyJ" not in landed.text + str(landed.headers) + str(session)
+
+
+def test_chromium_signs_in_on_the_providers_pages_and_lands_signed_in(oidc: OidcSetup) -> None:
+    config = {"url": oidc.bff.url, "chromium": require_tool("chromium")}
+    result = subprocess.run(
+        [node_binary(), "oidc-browser.mjs", json.dumps(config)],
+        cwd=NODE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    report = json.loads(result.stdout or "{}")
+    assert "error" not in report and result.returncode == 0, result.stdout + result.stderr
+
+    assert report["loginPage"] == urlsplit(oidc.idp.issuer).netloc
+    # Landed on returnTo with the new session: the Strict session cookie came along after the callback.
+    assert report["session"]["user"] == {"id": "oidc:alice", "kind": "oidc", "name": "Test alice"}
+    # The browser holds the session cookie and nothing else of ours (the login cookie is used up).
+    assert [cookie["name"] for cookie in report["cookies"]] == ["bff_session"]
+    assert report["cookies"][0]["httpOnly"] and report["cookies"][0]["sameSite"] == "Strict"
+    assert report["cancelled"] == "/?auth_error=access_denied"
+    assert report["cancelledSession"] == 401
+
+
+def test_a_callback_whose_state_differs_from_the_login_cookie_signs_nobody_in(oidc: OidcSetup) -> None:
+    with browser(oidc.bff.url) as client:
+        location = start_login(client).headers["location"]
+        state = parse_qs(urlsplit(location).query)["state"][0]
+
+        answer = client.get("/auth/callback", params={"state": state[:-2] + "xx", "code": "c", "iss": oidc.idp.issuer})
+
+        assert answer.status_code == 303 and answer.headers["location"] == "/?auth_error=login_expired"
+        assert "bff_session" not in client.cookies
+        assert client.get("/auth/session").status_code == 401
+
+
+def test_a_callback_in_another_browser_than_the_login_signs_nobody_in(oidc: OidcSetup) -> None:
+    with browser(oidc.bff.url) as client:
+        location = start_login(client).headers["location"]
+        with httpx.Client(timeout=30.0) as idp_browser:
+            callback = sign_in_at_idp(idp_browser, location, oidc.bff.url)
+    with browser(oidc.bff.url) as victim:  # login CSRF: the attacker's callback URL, another browser
+        answer = victim.get(callback)
+
+        assert answer.status_code == 303 and answer.headers["location"] == "/?auth_error=login_expired"
+        assert victim.get("/auth/session").status_code == 401
+
+
+def test_an_id_token_with_another_nonce_is_refused(oidc: OidcSetup) -> None:
+    with browser(oidc.bff.url) as client:
+        parts = urlsplit(start_login(client).headers["location"])
+        query = {name: values[0] for name, values in parse_qs(parts.query).items()}
+        query["nonce"] = "another-nonce"
+        with httpx.Client(timeout=30.0) as idp_browser:
+            callback = sign_in_at_idp(idp_browser, urlunsplit(parts._replace(query=urlencode(query))), oidc.bff.url)
+
+        answer = client.get(callback)
+
+        assert answer.status_code == 303 and answer.headers["location"] == "/?auth_error=login_failed"
+        assert client.get("/auth/session").status_code == 401
+
+
+def test_a_replayed_authorization_code_signs_nobody_in_again(oidc: OidcSetup) -> None:
+    with browser(oidc.bff.url) as client:
+        location = start_login(client).headers["location"]
+        login_cookies = dict(client.cookies)
+        with httpx.Client(timeout=30.0) as idp_browser:
+            callback = sign_in_at_idp(idp_browser, location, oidc.bff.url)
+        assert client.get(callback).status_code == 200
+    with browser(oidc.bff.url, cookies=login_cookies) as replay:  # the login cookie kept, and the code
+        answer = replay.get(callback)
+
+        assert answer.status_code == 303 and answer.headers["location"] == "/?auth_error=login_failed"
+        assert replay.get("/auth/session").status_code == 401
+
+
+def test_an_id_token_with_a_forged_payload_is_refused(oidc: OidcSetup) -> None:
+    with browser(oidc.bff.url) as client:
+        location = start_login(client).headers["location"]
+        with httpx.Client(timeout=30.0) as idp_browser:
+            callback = sign_in_at_idp(idp_browser, location, oidc.bff.url)
+        assert oidc.idp.control("tamper").status_code == 204
+
+        answer = client.get(callback)
+
+        assert answer.status_code == 303 and answer.headers["location"] == "/?auth_error=login_failed"
+        assert client.get("/auth/session").status_code == 401
+
+
+def test_a_refusal_at_the_provider_comes_back_as_its_error_code(oidc: OidcSetup) -> None:
+    with browser(oidc.bff.url) as client:
+        location = start_login(client).headers["location"]
+
+        answer = callback_with(client, location, error="access_denied", iss=oidc.idp.issuer)
+        assert answer.status_code == 303 and answer.headers["location"] == "/?auth_error=access_denied"
+
+        location = start_login(client).headers["location"]
+        odd = callback_with(client, location, error="<script>", error_description="x", iss=oidc.idp.issuer)
+        assert odd.status_code == 303 and odd.headers["location"] == "/?auth_error=login_failed"
+
+
+def test_an_answer_naming_another_issuer_is_refused(oidc: OidcSetup) -> None:
+    with browser(oidc.bff.url) as client:
+        location = start_login(client).headers["location"]
+
+        answer = callback_with(client, location, code="c", iss="https://evil.example")
+
+        assert answer.status_code == 303 and answer.headers["location"] == "/?auth_error=login_failed"
+
+
+@pytest.mark.parametrize(
+    "return_to", ["//evil.example", "https://evil.example", "/\\evil.example", "javascript:alert(1)", "chat", "/a\nb"]
+)
+def test_return_to_must_be_a_path_on_this_site(oidc: OidcSetup, return_to: str) -> None:
+    with browser(oidc.bff.url) as client:
+        answer = client.get("/auth/login", params={"returnTo": return_to})
+
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_input"
+        assert "location" not in answer.headers
+
+
+def test_sign_in_answers_503_while_the_provider_cannot_be_reached(emulator: ServerProcess) -> None:
+    port = free_port()
+    env = oidc_env(f"http://localhost:{free_port()}", f"http://127.0.0.1:{port}")
+    server = ServerProcess(["serve"], proxy_env(emulator.url, **env), port=port).start()
+    try:
+        with browser(server.url) as client:
+            answer = client.get("/auth/login")
+
+            assert answer.status_code == 503 and answer.json()["error"]["code"] == "auth_unavailable"
+            assert client.post("/auth/guest").status_code == 200  # the other sign-ins go on working
+    finally:
+        server.stop()
+
+
+def test_the_openapi_document_lists_the_sign_in_routes(oidc: OidcSetup) -> None:
+    paths = httpx.get(f"{oidc.bff.url}/openapi.json").json()["paths"]
+
+    assert "get" in paths["/auth/login"] and "get" in paths["/auth/callback"]
+    assert "post" in paths["/auth/guest"]
