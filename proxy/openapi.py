@@ -52,6 +52,12 @@ class Operation:
 
 SIGNED_IN = {200: Answer("Signed in", {JSON: SessionInfo})}
 DONE = {204: Answer("Done")}
+# With OpenID Connect, the URL at which the browser ends its session at the identity provider too.
+LOGOUT_URL: Schema = {"type": "object", "properties": {"logout_url": STRING}, "required": ["logout_url"]}
+SIGNED_OUT = {
+    200: Answer("Signed out here; visit logout_url to sign out at the identity provider", {JSON: LOGOUT_URL}),
+    **DONE,
+}
 CHAT_STREAM = {
     200: Answer(
         "UI message stream (SSE), plain text, or v4 data stream", {"text/event-stream": UiStreamEvent, TEXT: STRING}
@@ -101,8 +107,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         },
     ),
     ("get", "/auth/session"): Operation("The current session; never extends it", SIGNED_IN, (401, 503)),
-    ("post", "/auth/logout"): Operation("End this session", DONE, (403, 413, 422, 503)),
-    ("post", "/auth/logout-all"): Operation("End every session of this user", DONE, (401, 403, 413, 422, 503)),
+    ("post", "/auth/logout"): Operation("End this session", SIGNED_OUT, (403, 413, 422, 503)),
+    ("post", "/auth/logout-all"): Operation("End every session of this user", SIGNED_OUT, (401, 403, 413, 422, 503)),
     ("post", "/api/token"): Operation(
         "Mint a single-use upstream stream token (token mode)",
         {200: Answer("A fresh token", {JSON: Token})},

@@ -162,6 +162,9 @@ class Settings(BaseSettings):
     public_url: str | None = None
     oidc_user_claim: str = "sub"
     oidc_name_claim: str = "name"
+    # What the RP-initiated logout URL identifies the session by: the ID token (a hint; providers then
+    # usually skip their confirmation page) or only the client id.
+    oidc_logout_hint: Literal["id_token", "client_id"] = "id_token"
 
     _split = field_validator(
         "session_secrets", "auth", "modes", "allowed_origins", "trusted_proxies", "allowed_hosts", mode="before"

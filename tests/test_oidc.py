@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import require_tool
 from tests.oidc_idp import CLIENT_ID, CLIENT_SECRET, Idp, idp_port, running_idp, sign_in_at_idp
-from tests.servers import ServerProcess, browser, free_port, proxy_env
+from tests.servers import ServerProcess, browser, eventually, free_port, proxy_env
 from tests.test_chat_node import NODE_DIR, node_binary, require_node_modules
 
 
@@ -93,6 +93,27 @@ def sign_in(oidc: OidcSetup, client: httpx.Client, *, login: str = "alice", retu
     return client.get(callback)
 
 
+def signed_in(oidc: OidcSetup, client: httpx.Client, *, login: str = "alice") -> str:
+    """Signs `client` in; returns the refresh token the provider issued for this sign-in."""
+    before = len(oidc.idp.tokens("refresh_token"))
+    assert sign_in(oidc, client, login=login).status_code == 200
+    issued = oidc.idp.tokens("refresh_token")[before:]
+    assert len(issued) == 1
+    return issued[0]
+
+
+def refresh_at_idp(oidc: OidcSetup, refresh_token: str) -> httpx.Response:
+    """What the provider answers to this refresh token now (rotating it, when it is still good)."""
+    data = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+    return httpx.post(f"{oidc.idp.issuer}/token", data=data, auth=(CLIENT_ID, CLIENT_SECRET), timeout=10.0)
+
+
+def revoked(oidc: OidcSetup, refresh_token: str) -> bool:
+    answer = refresh_at_idp(oidc, refresh_token)
+    assert answer.status_code in (200, 400), answer.text
+    return answer.status_code == 400 and answer.json()["error"] == "invalid_grant"
+
+
 def callback_with(client: httpx.Client, location: str, **params: str) -> httpx.Response:
     """The callback as if the provider sent the browser back with `params` for the login at `location`."""
     state = parse_qs(urlsplit(location).query)["state"][0]
@@ -154,6 +175,8 @@ def test_chromium_signs_in_on_the_providers_pages_and_lands_signed_in(oidc: Oidc
     # The browser holds the session cookie and nothing else of ours (the login cookie is used up).
     assert [cookie["name"] for cookie in report["cookies"]] == ["bff_session"]
     assert report["cookies"][0]["httpOnly"] and report["cookies"][0]["sameSite"] == "Strict"
+    # Signed out at both ends: the provider's logout page sent the browser back to the app.
+    assert report["logoutStatus"] == 200 and report["afterLogout"] == 401
     assert report["cancelled"] == "/?auth_error=access_denied"
     assert report["cancelledSession"] == 401
 
@@ -274,3 +297,44 @@ def test_the_openapi_document_lists_the_sign_in_routes(oidc: OidcSetup) -> None:
 
     assert "get" in paths["/auth/login"] and "get" in paths["/auth/callback"]
     assert "post" in paths["/auth/guest"]
+
+
+# Signing out
+
+
+def test_logout_answers_the_providers_logout_url_and_revokes_the_refresh_token(oidc: OidcSetup) -> None:
+    with browser(oidc.bff.url) as client:
+        refresh_token = signed_in(oidc, client)
+
+        answer = client.post("/auth/logout")
+
+        assert answer.status_code == 200 and answer.headers["cache-control"] == "no-store"
+        logout_url = urlsplit(answer.json()["logout_url"])
+        query = parse_qs(logout_url.query)
+        assert f"{logout_url.scheme}://{logout_url.netloc}{logout_url.path}" == f"{oidc.idp.issuer}/session/end"
+        assert query["post_logout_redirect_uri"] == [f"{oidc.bff.url}/"] and query["client_id"] == [CLIENT_ID]
+        assert query["id_token_hint"][0].startswith("eyJ")
+        assert client.get("/auth/session").status_code == 401
+        # Revoked at the provider once the answer was sent (the provider then refuses it).
+        eventually(lambda: revoked(oidc, refresh_token), "the refresh token revoked at the provider")
+
+
+def test_logout_all_revokes_the_refresh_token_of_every_session_of_the_user(oidc: OidcSetup) -> None:
+    with browser(oidc.bff.url) as laptop, browser(oidc.bff.url) as phone:
+        on_laptop = signed_in(oidc, laptop, login="carol")
+        on_phone = signed_in(oidc, phone, login="carol")
+
+        answer = phone.post("/auth/logout-all")
+
+        assert answer.status_code == 200 and "logout_url" in answer.json()
+        assert laptop.get("/auth/session").status_code == 401
+        eventually(lambda: revoked(oidc, on_laptop) and revoked(oidc, on_phone), "both refresh tokens revoked")
+
+
+def test_a_guest_beside_oidc_signs_out_as_before(oidc: OidcSetup) -> None:
+    with browser(oidc.bff.url) as client:
+        client.post("/auth/guest").raise_for_status()
+
+        answer = client.post("/auth/logout")
+
+        assert answer.status_code == 204 and answer.content == b""

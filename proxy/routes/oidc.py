@@ -26,8 +26,9 @@ import time
 from urllib.parse import urlsplit
 
 from authlib.common.security import generate_token
+from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from proxy.auth.oidc import IdpTokens, OidcClient, OidcError, index_hash
@@ -35,6 +36,7 @@ from proxy.errors import ApiError
 from proxy.sealing import SealError
 from proxy.services import services
 from proxy.sessions import IdpSession, SessionManager, User
+from proxy.storage import SessionRecord
 from proxy.throttle import client_ip
 
 logger = logging.getLogger("proxy.auth.oidc")
@@ -196,6 +198,48 @@ async def _complete(client: OidcClient, request: Request, attempt: dict[str, obj
     return user, idp
 
 
+async def signed_out(client: OidcClient, sessions: SessionManager, ended: list[SessionRecord]) -> Response:
+    """The answer to a logout that ended `ended` (already revoked here): 200 with the provider's logout
+    URL for the browser to visit when the browser's own session was an OpenID Connect one and the
+    provider offers RP-initiated logout, else 204. Refresh tokens are revoked at the provider after
+    the answer is sent, so a slow provider never holds up a logout.
+
+    The ID token in the URL (`id_token_hint`) is the one token the browser is ever given, on purpose:
+    providers use it to end the right session without asking. Its session here is over by then, and
+    it opens nothing at the BFF; BFF_OIDC_LOGOUT_HINT=client_id leaves it out."""
+    tokens = [found for record in ended if (found := _tokens_of(sessions, record)) is not None]
+    refresh_tokens = [t.refresh_token for t in tokens if t.refresh_token]
+    background = BackgroundTask(_revoke_all, client, refresh_tokens) if refresh_tokens else None
+    logout_url = None
+    if ended and ended[0].kind == "oidc":
+        try:
+            provider = await client.provider()
+        except OidcError:
+            provider = None  # signed out here; the provider's session cannot be ended from here now
+        own = _tokens_of(sessions, ended[0])
+        if provider is not None:
+            logout_url = client.logout_url(provider, own.id_token if own else None)
+    if logout_url is None:
+        return Response(status_code=204, background=background)
+    return JSONResponse({"logout_url": logout_url}, headers=NO_STORE, background=background)
+
+
+def _tokens_of(sessions: SessionManager, record: SessionRecord) -> IdpTokens | None:
+    data = sessions.idp_tokens(record)
+    try:
+        return IdpTokens.loads(data) if data is not None else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+async def _revoke_all(client: OidcClient, refresh_tokens: list[str]) -> None:
+    for refresh_token in refresh_tokens:
+        try:
+            await client.revoke(refresh_token)
+        except OidcError as exc:  # the session here is over either way; the token expires at the provider
+            logger.warning("oidc revocation failed", extra={"reason": exc.reason})
+
+
 def _continue_to(return_to: str) -> Response:
     """A page that moves on to `return_to` at once (see the module's docstring for why not a 302)."""
     target = html.escape(return_to, quote=True)
@@ -207,4 +251,4 @@ def _continue_to(return_to: str) -> Response:
     return HTMLResponse(body, headers=NO_STORE)
 
 
-__all__ = ["IdpTokens", "oidc_routes", "safe_return_to"]
+__all__ = ["oidc_routes", "safe_return_to", "signed_out"]

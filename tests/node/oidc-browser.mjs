@@ -40,7 +40,18 @@ try {
   report.session = JSON.parse(await page.locator("body").innerText());
   report.cookies = (await context.cookies(config.url)).map(({ name, httpOnly, sameSite, value }) => ({ name, httpOnly, sameSite, size: value.length }));
 
-  // 2. Cancel at the provider: back on the BFF with the provider's error code.
+  // 2. Sign out: the BFF's logout, then the provider's logout page, which comes back to the app.
+  const signedOut = await page.evaluate(async () => {
+    const answer = await fetch("/auth/logout", { method: "POST", headers: { "X-CSRF": "1" } });
+    return { status: answer.status, body: await answer.json() };
+  });
+  report.logoutStatus = signedOut.status;
+  await page.goto(signedOut.body.logout_url);
+  await page.click("button[name=logout]", WAIT); // the provider asks while its session lives
+  await page.waitForURL(`${config.url}/`, WAIT);
+  report.afterLogout = (await page.request.get(`${config.url}/auth/session`)).status();
+
+  // 3. Cancel at the provider: back on the BFF with the provider's error code.
   const other = await browser.newContext();
   await other.route((url) => !["127.0.0.1", "localhost"].includes(url.hostname), (route) => route.abort());
   const second = await other.newPage();
