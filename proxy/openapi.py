@@ -30,6 +30,7 @@ from proxy.workflows import WorkflowInputs
 Schema = dict[str, Any]
 JSON = "application/json"
 TEXT = "text/plain"
+FORM = "application/x-www-form-urlencoded"
 STRING: Schema = {"type": "string"}
 OBJECT: Schema = {"type": "object"}
 
@@ -48,6 +49,8 @@ class Operation:
     body: type[BaseModel] | None = None
     text_errors: bool = False  # the chat routes: a short text body, which useChat shows as it is
     parameters: tuple[Schema, ...] = ()  # besides the path's own and the CSRF header
+    csrf: bool = True  # a POST needs X-CSRF: 1 (all but the identity provider's back-channel logout)
+    form: Schema | None = None  # a form body (application/x-www-form-urlencoded) instead of `body`
 
 
 SIGNED_IN = {200: Answer("Signed in", {JSON: SessionInfo})}
@@ -105,6 +108,13 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             200: Answer("Signed in: a page that moves on to returnTo", {"text/html": STRING}),
             303: Answer("Not signed in: to /?auth_error=<code>"),
         },
+    ),
+    ("post", "/auth/backchannel-logout"): Operation(
+        "OpenID Connect back-channel logout: the identity provider ends sessions (a form with logout_token; no X-CSRF)",
+        {200: Answer("The sessions of that provider session or user are over")},
+        (400, 413, 422, 503),
+        csrf=False,
+        form={"type": "object", "properties": {"logout_token": STRING}, "required": ["logout_token"]},
     ),
     ("get", "/auth/session"): Operation("The current session; never extends it", SIGNED_IN, (401, 503)),
     ("post", "/auth/logout"): Operation("End this session", SIGNED_OUT, (403, 413, 422, 503)),
@@ -224,7 +234,7 @@ def _operation(method: str, path: str, operation: Operation, alias_schema: Schem
     own = {parameter["name"]: parameter for parameter in operation.parameters}
     for_path = [_path_parameter(name, alias_schema if name == "alias" else STRING) for name in _path_parameters(path)]
     parameters = [own.pop(parameter["name"], parameter) for parameter in for_path] + list(own.values())
-    if method == "post":
+    if method == "post" and operation.csrf:
         parameters.append(STATE_CHANGING_HEADER)
     error = Answer("Error, as short text", {TEXT: STRING}) if operation.text_errors else Answer("Error", {JSON: Error})
     answers = {**operation.answers, **dict.fromkeys(operation.errors, error)}
@@ -236,6 +246,8 @@ def _operation(method: str, path: str, operation: Operation, alias_schema: Schem
         rendered["parameters"] = parameters
     if operation.body is not None:
         rendered["requestBody"] = {"required": True, "content": {JSON: {"schema": _ref(operation.body)}}}
+    if operation.form is not None:
+        rendered["requestBody"] = {"required": True, "content": {FORM: {"schema": operation.form}}}
     return rendered
 
 

@@ -253,6 +253,15 @@ class SessionManager:
             self.audit.record("session.revoked", key, user_id=user_id, connection=connection, reason=reason)
         return stopped + len(keys)
 
+    async def revoke_indexed(self, index: str, *, reason: str, connection: HTTPConnection | None = None) -> int:
+        """End every session listed in a storage index (`SessionRecord.indexes()`: an identity provider's
+        session or subject), on every replica, and stop their runs here; how many sessions ended."""
+        ended = await self._storage.delete_indexed_sessions(index)
+        for key, user_id in ended:
+            self.streams.stop_session(key)
+            self.audit.record("session.revoked", key, user_id=user_id, connection=connection, reason=reason)
+        return len(ended)
+
     async def watch_users_forever(self, changed_users: Callable[[], list[str]]) -> None:
         """End the sessions of password users whose password was reset, or who were removed
         (`python -m proxy users add --replace` / `users remove`), within a few seconds, on every

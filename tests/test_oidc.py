@@ -11,7 +11,6 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -19,7 +18,7 @@ import pytest
 
 from tests.conftest import require_tool
 from tests.oidc_idp import CLIENT_ID, CLIENT_SECRET, Idp, idp_port, running_idp, sign_in_at_idp
-from tests.servers import ServerProcess, browser, eventually, free_port, proxy_env
+from tests.servers import RedisServer, ServerProcess, browser, eventually, free_port, proxy_env
 from tests.test_chat_node import NODE_DIR, node_binary, require_node_modules
 
 
@@ -48,12 +47,11 @@ def oidc_env(issuer: str, public_url: str, **overrides: str) -> dict[str, str]:
 
 
 @contextmanager
-def oidc_setup(
-    upstream_url: str, replicas: int = 1, idp_config: dict[str, Any] | None = None, **env: str
-) -> Iterator[OidcSetup]:
+def oidc_setup(upstream_url: str, replicas: int = 1, *, backchannel_to: int = 0, **env: str) -> Iterator[OidcSetup]:
     """A provider and `replicas` BFFs registered with it (the first one's URL is the public URL: all
-    replicas stand behind one address, as behind a load balancer). Ports are chosen up front: each
-    side must be configured with the other's address."""
+    replicas stand behind one address, as behind a load balancer; the provider's back-channel calls
+    reach replica `backchannel_to`). Ports are chosen up front: each side must be configured with the
+    other's address."""
     require_node_modules(NODE_DIR)
     port, bff_ports = idp_port(), [free_port() for _ in range(replicas)]
     public_url = f"http://127.0.0.1:{bff_ports[0]}"
@@ -65,7 +63,8 @@ def oidc_setup(
                 ["serve"], proxy_env(upstream_url, **oidc_env(issuer, public_url, **env)), port=bff_port
             )
             servers.append(server.start())
-        with running_idp(node_binary(), str(NODE_DIR), public_url, port, **(idp_config or {})) as idp:
+        backchannel = f"http://127.0.0.1:{bff_ports[backchannel_to]}/auth/backchannel-logout"
+        with running_idp(node_binary(), str(NODE_DIR), public_url, port, backchannelUri=backchannel) as idp:
             assert idp.issuer == issuer
             yield OidcSetup(servers, idp)
     finally:
@@ -338,3 +337,62 @@ def test_a_guest_beside_oidc_signs_out_as_before(oidc: OidcSetup) -> None:
         answer = client.post("/auth/logout")
 
         assert answer.status_code == 204 and answer.content == b""
+
+
+# Back-channel logout
+
+
+@pytest.fixture(scope="module")
+def oidc_replicas(emulator: ServerProcess, redis_server: RedisServer) -> Iterator[OidcSetup]:
+    """Two replicas sharing Redis; the provider's back-channel calls reach the second one."""
+    with oidc_setup(emulator.url, replicas=2, backchannel_to=1, BFF_STORAGE_URL=redis_server.url) as setup:
+        yield setup
+
+
+def backchannel_logout(url: str, logout_token: str) -> httpx.Response:
+    """As the provider's server calls it: a form, no cookie, no X-CSRF."""
+    return httpx.post(f"{url}/auth/backchannel-logout", data={"logout_token": logout_token}, timeout=10.0)
+
+
+def test_back_channel_logout_ends_the_session_on_every_replica(oidc_replicas: OidcSetup) -> None:
+    first, second = oidc_replicas.bffs
+    with browser(first.url) as client:
+        signed_in(oidc_replicas, client, login="dave")
+        with browser(second.url, cookies=dict(client.cookies)) as same_browser_on_second:
+            assert same_browser_on_second.get("/auth/session").status_code == 200
+
+            sent = oidc_replicas.idp.control("backchannel", sub="dave").json()
+
+            assert sent["status"] == 200  # the second replica accepted the provider's logout token
+            assert client.get("/auth/session").status_code == 401  # and the first one signed out
+            assert same_browser_on_second.get("/auth/session").status_code == 401
+        second.wait_for_log(lambda e: e.get("audit") == "session.revoked" and e.get("reason") == "idp_backchannel")
+
+
+def test_a_replayed_altered_or_foreign_logout_token_is_refused(oidc_replicas: OidcSetup) -> None:
+    first, second = oidc_replicas.bffs
+    with browser(first.url) as client:
+        signed_in(oidc_replicas, client, login="erin")
+        logout_token = oidc_replicas.idp.control("backchannel", sub="erin").json()["logout_token"]
+        signed_in(oidc_replicas, client, login="erin")  # a new session of the same user
+        header, payload, signature = logout_token.split(".")
+        altered = ".".join([header, payload[:-3] + ("A" if payload[-3] != "A" else "B") + payload[-2:], signature])
+        id_token = parse_qs(urlsplit(client.post("/auth/logout").json()["logout_url"]).query)["id_token_hint"][0]
+        signed_in(oidc_replicas, client, login="erin")
+
+        for token in (logout_token, altered, id_token, "not-a-jwt"):
+            for replica in (first, second):
+                answer = backchannel_logout(replica.url, token)
+                assert answer.status_code == 400, token
+                assert answer.json()["error"]["code"] == "invalid_request"
+        assert client.get("/auth/session").status_code == 200  # none of them ended the new session
+
+
+def test_only_the_back_channel_route_is_exempt_from_the_browser_rules(oidc_replicas: OidcSetup) -> None:
+    url = oidc_replicas.bff.url
+    form = {"logout_token": "x"}
+
+    assert httpx.post(f"{url}/auth/backchannel-logout", json=form).status_code == 422  # a form only
+    assert httpx.post(f"{url}/auth/backchannel-logout", data={"logout_token": "x" * 20_000}).status_code == 413
+    assert httpx.post(f"{url}/auth/logout", data=form).status_code == 403  # everything else: as before
+    assert httpx.post(f"{url}/auth/guest", data=form, headers={"X-CSRF": "1"}).status_code == 422

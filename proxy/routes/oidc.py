@@ -23,7 +23,7 @@ import json
 import logging
 import secrets
 import time
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from authlib.common.security import generate_token
 from starlette.background import BackgroundTask
@@ -31,7 +31,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from proxy.auth.oidc import IdpTokens, OidcClient, OidcError, index_hash
+from proxy.auth.jwt import LEEWAY_SECONDS
+from proxy.auth.oidc import LOGOUT_TOKEN_MAX_AGE_SECONDS, IdpTokens, OidcClient, OidcError, index_hash
 from proxy.errors import ApiError
 from proxy.sealing import SealError
 from proxy.services import services
@@ -45,6 +46,7 @@ LOGIN_SECONDS = 600  # from leaving for the provider to coming back
 LOGIN_BINDING = "workflow-bff.oidc-login"
 MAX_RETURN_TO_CHARS = 2048
 MAX_CODE_CHARS = 4096
+MAX_LOGOUT_TOKEN_CHARS = 8192
 # Error codes the provider may send back that the page can explain; any other is `login_failed`.
 PROVIDER_ERRORS = frozenset(
     {"access_denied", "login_required", "consent_required", "interaction_required", "temporarily_unavailable"}
@@ -144,9 +146,43 @@ def oidc_routes(client: OidcClient) -> list[Route]:
         response.delete_cookie(cookie_name, path="/", secure=sessions.cookie_secure, httponly=True, samesite="lax")
         return response
 
+    async def backchannel_logout(request: Request) -> Response:
+        """OpenID Connect Back-Channel Logout 1.0: the provider's server says a session there ended
+        (the user signed out elsewhere, or was removed), and every session here that it opened ends,
+        on every replica. Exempt from the browser CSRF rules (proxy/middleware/csrf.py): the signed
+        logout token is the proof, and a token is accepted once."""
+        bff = services(request)
+        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        tokens = form.get("logout_token", [])
+        try:
+            if len(tokens) != 1 or len(tokens[0]) > MAX_LOGOUT_TOKEN_CHARS:
+                raise OidcError("no single logout_token")
+            claims = await client.verify_logout_token(tokens[0])
+        except OidcError as exc:
+            logger.info("oidc logout token refused", extra={"reason": exc.reason})
+            if exc.unavailable:  # the provider's keys could not be fetched: it may try again
+                raise ApiError(503, "auth_unavailable", "Logout tokens cannot be verified right now.") from None
+            raise ApiError(400, "invalid_request", "The logout token is not valid.") from None
+        # Last, once the signature is known good: a forged token must not use up a real one's jti.
+        seen = hashlib.sha256(f"{client.issuer}\0{claims['jti']}".encode()).hexdigest()
+        ttl = LOGOUT_TOKEN_MAX_AGE_SECONDS + 2 * LEEWAY_SECONDS  # as long as the token is accepted at all
+        if await bff.storage.incr_up_to(f"oidc-jti:{seen}", 1, 1, ttl) is None:
+            logger.info("oidc logout token refused", extra={"reason": "replayed jti"})
+            raise ApiError(400, "invalid_request", "The logout token is not valid.")
+        sid = claims.get("sid")
+        index = (
+            f"oidc-sid:{index_hash(client.issuer, sid)}"
+            if isinstance(sid, str) and sid
+            else f"oidc-sub:{index_hash(client.issuer, str(claims['sub']))}"
+        )
+        ended = await bff.sessions.revoke_indexed(index, reason="idp_backchannel", connection=request)
+        logger.info("oidc back-channel logout", extra={"sessions": ended, "by": index.split(":")[0]})
+        return Response(status_code=200, headers=NO_STORE)
+
     return [
         Route("/auth/login", login, methods=["GET"]),
         Route("/auth/callback", callback, methods=["GET"]),
+        Route("/auth/backchannel-logout", backchannel_logout, methods=["POST"]),
     ]
 
 
