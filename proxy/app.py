@@ -14,6 +14,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from proxy.auth import build_authenticators, build_oidc
 from proxy.auth.password import PasswordAuthenticator
+from proxy.auth.refresh import TokenRefresher
 from proxy.budget import OutputBudget
 from proxy.drain import Drain
 from proxy.errors import ApiError, handle_api_error
@@ -34,6 +35,7 @@ from proxy.routes.ops import index_route, ops_routes
 from proxy.routes.runs import run_routes
 from proxy.routes.workflows import workflow_routes
 from proxy.runs import RunManager, RunSettings
+from proxy.sealing import TokenSealer
 from proxy.services import Services
 from proxy.sessions import SessionManager
 from proxy.settings import Settings
@@ -66,15 +68,18 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
         storage = open_storage(settings.storage_url)
+        secrets = [secret.get_secret_value() for secret in settings.session_secrets]
+        refresh = TokenRefresher(oidc, storage, TokenSealer(secrets)) if oidc is not None else None
         sessions = SessionManager(
             storage,
-            [secret.get_secret_value() for secret in settings.session_secrets],
+            secrets,
             idle_seconds=settings.session_idle_seconds,
             max_seconds=settings.session_max_seconds,
             cookie_secure=settings.cookie_secure,
             samesite=settings.cookie_samesite,
             metrics=metrics,
             guests_share_ip=settings.guest_limits == "ip",
+            idp_refresh=refresh,
         )
         upstream = HttpUpstream(
             settings.upstream_url,

@@ -17,6 +17,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import anyio
 from itsdangerous import BadSignature, URLSafeTimedSerializer
@@ -51,6 +52,16 @@ CLEAR_SITE_DATA = '"cookies"'
 class User:
     id: str
     kind: str
+
+
+class IdpRefresh(Protocol):
+    """Keeps an OpenID Connect session's provider tokens fresh (proxy/auth/refresh.py)."""
+
+    def due(self, record: SessionRecord, now: float) -> bool: ...
+
+    async def fresh(self, record: SessionRecord) -> SessionRecord | None:
+        """The record with fresh tokens, or None when the provider refused (the session ends)."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +115,7 @@ class SessionManager:
         samesite: str = "strict",
         metrics: Metrics | None = None,
         guests_share_ip: bool = True,
+        idp_refresh: IdpRefresh | None = None,
     ) -> None:
         if not secrets_newest_first:
             raise ValueError("at least one session secret is required")
@@ -118,6 +130,7 @@ class SessionManager:
         self.cookie_secure = cookie_secure
         self.samesite = samesite
         self.guests_share_ip = guests_share_ip
+        self.idp_refresh = idp_refresh
         # The __Host- prefix makes browsers refuse the cookie unless it is Secure, Path=/ and has no
         # Domain; plain-http development cannot meet that, so it gets the plain name.
         self.cookie_name = "__Host-bff_session" if cookie_secure else "bff_session"
@@ -181,6 +194,12 @@ class SessionManager:
         if expired is not None:
             await self._revoke(record, reason=expired, connection=connection)
             return None
+        if self.idp_refresh is not None and self.idp_refresh.due(record, now):
+            refreshed = await self.idp_refresh.fresh(record)
+            if refreshed is None:  # the provider no longer vouches for the user (or signed out meanwhile)
+                await self._revoke(record, reason="idp_refresh_failed", connection=connection)
+                return None
+            record = refreshed
         if touch and now - record.last_seen >= min(TOUCH_GRAIN_SECONDS, self.idle_seconds / 4):
             # A touch never recreates a session that a logout (perhaps on another replica) just ended.
             if not await self._storage.touch_session(record.key, now):

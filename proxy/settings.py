@@ -162,6 +162,8 @@ class Settings(BaseSettings):
     public_url: str | None = None
     oidc_user_claim: str = "sub"
     oidc_name_claim: str = "name"
+    # The provider's tokens are refreshed this long before its access token expires.
+    oidc_refresh_margin_seconds: float = Field(default=60.0, ge=0, le=3600)
     # What the RP-initiated logout URL identifies the session by: the ID token (a hint; providers then
     # usually skip their confirmation page) or only the client id.
     oidc_logout_hint: Literal["id_token", "client_id"] = "id_token"

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
@@ -47,7 +49,9 @@ def oidc_env(issuer: str, public_url: str, **overrides: str) -> dict[str, str]:
 
 
 @contextmanager
-def oidc_setup(upstream_url: str, replicas: int = 1, *, backchannel_to: int = 0, **env: str) -> Iterator[OidcSetup]:
+def oidc_setup(
+    upstream_url: str, replicas: int = 1, *, backchannel_to: int = 0, access_token_ttl: int = 30, **env: str
+) -> Iterator[OidcSetup]:
     """A provider and `replicas` BFFs registered with it (the first one's URL is the public URL: all
     replicas stand behind one address, as behind a load balancer; the provider's back-channel calls
     reach replica `backchannel_to`). Ports are chosen up front: each side must be configured with the
@@ -64,7 +68,8 @@ def oidc_setup(upstream_url: str, replicas: int = 1, *, backchannel_to: int = 0,
             )
             servers.append(server.start())
         backchannel = f"http://127.0.0.1:{bff_ports[backchannel_to]}/auth/backchannel-logout"
-        with running_idp(node_binary(), str(NODE_DIR), public_url, port, backchannelUri=backchannel) as idp:
+        config = {"backchannelUri": backchannel, "accessTokenTtl": access_token_ttl}
+        with running_idp(node_binary(), str(NODE_DIR), public_url, port, **config) as idp:
             assert idp.issuer == issuer
             yield OidcSetup(servers, idp)
     finally:
@@ -396,3 +401,63 @@ def test_only_the_back_channel_route_is_exempt_from_the_browser_rules(oidc_repli
     assert httpx.post(f"{url}/auth/backchannel-logout", data={"logout_token": "x" * 20_000}).status_code == 413
     assert httpx.post(f"{url}/auth/logout", data=form).status_code == 403  # everything else: as before
     assert httpx.post(f"{url}/auth/guest", data=form, headers={"X-CSRF": "1"}).status_code == 422
+
+
+# Refresh
+
+ACCESS_TOKEN_TTL = 60
+REFRESH_MARGIN = 57  # tokens fall due 3 s after each sign-in or refresh
+
+
+@pytest.fixture(scope="module")
+def oidc_refreshing(emulator: ServerProcess, redis_server: RedisServer) -> Iterator[OidcSetup]:
+    """Two replicas sharing Redis, whose sessions' provider tokens fall due 3 s after each refresh."""
+    with oidc_setup(
+        emulator.url,
+        replicas=2,
+        access_token_ttl=ACCESS_TOKEN_TTL,
+        BFF_STORAGE_URL=redis_server.url,
+        BFF_OIDC_REFRESH_MARGIN_SECONDS=str(REFRESH_MARGIN),
+    ) as setup:
+        yield setup
+
+
+def until_due(signed_in_at: float) -> None:
+    """Wait until the session's provider tokens are due for a refresh (a wait on the clock: refresh
+    before expiry is a matter of time)."""
+    due = signed_in_at + ACCESS_TOKEN_TTL - REFRESH_MARGIN + 0.2
+    eventually(lambda: time.time() >= due, "the tokens falling due")
+
+
+def test_provider_tokens_are_refreshed_before_they_expire_once_across_replicas(oidc_refreshing: OidcSetup) -> None:
+    first, second = oidc_refreshing.bffs
+    with browser(first.url) as on_first, browser(second.url) as on_second:
+        signed_in_at = time.time()
+        refresh_token = signed_in(oidc_refreshing, on_first, login="gina")
+        on_second.cookies.update(dict(on_first.cookies))
+        issued = len(oidc_refreshing.idp.tokens("refresh_token"))
+        until_due(signed_in_at)
+
+        # Six requests at once, on both replicas: one of them refreshes, the others wait or go on.
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(lambda c: c.get("/auth/session").status_code, [on_first, on_second] * 3))
+
+        assert statuses == [200] * 6
+        assert len(oidc_refreshing.idp.tokens("refresh_token")) == issued + 1  # exactly one refresh
+        # The provider rotated the refresh token: the old one is spent (a second refresh would have
+        # reused it and revoked the whole grant, signing the user out).
+        assert revoked(oidc_refreshing, refresh_token)
+        assert on_first.get("/auth/session").json()["user"]["id"] == "oidc:gina"
+
+
+def test_a_refresh_the_provider_refuses_ends_the_session(oidc_refreshing: OidcSetup) -> None:
+    first, _ = oidc_refreshing.bffs
+    with browser(first.url) as client:
+        signed_in_at = time.time()
+        signed_in(oidc_refreshing, client, login="hank")
+        assert oidc_refreshing.idp.control("disable", sub="hank").status_code == 204
+        until_due(signed_in_at)
+
+        assert client.get("/auth/session").status_code == 401
+        assert client.get("/auth/session").status_code == 401  # the record is gone, not only refused once
+        first.wait_for_log(lambda e: e.get("audit") == "session.revoked" and e.get("reason") == "idp_refresh_failed")

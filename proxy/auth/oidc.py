@@ -463,6 +463,7 @@ def build_oidc_client(settings: Settings) -> OidcClient:
         public_url=settings.public_url,
         user_claim=settings.oidc_user_claim,
         name_claim=settings.oidc_name_claim,
+        refresh_margin=settings.oidc_refresh_margin_seconds,
         logout_hint=settings.oidc_logout_hint,
         jwks_max_age=settings.jwks_max_age_seconds,
     )
