@@ -12,8 +12,9 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from proxy.auth import build_authenticators
+from proxy.auth import build_authenticators, build_oidc
 from proxy.auth.password import PasswordAuthenticator
+from proxy.auth.refresh import TokenRefresher
 from proxy.budget import OutputBudget
 from proxy.drain import Drain
 from proxy.errors import ApiError, ClientGone, handle_api_error, handle_client_gone
@@ -34,6 +35,7 @@ from proxy.routes.ops import index_route, ops_routes
 from proxy.routes.runs import run_routes
 from proxy.routes.workflows import workflow_routes
 from proxy.runs import RunManager, RunSettings
+from proxy.sealing import TokenSealer
 from proxy.services import Services
 from proxy.sessions import SessionManager
 from proxy.settings import Settings
@@ -61,19 +63,23 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
     )
 
     authenticators = build_authenticators(settings, limits_storage)
+    oidc = build_oidc(settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
         storage = open_storage(settings.storage_url)
+        secrets = [secret.get_secret_value() for secret in settings.session_secrets]
+        refresh = TokenRefresher(oidc, storage, TokenSealer(secrets)) if oidc is not None else None
         sessions = SessionManager(
             storage,
-            [secret.get_secret_value() for secret in settings.session_secrets],
+            secrets,
             idle_seconds=settings.session_idle_seconds,
             max_seconds=settings.session_max_seconds,
             cookie_secure=settings.cookie_secure,
             samesite=settings.cookie_samesite,
             metrics=metrics,
             guests_share_ip=settings.guest_limits == "ip",
+            idp_refresh=refresh,
         )
         upstream = HttpUpstream(
             settings.upstream_url,
@@ -145,7 +151,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         *ops_routes(),
         metrics_route(metrics),
         openapi_route(),
-        *auth_routes(authenticators),
+        *auth_routes(authenticators, oidc),
         *workflow_routes(settings.modes),
         *chat_routes(settings.modes),
         *run_routes(settings.modes),

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp
 
 from proxy import __version__
 from proxy.app import create_app
-from proxy.auth import AuthConfigError, build_authenticators
+from proxy.auth import AuthConfigError, build_authenticators, build_oidc
 from proxy.auth.users_cli import add_users_command
 from proxy.drain import Drain
 from proxy.emulator import create_emulator
@@ -84,6 +84,8 @@ def checked_settings() -> Settings:
         try:
             # Reads the users file: a bad one stops start-up, named. (The limits storage connects lazily.)
             build_authenticators(settings, open_limits_storage(settings.storage_url))
+            if "oidc" not in reported:
+                build_oidc(settings)
         except AuthConfigError as exc:
             problems.append(str(exc))
     if problems:

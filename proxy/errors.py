@@ -98,6 +98,8 @@ BUDGET_EXHAUSTED = RetryLaterCode(
 ANSWER_TOO_LARGE = ErrorCode(502, "answer_too_large", "The answer was too large to return.")
 UNKNOWN_RUN = ErrorCode(404, "unknown_run", "No such answer, or it is no longer kept.")
 INVALID_HOST = ErrorCode(400, "invalid_host", "This service does not answer for that host name.")
+# OpenID Connect Back-Channel Logout 1.0, 2.8: a logout token that fails validation is a 400
+INVALID_LOGOUT_TOKEN = ErrorCode(400, "invalid_request", "The logout token is not valid.")
 # The README's additions
 UPSTREAM_UNAVAILABLE = RetryLaterCode(
     503, "upstream_unavailable", "The upstream service is unavailable; try again shortly."
@@ -129,6 +131,7 @@ CATALOGUE: Mapping[str, ErrorCode | RetryLaterCode] = MappingProxyType(
             ANSWER_TOO_LARGE,
             UNKNOWN_RUN,
             INVALID_HOST,
+            INVALID_LOGOUT_TOKEN,
             UPSTREAM_UNAVAILABLE,
             STORAGE_UNAVAILABLE,
             AUTH_UNAVAILABLE,

@@ -166,12 +166,15 @@ class TokenRequest(BodyModel):
 class UserInfo(BaseModel):
     id: str
     kind: str
+    # OpenID Connect sign-ins: the name the identity provider gave (absent for other kinds).
+    name: str | MISSING = MISSING
 
 
 class SessionInfo(BaseModel):
     """The signed-in user, when the session ends at the latest, and the user's limits."""
 
     user: UserInfo
+    method: str  # how the session signed in: guest, jwt, password or oidc
     expires_at: IsoTime
     limits: dict[str, Any]
 

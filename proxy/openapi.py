@@ -32,6 +32,7 @@ from proxy.errors import (
     BUDGET_EXHAUSTED,
     CSRF_FAILED,
     INVALID_INPUT,
+    INVALID_LOGOUT_TOKEN,
     RATE_LIMITED,
     SHUTTING_DOWN,
     STORAGE_UNAVAILABLE,
@@ -56,6 +57,7 @@ from proxy.workflows import WorkflowInputs
 Schema = dict[str, Any]
 JSON = "application/json"
 TEXT = "text/plain"
+FORM = "application/x-www-form-urlencoded"
 STRING: Schema = {"type": "string"}
 OBJECT: Schema = {"type": "object"}
 
@@ -73,10 +75,18 @@ class Operation:
     errors: tuple[Entry, ...] = ()
     body: type[BaseModel] | None = None
     parameters: tuple[Schema, ...] = ()  # besides the path's own and the CSRF header
+    csrf: bool = True  # a POST needs X-CSRF: 1 (all but the identity provider's back-channel logout)
+    form: Schema | None = None  # a form body (application/x-www-form-urlencoded) instead of `body`
 
 
 SIGNED_IN = {200: Answer("Signed in", {JSON: SessionInfo})}
 DONE = {204: Answer("Done")}
+# With OpenID Connect, the URL at which the browser ends its session at the identity provider too.
+LOGOUT_URL: Schema = {"type": "object", "properties": {"logout_url": STRING}, "required": ["logout_url"]}
+SIGNED_OUT = {
+    200: Answer("Signed out here; visit logout_url to sign out at the identity provider", {JSON: LOGOUT_URL}),
+    **DONE,
+}
 CHAT_STREAM = {
     200: Answer(
         "UI message stream (SSE), plain text, or v4 data stream", {"text/event-stream": UiStreamEvent, TEXT: STRING}
@@ -120,11 +130,39 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("post", "/auth/login"): Operation(
         "Sign in with a username and password", SIGNED_IN, (*SIGN_IN_ERRORS, UNAUTHENTICATED), body=LoginRequest
     ),
+    ("get", "/auth/login"): Operation(
+        "Sign in with the identity provider (OpenID Connect): a redirect to it",
+        {302: Answer("To the identity provider's sign-in page")},
+        (INVALID_INPUT, RATE_LIMITED, AUTH_UNAVAILABLE, STORAGE_UNAVAILABLE),
+        parameters=(
+            {
+                "name": "returnTo",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string", "default": "/"},
+                "description": "A path on this site to return to once signed in.",
+            },
+        ),
+    ),
+    ("get", "/auth/callback"): Operation(
+        "Where the identity provider sends the browser back: signs in, then moves on to returnTo",
+        {
+            200: Answer("Signed in: a page that moves on to returnTo", {"text/html": STRING}),
+            303: Answer("Not signed in: to /?auth_error=<code>"),
+        },
+    ),
+    ("post", "/auth/backchannel-logout"): Operation(
+        "OpenID Connect back-channel logout: the identity provider ends sessions (a form with logout_token; no X-CSRF)",
+        {200: Answer("The sessions of that provider session or user are over")},
+        (INVALID_LOGOUT_TOKEN, BODY_TOO_LARGE, INVALID_INPUT, AUTH_UNAVAILABLE, STORAGE_UNAVAILABLE),
+        csrf=False,
+        form={"type": "object", "properties": {"logout_token": STRING}, "required": ["logout_token"]},
+    ),
     ("get", "/auth/session"): Operation(
         "The current session; never extends it", SIGNED_IN, (UNAUTHENTICATED, STORAGE_UNAVAILABLE)
     ),
-    ("post", "/auth/logout"): Operation("End this session", DONE, (*STATE_CHANGING, STORAGE_UNAVAILABLE)),
-    ("post", "/auth/logout-all"): Operation("End every session of this user", DONE, STOP_ERRORS),
+    ("post", "/auth/logout"): Operation("End this session", SIGNED_OUT, (*STATE_CHANGING, STORAGE_UNAVAILABLE)),
+    ("post", "/auth/logout-all"): Operation("End every session of this user", SIGNED_OUT, STOP_ERRORS),
     ("post", "/api/token"): Operation(
         "Mint a single-use upstream stream token (token mode)",
         {200: Answer("A fresh token", {JSON: Token})},
@@ -243,7 +281,7 @@ def _operation(method: str, path: str, operation: Operation, alias_schema: Schem
     own = {parameter["name"]: parameter for parameter in operation.parameters}
     for_path = [_path_parameter(name, alias_schema if name == "alias" else STRING) for name in _path_parameters(path)]
     parameters = [own.pop(parameter["name"], parameter) for parameter in for_path] + list(own.values())
-    if method == "post":
+    if method == "post" and operation.csrf:
         parameters.append(STATE_CHANGING_HEADER)
     answers = {**operation.answers, **_errors(operation.errors, text=text_errors)}
     rendered: Schema = {
@@ -254,6 +292,8 @@ def _operation(method: str, path: str, operation: Operation, alias_schema: Schem
         rendered["parameters"] = parameters
     if operation.body is not None:
         rendered["requestBody"] = {"required": True, "content": {JSON: {"schema": _ref(operation.body)}}}
+    if operation.form is not None:
+        rendered["requestBody"] = {"required": True, "content": {FORM: {"schema": operation.form}}}
     return rendered
 
 

@@ -17,6 +17,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import anyio
 from itsdangerous import BadSignature, URLSafeTimedSerializer
@@ -27,6 +28,7 @@ from proxy.audit import AuditLog
 from proxy.context import request_context
 from proxy.errors import UNAUTHENTICATED, ApiError
 from proxy.metrics import Metrics
+from proxy.sealing import SealError, TokenSealer
 from proxy.storage import SessionRecord, Storage, StorageUnavailable
 from proxy.streams import StreamRegistry
 from proxy.throttle import client_ip
@@ -50,6 +52,27 @@ CLEAR_SITE_DATA = '"cookies"'
 class User:
     id: str
     kind: str
+
+
+class IdpRefresh(Protocol):
+    """Keeps an OpenID Connect session's provider tokens fresh (proxy/auth/refresh.py)."""
+
+    def due(self, record: SessionRecord, now: float) -> bool: ...
+
+    async def fresh(self, record: SessionRecord) -> SessionRecord | None:
+        """The record with fresh tokens, or None when the provider refused (the session ends)."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class IdpSession:
+    """What an OpenID Connect sign-in keeps besides the user (proxy/auth/oidc.py)."""
+
+    display_name: str
+    sid_hash: str
+    sub_hash: str
+    tokens: bytes  # the IdP's tokens as JSON; sealed before they are stored
+    expires_at: float  # of the IdP's access token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +115,7 @@ class SessionManager:
         samesite: str = "strict",
         metrics: Metrics | None = None,
         guests_share_ip: bool = True,
+        idp_refresh: IdpRefresh | None = None,
     ) -> None:
         if not secrets_newest_first:
             raise ValueError("at least one session secret is required")
@@ -99,24 +123,28 @@ class SessionManager:
         # itsdangerous signs with the last key and verifies with all of them.
         self._serializer = URLSafeTimedSerializer(list(reversed(secrets_newest_first)), salt=COOKIE_SALT)
         self.audit = AuditLog(secrets_newest_first[0], metrics=metrics)
+        self.sealer = TokenSealer(secrets_newest_first)
         self.streams = StreamRegistry()
         self.idle_seconds = idle_seconds
         self.max_seconds = max_seconds
         self.cookie_secure = cookie_secure
         self.samesite = samesite
         self.guests_share_ip = guests_share_ip
+        self.idp_refresh = idp_refresh
         # The __Host- prefix makes browsers refuse the cookie unless it is Secure, Path=/ and has no
         # Domain; plain-http development cannot meet that, so it gets the plain name.
         self.cookie_name = "__Host-bff_session" if cookie_secure else "bff_session"
 
-    async def sign_in(self, connection: HTTPConnection, user: User) -> tuple[Session, str]:
+    async def sign_in(
+        self, connection: HTTPConnection, user: User, idp: IdpSession | None = None
+    ) -> tuple[Session, str]:
         """End whatever session the browser had, then start a new one with a new id, every time: a
         cookie planted before sign-in never survives it (no session fixation).
 
         Returns the session and the signed cookie value to hand to `set_cookie`.
         """
         previous = await self._end(connection, reason="replaced")
-        session, cookie = await self.start(user)
+        session, cookie = await self.start(user, idp)
         request_context().user_hash = self.audit.user_hash(user.id)
         self.audit.record(
             "session.renewed" if previous is not None else "session.created",
@@ -128,17 +156,27 @@ class SessionManager:
         )
         return session, cookie
 
-    async def start(self, user: User) -> tuple[Session, str]:
+    async def start(self, user: User, idp: IdpSession | None = None) -> tuple[Session, str]:
         now = time.time()
         session_id = secrets.token_urlsafe(32)  # 256 bits from the OS CSPRNG
+        key = session_key(session_id)
         record = SessionRecord(
-            key=session_key(session_id),
+            key=key,
             user_id=user.id,
             kind=user.kind,
             created_at=now,
             last_seen=now,
             expires_at=now + self.max_seconds,
         )
+        if idp is not None:
+            record = dataclasses.replace(
+                record,
+                display_name=idp.display_name,
+                idp_sid_hash=idp.sid_hash,
+                idp_sub_hash=idp.sub_hash,
+                idp_expires_at=idp.expires_at,
+                idp_tokens=self.sealer.seal(idp.tokens, bound_to=key),
+            )
         await self._storage.save_session(record)
         return Session(record, self.idle_seconds, self.streams.revocations), self._serializer.dumps(session_id)
 
@@ -156,6 +194,12 @@ class SessionManager:
         if expired is not None:
             await self._revoke(record, reason=expired, connection=connection)
             return None
+        if self.idp_refresh is not None and self.idp_refresh.due(record, now):
+            refreshed = await self.idp_refresh.fresh(record)
+            if refreshed is None:  # the provider no longer vouches for the user (or signed out meanwhile)
+                await self._revoke(record, reason="idp_refresh_failed", connection=connection)
+                return None
+            record = refreshed
         if touch and now - record.last_seen >= min(TOUCH_GRAIN_SECONDS, self.idle_seconds / 4):
             # A touch never recreates a session that a logout (perhaps on another replica) just ended.
             if not await self._storage.touch_session(record.key, now):
@@ -191,6 +235,24 @@ class SessionManager:
         stale_cookie = self.cookie_name in connection.headers.get("cookie", "")
         return UNAUTHENTICATED.error(headers=self.clear_headers(site_data=False) if stale_cookie else None)
 
+    def idp_tokens(self, record: SessionRecord) -> bytes | None:
+        """The IdP's tokens of an OpenID Connect session, or None (none kept, or sealed with a key that
+        was retired since: the session then has no IdP tokens to use)."""
+        if not record.idp_tokens:
+            return None
+        try:
+            return self.sealer.open(record.idp_tokens, bound_to=record.key)
+        except SealError:
+            logger.warning("idp tokens do not open", extra={"sid_hash": self.audit.sid_hash(record.key)})
+            return None
+
+    async def end_key(self, key: str, *, reason: str, connection: HTTPConnection) -> None:
+        """End the session stored under `key`, if it is live (an OpenID Connect callback ends the session
+        the browser had when it left for the provider: its Strict cookie does not come back with it)."""
+        record = await self._storage.get_session(key)
+        if record is not None:
+            await self._revoke(record, reason=reason, connection=connection)
+
     async def end(self, connection: HTTPConnection) -> Session | None:
         """Logout: revoke this browser's session and stop its relays."""
         return await self._end(connection, reason="logout")
@@ -207,6 +269,15 @@ class SessionManager:
         for key in keys:
             self.audit.record("session.revoked", key, user_id=user_id, connection=connection, reason=reason)
         return stopped + len(keys)
+
+    async def revoke_indexed(self, index: str, *, reason: str, connection: HTTPConnection | None = None) -> int:
+        """End every session listed in a storage index (`SessionRecord.indexes()`: an identity provider's
+        session or subject), on every replica, and stop their runs here; how many sessions ended."""
+        ended = await self._storage.delete_indexed_sessions(index)
+        for key, user_id in ended:
+            self.streams.stop_session(key)
+            self.audit.record("session.revoked", key, user_id=user_id, connection=connection, reason=reason)
+        return len(ended)
 
     async def watch_users_forever(self, changed_users: Callable[[], list[str]]) -> None:
         """End the sessions of password users whose password was reset, or who were removed

@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from proxy.limits import DEFAULT_RATE_LIMITS, RateLimitConfigError, parse_rate_limits
 
-AuthMethod = Literal["guest", "jwt", "password"]
+AuthMethod = Literal["guest", "jwt", "password", "oidc"]
 Mode = Literal["token", "relay"]
 
 MIN_SECRET_CHARS = 32
@@ -145,6 +145,29 @@ class Settings(BaseSettings):
     login_failures_per_ip: int = Field(default=100, ge=1, le=100_000)
     login_failure_window_seconds: int = Field(default=900, ge=1, le=86400)
 
+    # OpenID Connect sign-in (CONTRACT C2, proxy/auth/oidc.py). The issuer is compared byte for byte
+    # with the one discovery answers (some end in "/"), so it is kept exactly as given.
+    oidc_issuer: str | None = None
+    oidc_client_id: str | None = None
+    oidc_client_secret: SecretStr | None = None
+    # private_key_jwt instead of a secret: a PEM private key (RS256 or ES256) and the kid registered with it.
+    oidc_private_key_file: Path | None = None
+    oidc_private_key_id: str | None = None
+    # Default: private_key_jwt with a key file, else client_secret_basic.
+    oidc_client_auth: Literal["client_secret_basic", "client_secret_post", "private_key_jwt"] | None = None
+    oidc_scopes: str = "openid profile email"
+    # Extra authorization parameters, as a query string: "prompt=consent", "access_type=offline".
+    oidc_auth_params: str = ""
+    # The origin the browser sees (https://tutor.example.com): the redirect URI is <it>/auth/callback.
+    public_url: str | None = None
+    oidc_user_claim: str = "sub"
+    oidc_name_claim: str = "name"
+    # The provider's tokens are refreshed this long before its access token expires.
+    oidc_refresh_margin_seconds: float = Field(default=60.0, ge=0, le=3600)
+    # What the RP-initiated logout URL identifies the session by: the ID token (a hint; providers then
+    # usually skip their confirmation page) or only the client id.
+    oidc_logout_hint: Literal["id_token", "client_id"] = "id_token"
+
     _split = field_validator(
         "session_secrets", "auth", "modes", "allowed_origins", "trusted_proxies", "allowed_hosts", mode="before"
     )(_split_commas)
@@ -196,6 +219,25 @@ class Settings(BaseSettings):
         if parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS:
             return value
         raise ValueError("must be an https:// URL (http:// only for localhost)")
+
+    @field_validator("oidc_issuer", "public_url")
+    @classmethod
+    def _https_origin(cls, value: str | None) -> str | None:
+        # The IdP's keys and the browser's redirect must not be swappable in transit; plain http only
+        # on loopback, for development and the tests.
+        parts = urlsplit(value or "")
+        if value is None or (parts.scheme == "https" and parts.hostname):
+            return value
+        if parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS:
+            return value
+        raise ValueError("must be an https:// URL (http:// only for localhost)")
+
+    @field_validator("public_url")
+    @classmethod
+    def _origin_only(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value.rstrip("/")).path:
+            raise ValueError("must be an origin like https://tutor.example.com, without a path")
+        return value.rstrip("/") if value is not None else None
 
     @field_validator("modes")
     @classmethod
@@ -260,6 +302,20 @@ class Settings(BaseSettings):
             missing.append("BFF_JWT_SECRET or BFF_JWKS_URL (BFF_AUTH includes jwt)")
         if "password" in self.auth and self.users_file is None:
             missing.append("BFF_USERS_FILE (BFF_AUTH includes password)")
+        if "oidc" in self.auth:
+            missing += [f"{name} (BFF_AUTH includes oidc)" for name in self.missing_for_oidc()]
+        return missing
+
+    def missing_for_oidc(self) -> list[str]:
+        missing = []
+        if not self.oidc_issuer:
+            missing.append("BFF_OIDC_ISSUER")
+        if not self.oidc_client_id:
+            missing.append("BFF_OIDC_CLIENT_ID")
+        if self.oidc_client_secret is None and self.oidc_private_key_file is None:
+            missing.append("BFF_OIDC_CLIENT_SECRET or BFF_OIDC_PRIVATE_KEY_FILE")
+        if not self.public_url:
+            missing.append("BFF_PUBLIC_URL")
         return missing
 
     def secret_values(self) -> list[str]:
@@ -272,12 +328,14 @@ class Settings(BaseSettings):
             secrets.append(password)
         if self.jwt_secret is not None:
             secrets.append(self.jwt_secret.get_secret_value())
+        if self.oidc_client_secret is not None:
+            secrets.append(self.oidc_client_secret.get_secret_value())
         return [s for s in secrets if s]
 
 
 # Comma-separated settings: an item's error names the item, and how items are separated.
 LIST_HINTS = {
-    "auth": "a comma list of guest, jwt, password",
+    "auth": "a comma list of guest, jwt, password, oidc",
     "modes": "a comma list of token, relay",
 }
 

@@ -56,11 +56,12 @@ class ServerProcess:
     logs: list[str] = field(default_factory=list)
     process: subprocess.Popen[str] | None = None
     _ready: threading.Event = field(default_factory=threading.Event)
+    port: int = 0  # 0: a free one; a fixed port when the URL must be known before the start (BFF_PUBLIC_URL)
 
     def start(self) -> ServerProcess:
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", *self.command, "--host", "127.0.0.1", "--port", "0"],
+            [sys.executable, "-m", "proxy", *self.command, "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=self.env.get("TEST_CWD", str(ROOT)),
             env=env,
             stdout=subprocess.PIPE,

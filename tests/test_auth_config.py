@@ -18,7 +18,8 @@ def serve(**overrides: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("BFF_")}
     return subprocess.run(
         [sys.executable, "-m", "proxy", "serve", "--port", "0"],
-        env={**clean, **proxy_env("http://127.0.0.1:9"), **overrides},
+        # PYTHONPATH: this checkout's code, whatever the venv has installed (the cwd is not the root).
+        env={**clean, **proxy_env("http://127.0.0.1:9"), **overrides, "PYTHONPATH": str(ROOT)},
         cwd=ROOT / "tests",  # no .env here
         capture_output=True,
         text=True,
@@ -35,6 +36,20 @@ def serve(**overrides: str) -> subprocess.CompletedProcess[str]:
         ({"BFF_AUTH": "jwt", "BFF_JWT_SECRET": "short"}, "BFF_JWT_SECRET"),
         ({"BFF_AUTH": "jwt", "BFF_JWKS_URL": "http://id.example.com/jwks.json"}, "BFF_JWKS_URL"),
         ({"BFF_SESSION_SECRETS": "11507a0e2f5e69d5dfa40a62a1bd7b6ee57e6bcd,too-short-old-key"}, "BFF_SESSION_SECRETS"),
+        ({"BFF_AUTH": "oidc"}, "BFF_OIDC_ISSUER"),
+        ({"BFF_AUTH": "oidc", "BFF_OIDC_ISSUER": "https://id.example.com"}, "BFF_OIDC_CLIENT_SECRET"),
+        ({"BFF_OIDC_ISSUER": "http://id.example.com"}, "BFF_OIDC_ISSUER"),
+        ({"BFF_PUBLIC_URL": "https://tutor.example.com/app"}, "BFF_PUBLIC_URL"),
+        (
+            {
+                "BFF_AUTH": "oidc",
+                "BFF_OIDC_ISSUER": "https://id.example.com",
+                "BFF_OIDC_CLIENT_ID": "bff",
+                "BFF_OIDC_PRIVATE_KEY_FILE": "/nonexistent/key.pem",
+                "BFF_PUBLIC_URL": "https://tutor.example.com",
+            },
+            "BFF_OIDC_PRIVATE_KEY_FILE",
+        ),
     ],
 )
 def test_a_sign_in_method_that_cannot_work_stops_start_up(overrides: dict[str, str], named: str) -> None:

@@ -17,7 +17,8 @@ def test_a_guest_sign_in_sets_a_session_cookie_and_describes_the_session(anonymo
     body = response.json()
     assert body["user"]["kind"] == "guest"
     assert body["user"]["id"].startswith("guest_")
-    assert set(body) == {"user", "expires_at", "limits"}
+    assert set(body) == {"user", "method", "expires_at", "limits"}
+    assert body["method"] == "guest"
     cookie = response.headers["set-cookie"]
     assert cookie.startswith("bff_session=")
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie

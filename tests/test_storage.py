@@ -174,6 +174,61 @@ async def test_a_users_live_sessions_are_listed_oldest_first_on_every_replica(
     assert await second.user_sessions("nobody") == []
 
 
+def oidc_record(key: str, user_id: str = "oidc:alice", *, sid: str = "sid1", sub: str = "sub1") -> SessionRecord:
+    now = time.time()
+    return SessionRecord(
+        key,
+        user_id,
+        "oidc",
+        created_at=now,
+        last_seen=now,
+        expires_at=now + 3600,
+        display_name="Alice",
+        idp_sid_hash=sid,
+        idp_sub_hash=sub,
+        idp_expires_at=now + 30,
+        idp_tokens="v1.abcd.sealed",
+    )
+
+
+async def test_an_oidc_session_reads_back_exactly_with_its_idp_fields(replicas: tuple[Storage, Storage]) -> None:
+    first, second = replicas
+    saved = oidc_record("o1")
+
+    await first.save_session(saved)
+
+    assert await second.get_session("o1") == saved
+
+
+async def test_idp_tokens_are_replaced_only_in_a_live_session(replicas: tuple[Storage, Storage]) -> None:
+    first, second = replicas
+    await first.save_session(oidc_record("o1"))
+
+    assert await second.update_idp_tokens("o1", "v1.abcd.new", 1234.5)
+    assert not await second.update_idp_tokens("ended", "v1.abcd.new", 1234.5)
+
+    updated = await first.get_session("o1")
+    assert updated is not None and (updated.idp_tokens, updated.idp_expires_at) == ("v1.abcd.new", 1234.5)
+    assert await first.get_session("ended") is None
+
+
+async def test_back_channel_indexes_end_the_sessions_of_one_idp_session_or_subject(
+    replicas: tuple[Storage, Storage],
+) -> None:
+    first, second = replicas
+    await first.save_session(oidc_record("o1", sid="s1", sub="alice"))
+    await first.save_session(oidc_record("o2", sid="s2", sub="alice"))
+    await first.save_session(oidc_record("o3", "oidc:bob", sid="s3", sub="bob"))
+    await first.save_session(record("g1", "oidc:alice"))  # no IdP fields: in no index
+
+    assert await second.delete_indexed_sessions("oidc-sid:s1") == [("o1", "oidc:alice")]
+    assert await first.get_session("o1") is None and await first.get_session("o2") is not None
+    assert await second.delete_indexed_sessions("oidc-sub:alice") == [("o2", "oidc:alice")]
+    assert await second.delete_indexed_sessions("oidc-sub:alice") == []
+    assert await first.get_session("o3") is not None and await first.get_session("g1") is not None
+    assert [r.key for r in await second.user_sessions("oidc:alice")] == ["g1"]
+
+
 # Leases
 
 

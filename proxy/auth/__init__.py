@@ -11,6 +11,7 @@ from limits.aio.storage import Storage as LimitsStorage
 from proxy.auth.base import AuthConfigError, Authenticator
 from proxy.auth.guest import GuestAuthenticator
 from proxy.auth.jwt import JwtAuthenticator
+from proxy.auth.oidc import OidcClient, build_oidc_client
 from proxy.auth.password import PasswordAuthenticator
 from proxy.settings import Settings
 from proxy.throttle import LoginThrottle, WindowFailureCounter
@@ -46,4 +47,10 @@ def build_authenticators(settings: Settings, limits_storage: LimitsStorage) -> l
     return authenticators
 
 
-__all__ = ["AuthConfigError", "Authenticator", "build_authenticators"]
+def build_oidc(settings: Settings) -> OidcClient | None:
+    """`oidc` signs in through the provider's pages, not with one request, so it is no `Authenticator`:
+    its client is handed to the routes (proxy/routes/oidc.py) and to the session manager."""
+    return build_oidc_client(settings) if "oidc" in settings.auth else None
+
+
+__all__ = ["AuthConfigError", "Authenticator", "build_authenticators", "build_oidc"]

@@ -5,6 +5,10 @@ a CORS preflight, which only `BFF_ALLOWED_ORIGINS` pass); `Sec-Fetch-Site: cross
 only from an allowed origin; and an `Origin`, when the browser sends one, that is this service's own
 origin or an allowed one. A request with neither `Origin` nor `Sec-Fetch-Site` (curl, a server) is
 let through on the header alone: browsers send at least one of them on every cross-origin POST.
+
+One route is exempt: `POST /auth/backchannel-logout`, which the identity provider's server calls,
+never a browser, with no header of ours; it proves itself with a signed logout token instead, and
+changes nothing but ending sessions. The exemption is that exact method and path.
 """
 
 from __future__ import annotations
@@ -21,6 +25,13 @@ PROTECTED_PREFIXES = ("/auth/", "/api/")
 FOREIGN_FETCH_SITES = frozenset({"cross-site", "same-site"})
 
 
+BACKCHANNEL_LOGOUT_PATH = "/auth/backchannel-logout"
+
+
+def is_backchannel_logout(scope: Scope) -> bool:
+    return bool(scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == BACKCHANNEL_LOGOUT_PATH)
+
+
 def is_protected(scope: Scope) -> bool:
     """A state-changing request to our API: the requests every policy in this package guards."""
     return (
@@ -34,7 +45,7 @@ class CsrfMiddleware:
         self.allowed_origins = frozenset(allowed_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        problem = self.problem(scope) if is_protected(scope) else None
+        problem = self.problem(scope) if is_protected(scope) and not is_backchannel_logout(scope) else None
         if problem is not None:
             await send_error(CSRF_FAILED.error(problem), scope, send)
         else:

@@ -14,7 +14,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.auth import Authenticator
+from proxy.auth.oidc import OidcClient
 from proxy.models import SessionInfo, UserInfo
+from proxy.routes.oidc import oidc_routes, signed_out
 from proxy.services import Services, services
 from proxy.sessions import Session
 from proxy.throttle import client_ip
@@ -37,7 +39,13 @@ async def session_body(bff: Services, session: Session) -> dict[str, object]:
             {"limit": budget.daily_chars, "used": await budget.used(session.limit_key)} if budget.daily_chars else None
         ),
     }
-    answer = SessionInfo(user=UserInfo(id=user.id, kind=user.kind), expires_at=iso(session.expires_at), limits=limits)
+    name = session.record.display_name
+    answer = SessionInfo(
+        user=UserInfo(id=user.id, kind=user.kind, **({"name": name} if name else {})),
+        method=user.kind,
+        expires_at=iso(session.expires_at),
+        limits=limits,
+    )
     return answer.model_dump()
 
 
@@ -66,32 +74,48 @@ async def current_session(request: Request) -> Response:
     return JSONResponse(await session_body(bff, session), headers=NO_STORE)
 
 
-async def logout(request: Request) -> Response:
-    """Ends this session server-side and its running relays. 204 even without a session: the browser
-    wants to be signed out, and it is."""
-    sessions = services(request).sessions
-    await sessions.end(request)
-    response = Response(status_code=204)
-    sessions.clear_cookie(response)
-    return response
+def logout_endpoint(oidc: OidcClient | None) -> Callable[[Request], Awaitable[Response]]:
+    async def logout(request: Request) -> Response:
+        """Ends this session server-side and its running relays. 204 even without a session: the browser
+        wants to be signed out, and it is. With OpenID Connect, 200 and the provider's logout URL."""
+        sessions = services(request).sessions
+        ended = await sessions.end(request)
+        if oidc is not None and ended is not None:
+            response = await signed_out(oidc, sessions, [ended.record])
+        else:
+            response = Response(status_code=204)
+        sessions.clear_cookie(response)
+        return response
+
+    return logout
 
 
-async def logout_all(request: Request) -> Response:
-    """Ends every session of this user, on every device, and all their running relays."""
-    sessions = services(request).sessions
-    session = await sessions.require(request, touch=False)
-    await sessions.end_all(request, session)
-    response = Response(status_code=204)
-    sessions.clear_cookie(response)
-    return response
+def logout_all_endpoint(oidc: OidcClient | None) -> Callable[[Request], Awaitable[Response]]:
+    async def logout_all(request: Request) -> Response:
+        """Ends every session of this user, on every device, and all their running relays."""
+        bff = services(request)
+        sessions = bff.sessions
+        session = await sessions.require(request, touch=False)
+        # Read before they go: with OpenID Connect each holds a refresh token to revoke at the provider.
+        records = await bff.storage.user_sessions(session.user.id) if oidc is not None else []
+        await sessions.end_all(request, session)
+        response = Response(status_code=204)
+        if oidc is not None:
+            response = await signed_out(oidc, sessions, [session.record, *(r for r in records if r.key != session.key)])
+        sessions.clear_cookie(response)
+        return response
+
+    return logout_all
 
 
-def auth_routes(authenticators: Sequence[Authenticator]) -> list[Route]:
+def auth_routes(authenticators: Sequence[Authenticator], oidc: OidcClient | None = None) -> list[Route]:
     routes = [
         Route("/auth/session", current_session, methods=["GET"]),
-        Route("/auth/logout", logout, methods=["POST"]),
-        Route("/auth/logout-all", logout_all, methods=["POST"]),
+        Route("/auth/logout", logout_endpoint(oidc), methods=["POST"]),
+        Route("/auth/logout-all", logout_all_endpoint(oidc), methods=["POST"]),
     ]
     for authenticator in authenticators:
         routes.append(Route(authenticator.path, sign_in_endpoint(authenticator), methods=["POST"]))
+    if oidc is not None:
+        routes += oidc_routes(oidc)
     return routes

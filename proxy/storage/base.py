@@ -41,6 +41,25 @@ class SessionRecord:
     created_at: float
     last_seen: float
     expires_at: float  # the absolute end, however active the session is
+    # OpenID Connect sign-ins only (proxy/auth/oidc.py); empty for every other kind.
+    display_name: str = ""
+    # Hashes of the IdP's session id and subject, which back-channel logout names: indexes, not secrets.
+    idp_sid_hash: str = ""
+    idp_sub_hash: str = ""
+    idp_expires_at: float = 0.0  # when the IdP's access token expires (0: nothing to refresh)
+    idp_tokens: str = ""  # the IdP's tokens as JSON, sealed (proxy/sealing.py)
+
+    def indexes(self) -> list[str]:
+        """The storage indexes besides the user's that list this session, for back-channel logout."""
+        return [
+            f"{name}:{value}"
+            for name, value in (("oidc-sid", self.idp_sid_hash), ("oidc-sub", self.idp_sub_hash))
+            if value
+        ]
+
+
+# Fields a backend writes beyond the first six, in this order; all strings but `idp_expires_at`.
+OPTIONAL_FIELDS = ("display_name", "idp_sid_hash", "idp_sub_hash", "idp_expires_at", "idp_tokens")
 
 
 class Storage(Protocol):
@@ -65,6 +84,13 @@ class Storage(Protocol):
 
     async def user_sessions(self, user_id: str) -> list[SessionRecord]:
         """The live sessions of a user, oldest first (for operators: `python -m proxy sessions list`)."""
+
+    async def delete_indexed_sessions(self, index: str) -> list[tuple[str, str]]:
+        """End every session listed in `index` (one of `SessionRecord.indexes()`); returns the
+        (key, user id) of the live sessions that were removed."""
+
+    async def update_idp_tokens(self, key: str, sealed: str, expires_at: float) -> bool:
+        """Replace a session's IdP tokens; False (and nothing written) if the session has ended."""
 
     # Leases: a pool `name` of at most `limit` holders at a time
 

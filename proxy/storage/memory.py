@@ -26,6 +26,9 @@ class MemoryStorage:
     def __init__(self) -> None:
         self._sessions: dict[str, SessionRecord] = {}
         self._by_user: defaultdict[str, set[str]] = defaultdict(set)
+        # Back-channel logout's indexes; a key stays listed after its session ends (harmless: session
+        # keys are never reused) until the index is used or its last session's record is purged.
+        self._by_index: defaultdict[str, set[str]] = defaultdict(set)
         self._leases: dict[str, dict[str, float]] = {}  # name -> holder -> monotonic expiry
         self._counters: dict[str, _Counter] = {}
         self._writes = 0
@@ -42,6 +45,8 @@ class MemoryStorage:
     async def save_session(self, record: SessionRecord) -> None:
         self._sessions[record.key] = record
         self._by_user[record.user_id].add(record.key)
+        for index in record.indexes():
+            self._by_index[index].add(record.key)
         self._count_write()
 
     async def touch_session(self, key: str, last_seen: float) -> bool:
@@ -62,6 +67,22 @@ class MemoryStorage:
             if record is not None and record.expires_at > now:
                 removed.append(key)
         return removed
+
+    async def delete_indexed_sessions(self, index: str) -> list[tuple[str, str]]:
+        removed = []
+        for key in sorted(self._by_index.pop(index, set())):
+            record = await self.get_session(key)
+            if record is not None:
+                self._forget(key)
+                removed.append((key, record.user_id))
+        return removed
+
+    async def update_idp_tokens(self, key: str, sealed: str, expires_at: float) -> bool:
+        record = await self.get_session(key)
+        if record is None:
+            return False
+        self._sessions[key] = dataclasses.replace(record, idp_tokens=sealed, idp_expires_at=expires_at)
+        return True
 
     async def user_sessions(self, user_id: str) -> list[SessionRecord]:
         found = [await self.get_session(key) for key in sorted(self._by_user.get(user_id, set()))]
@@ -157,6 +178,10 @@ class MemoryStorage:
             now = time.time()
             for key in [k for k, r in self._sessions.items() if r.expires_at <= now]:
                 self._forget(key)
+            for index in list(self._by_index):
+                self._by_index[index] &= self._sessions.keys()
+                if not self._by_index[index]:
+                    del self._by_index[index]
             for name in list(self._leases):
                 self._live_holders(name)
             for key in list(self._counters):

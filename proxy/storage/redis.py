@@ -7,6 +7,8 @@ so replicas with skewed clocks still agree on when a lease has lapsed.
 Keys (all under one prefix, `bff:` by default):
 - `session:<key>`: a hash with the record's fields, expiring at the record's absolute `expires_at`;
 - `user:<user_id>`: a sorted set of that user's session keys scored by their expiry, for logout-all;
+- `oidc-sid:<hash>`, `oidc-sub:<hash>`: the same, by identity-provider session and subject, for
+  back-channel logout (a session's key stays listed after a logout until it expires or is used);
 - `lease:<name>`: a sorted set of holders scored by the expiry of their lease (milliseconds);
 - `counter:<key>`: an integer.
 
@@ -29,7 +31,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from proxy.storage.base import SessionRecord, StorageUnavailable
+from proxy.storage.base import OPTIONAL_FIELDS, SessionRecord, StorageUnavailable
 
 logger = logging.getLogger("proxy.storage")
 
@@ -52,17 +54,46 @@ UNREACHABLE = (
 )
 
 SAVE_SESSION = """
--- KEYS: session, user index. ARGV: user_id, kind, created_at, last_seen, expires_at, expiry ms, member
+-- KEYS: session, then every index listing it (the user's first). ARGV: expiry ms, member, field, value, ...
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'user_id', ARGV[1], 'kind', ARGV[2], 'created_at', ARGV[3],
-           'last_seen', ARGV[4], 'expires_at', ARGV[5])
-redis.call('PEXPIREAT', KEYS[1], ARGV[6])
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('PEXPIREAT', KEYS[1], ARGV[1])
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZADD', KEYS[2], ARGV[6], ARGV[7])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
-if last[2] then redis.call('PEXPIREAT', KEYS[2], last[2]) end
+for i = 2, #KEYS do
+  redis.call('ZADD', KEYS[i], ARGV[1], ARGV[2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  local last = redis.call('ZRANGE', KEYS[i], -1, -1, 'WITHSCORES')
+  if last[2] then redis.call('PEXPIREAT', KEYS[i], last[2]) end
+end
+"""
+
+UPDATE_IDP_TOKENS = """
+-- KEYS: session. ARGV: sealed tokens, their expiry
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'idp_tokens', ARGV[1], 'idp_expires_at', ARGV[2])
+return 1
+"""
+
+DELETE_INDEXED_SESSIONS = """
+-- KEYS: index. ARGV: session key prefix, user index prefix. As DELETE_USER_SESSIONS, for any index;
+-- returns member, user_id pairs of the live sessions removed.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local removed = {}
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local key = ARGV[1] .. member
+  local fields = redis.call('HMGET', key, 'user_id', 'expires_at')
+  if redis.call('DEL', key) == 1 and fields[1] then
+    redis.call('ZREM', ARGV[2] .. fields[1], member)
+    if tonumber(fields[2]) and tonumber(fields[2]) > now then
+      table.insert(removed, member)
+      table.insert(removed, fields[1])
+    end
+  end
+end
+redis.call('DEL', KEYS[1])
+return removed
 """
 
 TOUCH_SESSION = """
@@ -200,6 +231,8 @@ class RedisStorage:
         self._touch_session = register(TOUCH_SESSION)
         self._delete_session = register(DELETE_SESSION)
         self._delete_user_sessions = register(DELETE_USER_SESSIONS)
+        self._delete_indexed_sessions = register(DELETE_INDEXED_SESSIONS)
+        self._update_idp_tokens = register(UPDATE_IDP_TOKENS)
         self._acquire_lease = register(ACQUIRE_LEASE)
         self._renew_lease = register(RENEW_LEASE)
         self._count_leases = register(COUNT_LEASES)
@@ -219,6 +252,11 @@ class RedisStorage:
                 created_at=float(fields["created_at"]),
                 last_seen=float(fields["last_seen"]),
                 expires_at=float(fields["expires_at"]),
+                display_name=str(fields.get("display_name", "")),
+                idp_sid_hash=str(fields.get("idp_sid_hash", "")),
+                idp_sub_hash=str(fields.get("idp_sub_hash", "")),
+                idp_expires_at=float(fields.get("idp_expires_at", 0.0)),
+                idp_tokens=str(fields.get("idp_tokens", "")),
             )
         except (KeyError, ValueError):  # missing, or not written by us: no session either way
             return None
@@ -227,15 +265,22 @@ class RedisStorage:
 
     async def save_session(self, record: SessionRecord) -> None:
         keys = [self._key("session", record.key), self._key("user", record.user_id)]
-        times = (record.created_at, record.last_seen, record.expires_at)
+        keys += [self._key(*index.split(":", 1)) for index in record.indexes()]
         # Floats as `repr`, which round-trips exactly; the expiry also in milliseconds, for PEXPIREAT.
-        values: list[str | int] = [
-            record.user_id,
-            record.kind,
-            *map(repr, times),
-            math.ceil(record.expires_at * 1000),
-            record.key,
-        ]
+        fields: dict[str, str] = {
+            "user_id": record.user_id,
+            "kind": record.kind,
+            "created_at": repr(record.created_at),
+            "last_seen": repr(record.last_seen),
+            "expires_at": repr(record.expires_at),
+        }
+        for name in OPTIONAL_FIELDS:  # only when set: records of other sign-ins stay as they were
+            value = getattr(record, name)
+            if value:
+                fields[name] = repr(value) if isinstance(value, float) else value
+        values: list[str | int] = [math.ceil(record.expires_at * 1000), record.key]
+        for item in fields.items():
+            values.extend(item)
         with reachable():
             await self._save_session(keys, values)
 
@@ -251,6 +296,19 @@ class RedisStorage:
         with reachable():
             removed = await self._delete_user_sessions([self._key("user", user_id)], [self._key("session", "")])
         return sorted(str(member) for member in removed)
+
+    async def delete_indexed_sessions(self, index: str) -> list[tuple[str, str]]:
+        kind, name = index.split(":", 1)
+        with reachable():
+            removed = await self._delete_indexed_sessions(
+                [self._key(kind, name)], [self._key("session", ""), self._key("user", "")]
+            )
+        pairs = [(str(removed[i]), str(removed[i + 1])) for i in range(0, len(removed), 2)]
+        return sorted(pairs)
+
+    async def update_idp_tokens(self, key: str, sealed: str, expires_at: float) -> bool:
+        with reachable():
+            return bool(await self._update_idp_tokens([self._key("session", key)], [sealed, repr(expires_at)]))
 
     async def user_sessions(self, user_id: str) -> list[SessionRecord]:
         with reachable():
