@@ -3,9 +3,10 @@
 Three request shapes arrive at `/api/chat/{alias}`: AI SDK 5+ `{"id", "messages": [{"role", "parts"}],
 "trigger", "messageId"?}`, the single-message form `{"id", "message": {...}}` that apps send when they
 keep the history on their server, and AI SDK 3/4 `{"messages": [{"role", "content"}]}`. All three are
-one model, `ChatRequest` (also what /openapi.json describes), whose every message must be well formed.
-It is read into a `Prompt` (the latest user message, the earlier turns, the attached image URLs), which
-the workflow's `chat_input`, `history_input` and `image_input` settings then map to upstream inputs.
+one model, `ChatRequest` (also what /openapi.json describes): every message must be an object with a
+role, and the messages read (not a dropped system message, say) must be well formed. It is read into
+a `Prompt` (the latest user message, the earlier turns, the attached image URLs), which the workflow's
+`chat_input`, `history_input` and `image_input` settings then map to upstream inputs.
 
 Anything else in the body (useChat `body` extras, v4 `data`) is ignored: the browser never chooses
 inputs on this route beyond the conversation itself.
@@ -14,15 +15,27 @@ inputs on this route beyond the conversation itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal, NotRequired
+from typing import Annotated, Any, Literal, NotRequired, TypeVar
 
-from pydantic import MISSING, ConfigDict, Field, model_validator, with_config
+from pydantic import (
+    MISSING,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+    with_config,
+)
 from typing_extensions import TypedDict  # pydantic reads typing's own only from Python 3.12
 
 from proxy.errors import INVALID_INPUT
 from proxy.models import FAIL_FAST, STRICT, BodyModel, Refusals, refused
 from proxy.workflows import Workflow, is_https_url
 
+ItemT = TypeVar("ItemT")
 Role = Literal["user", "assistant"]
 Trigger = Literal["submit-message", "regenerate-message"]
 SUBMIT: Trigger = "submit-message"
@@ -34,6 +47,8 @@ NO_TEXT = 'Every message needs "parts" (AI SDK 5+) or "content" (AI SDK 3/4).'
 BAD_PARTS = 'A message\'s "parts" must be a list of objects with a "type".'
 ONLY_IMAGES = "Only images can be attached."
 HTTPS_IMAGES = "Attach images as https: URLs."
+BAD_ATTACHMENTS = '"experimental_attachments" must be a list of objects.'
+NO_ROLE = 'Every message must be an object with a "role".'
 # The transcript format of `history_input`: one paragraph per turn, oldest first.
 SPEAKERS: dict[Role, str] = {"user": "User", "assistant": "Assistant"}
 
@@ -41,6 +56,22 @@ SPEAKERS: dict[Role, str] = {"user": "User", "assistant": "Assistant"}
 # A long chat is thousands of messages and parts, so these are TypedDicts, validated into plain dicts:
 # a model instance each made validating three times slower, and its extra objects brought the garbage
 # collector's full passes into reading one request (tests/test_chat_cost.py).
+#
+# The request model judges what every message must be, an object with a role, and the request's own
+# fields. A message's parts and attachments are judged where they are read (`parts_of`, `image_urls`),
+# so a malformed part in a turn that is not read (a system message, one cut off by an edit) is no
+# error, as it never was. Fields used only when they are strings (a part's `text`, a v4 `content`,
+# the identifiers) take any value, and other values are ignored.
+
+
+def _ignored_unless_text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+# An identifier: a string, or anything else taken for none (null is what clients send for "none yet").
+Identifier = Annotated[str | None, BeforeValidator(_ignored_unless_text)]
+# Judged where it is used, if at all: any value passes the model (the document shows a string).
+AnyText = Annotated[Any, WithJsonSchema({"type": "string"})]
 
 
 @with_config(STRICT)
@@ -49,17 +80,29 @@ class ChatPart(TypedDict):
     media type an https: image URL; the others (reasoning, tools, sources, steps) are read past."""
 
     type: str
-    text: NotRequired[str]
-    mediaType: NotRequired[str]
-    url: NotRequired[str]
+    text: NotRequired[AnyText]  # not a string: no text
+    mediaType: NotRequired[AnyText]  # judged on file parts only
+    url: NotRequired[AnyText]  # judged on file parts only
 
 
 @with_config(STRICT)
 class Attachment(TypedDict):
     """An AI SDK 4 `experimental_attachments` entry."""
 
-    contentType: NotRequired[str]
-    url: NotRequired[str]
+    contentType: NotRequired[AnyText]
+    url: NotRequired[AnyText]
+
+
+Parts = Annotated[list[ChatPart], FAIL_FAST]
+# Left out, null or empty (anything JSON calls false) is no attachment.
+Attachments = Annotated[list[Attachment], FAIL_FAST, BeforeValidator(lambda value: value or [])]
+PARTS: TypeAdapter[list[ChatPart]] = TypeAdapter(Parts)
+ATTACHMENTS: TypeAdapter[list[Attachment]] = TypeAdapter(Attachments)
+
+
+def _read_when_used(shape: object) -> PlainValidator:
+    """Any value passes; the document shows `shape`, which the value is held to where it is read."""
+    return PlainValidator(lambda value: value, json_schema_input_type=shape)
 
 
 @with_config(STRICT)
@@ -68,34 +111,52 @@ class ChatMessage(TypedDict):
     Roles other than user and assistant are dropped: a system message from a browser is no
     instruction of ours."""
 
-    id: NotRequired[str | None]
+    id: NotRequired[Identifier]
     role: str
-    parts: NotRequired[Annotated[list[ChatPart], FAIL_FAST]]
-    content: NotRequired[str]
-    experimental_attachments: NotRequired[Annotated[list[Attachment], FAIL_FAST]]
+    parts: NotRequired[Annotated[Any, _read_when_used(Parts)]]
+    content: NotRequired[AnyText]  # not a string: the parts are the text
+    experimental_attachments: NotRequired[Annotated[Any, _read_when_used(Attachments)]]
 
 
-def message_text(message: ChatMessage) -> str:
-    if "content" in message:  # AI SDK 3/4: `content` is the message's whole text
-        return message["content"]
-    # Checked here, on the messages read, not by the model: a system message with neither is dropped
-    # unread, so it is no error.
-    if "parts" not in message:
+def _read(adapter: TypeAdapter[list[ItemT]], value: object, problem: str) -> list[ItemT]:
+    try:
+        return adapter.validate_python(value)
+    except ValidationError:
+        raise INVALID_INPUT.error(problem) from None
+
+
+def parts_of(message: ChatMessage) -> list[ChatPart]:
+    """A message's parts, judged; a message without them needs its text in `content`."""
+    if "parts" in message:
+        return _read(PARTS, message["parts"], BAD_PARTS)
+    if not isinstance(message.get("content"), str):
         raise INVALID_INPUT.error(NO_TEXT)
-    return "\n\n".join(part["text"] for part in message["parts"] if part["type"] == "text" and "text" in part)
+    return []
 
 
-def image_urls(message: ChatMessage, *, accepted: bool) -> list[str]:
+def message_text(message: ChatMessage, parts: list[ChatPart] | None = None) -> str:
+    """A message's text. Its parts are judged only when they are its text, unless given already judged."""
+    content = message.get("content")
+    if isinstance(content, str):  # AI SDK 3/4: `content` is the message's whole text
+        return content
+    if parts is None:
+        parts = parts_of(message)
+    texts = [part.get("text") for part in parts if part["type"] == "text"]
+    return "\n\n".join(text for text in texts if isinstance(text, str))
+
+
+def image_urls(message: ChatMessage, parts: list[ChatPart], *, accepted: bool) -> list[str]:
     """Image URLs from AI SDK 5+ `file` parts and AI SDK 4 `experimental_attachments`."""
-    files = [(part.get("mediaType"), part.get("url")) for part in message.get("parts", ()) if part["type"] == "file"]
-    files += [(item.get("contentType"), item.get("url")) for item in message.get("experimental_attachments", ())]
+    files = [(part.get("mediaType"), part.get("url")) for part in parts if part["type"] == "file"]
+    attachments = _read(ATTACHMENTS, message.get("experimental_attachments"), BAD_ATTACHMENTS)
+    files += [(item.get("contentType"), item.get("url")) for item in attachments]
     if files and not accepted:  # said first: advice on how to attach would only lead here
         raise INVALID_INPUT.error(NO_IMAGES)
     urls = []
     for media_type, url in files:
-        if media_type is None or not media_type.startswith("image/"):
+        if not isinstance(media_type, str) or not media_type.startswith("image/"):
             raise INVALID_INPUT.error(ONLY_IMAGES)
-        if url is None or len(url) > MAX_IMAGE_URL_CHARS or not is_https_url(url):
+        if not isinstance(url, str) or len(url) > MAX_IMAGE_URL_CHARS or not is_https_url(url):
             # The workflow fetches images itself; data: URLs would also put megabytes into a text input.
             raise INVALID_INPUT.error(HTTPS_IMAGES)
         urls.append(url)
@@ -104,34 +165,23 @@ def image_urls(message: ChatMessage, *, accepted: bool) -> list[str]:
 
 class ChatRequest(BodyModel):
     """A Vercel AI SDK useChat request: v5+ {id, messages[parts], trigger, messageId?}, the single-message
-    form {id, message}, or v3/v4 {messages[{role, content}]}. Other fields are ignored."""
+    form {id, message}, or v3/v4 {messages[{role, content}]}. Other fields are ignored, and so is
+    `message` beside `messages`."""
 
     model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["messages"]}, {"required": ["message"]}]})
-    id: str | None = None  # identifiers may be null: some clients send one for "none yet"
+    id: Identifier = None
     messages: Annotated[list[ChatMessage], Field(min_length=1), FAIL_FAST] | MISSING = MISSING
     message: ChatMessage | MISSING = MISSING
     trigger: Trigger = SUBMIT
-    message_id: str | None = Field(None, alias="messageId")
+    message_id: Identifier = Field(None, alias="messageId")
 
     refusals = Refusals(
         USAGE,
         {
+            "messages.*": NO_ROLE,
             "messages": '"messages" must be a non-empty list.',
-            "messages.*": 'Every message must be an object with a "role".',
-            "messages.*.role": 'Every message must be an object with a "role".',
-            "message": 'Every message must be an object with a "role".',
-            "message.role": 'Every message must be an object with a "role".',
+            "message": NO_ROLE,
             "trigger": f'"trigger" must be "{SUBMIT}" or "{REGENERATE}".',
-            "*.**.text": 'A part\'s "text" must be a string.',
-            "*.**.mediaType": ONLY_IMAGES,
-            "*.**.contentType": ONLY_IMAGES,
-            "*.**.url": HTTPS_IMAGES,
-            "*.**.parts.**": BAD_PARTS,
-            "*.**.content": NO_TEXT,
-            "*.**.experimental_attachments.**": '"experimental_attachments" must be a list of objects.',
-            "*.**.id": 'A message\'s "id" must be a string.',
-            "id": '"id" must be a string.',
-            "messageId": '"messageId" must be a string.',
         },
     )
 
@@ -141,6 +191,8 @@ class ChatRequest(BodyModel):
         # Before the fields: a body without a conversation is told so, whatever else is wrong with it.
         if isinstance(body, dict) and "messages" not in body and "message" not in body:
             raise refused(USAGE)
+        if isinstance(body, dict) and "messages" in body and "message" in body:
+            return {key: value for key, value in body.items() if key != "message"}  # not read: not judged
         return body
 
 
@@ -177,8 +229,9 @@ def parse_chat_request(body: object, *, accepts_images: bool = True) -> Prompt:
     if not conversation or conversation[-1]["role"] != "user":
         raise INVALID_INPUT.error("The last message must be the user's.")
     latest = conversation[-1]
-    text = message_text(latest)
-    images = image_urls(latest, accepted=accepts_images)
+    parts = parts_of(latest)  # judged even beside a `content`: its files are read
+    text = message_text(latest, parts)
+    images = image_urls(latest, parts, accepted=accepts_images)
     if not text.strip() and not images:
         raise INVALID_INPUT.error("The message is empty.")
     history = [Turn(_role(message), message_text(message)) for message in conversation[:-1]]

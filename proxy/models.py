@@ -46,13 +46,17 @@ def message_of(error: ErrorDetails) -> str:
 
 
 class Refusals:
-    """What a client is told for each place a body can be wrong, most important first: of a body's
-    problems, the client is told about the first one listed here (the first in the body among
-    problems of the same place, unknown fields in alphabetical order).
+    """What a client is told for each place a body can be wrong, most important first: of the problems
+    validation found, the client is told about the first one listed here, and of those at the same
+    place, the first in the body (unknown fields in alphabetical order). Validation stops at the first
+    bad item of a list or object (`FAIL_FAST`; in an object, at the next item's name at the latest),
+    so the order here cannot put a problem of a later item before one of an earlier item: it ranks the
+    problems of the body's separate fields, and those of one item.
 
-    Places are dotted paths into the body: `*` stands for any one list index or object key, `**` for
-    anything below, and `<unknown>` for a field the model does not know (`extra="forbid"`). A place
-    ending in `:shape` matches only a missing field, an unknown one, or a value of the wrong JSON type.
+    A place is a dotted path into the body, and takes the problems at it and anywhere below it: `*`
+    stands for any one list index or object key, and `<unknown>` for a field the model does not know
+    (`extra="forbid"`). A place ending in `:shape` takes only a missing field, an unknown one, or a
+    value of the wrong JSON type; the place `:shape` alone, such problems anywhere.
     """
 
     def __init__(self, usage: str, places: Mapping[str, Message] | None = None) -> None:
@@ -96,12 +100,7 @@ def _path(error: ErrorDetails) -> list[str]:
 
 
 def _matches(place: list[str], path: list[str]) -> bool:
-    if not place:
-        return not path
-    head, rest = place[0], place[1:]
-    if head == "**":
-        return any(_matches(rest, path[start:]) for start in range(len(path) + 1))
-    return bool(path) and head in ("*", path[0]) and _matches(rest, path[1:])
+    return len(path) >= len(place) and all(part in ("*", at) for part, at in zip(place, path, strict=False))
 
 
 def validate(model: type[ModelT], body: object, refusals: Refusals) -> ModelT:
@@ -157,6 +156,18 @@ class TokenRequest(BodyModel):
             "ttl": '"ttl" must be a whole number of seconds, at least 1.',
         },
     )
+
+    @classmethod
+    def parse_for(cls, body: object, known: Callable[[str], object]) -> Self:
+        """`parse`, with the workflow looked up by `known` (which raises for one not configured) after
+        the body's shape and before its `ttl`: a client asking for no workflow is told that first."""
+        try:
+            return cls.model_validate(body)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+            if isinstance(body, dict) and all(error["loc"][:1] == ("ttl",) for error in errors):
+                known(body["workflow"])  # only the ttl is wrong, so the workflow is a string
+            raise INVALID_INPUT.error(cls.refusals.message(errors)) from None
 
 
 # The answers the document describes. The session, token and run answers are built from them; the

@@ -72,15 +72,18 @@ class WorkflowInputs(RootModel[Annotated[dict[InputName, str], FAIL_FAST]]):
     model_config = ConfigDict(strict=True, frozen=True, json_schema_extra={"additionalProperties": False})
     refusals: ClassVar[Refusals] = Refusals(
         "The body must be a JSON object of input names to text values.",
-        {
-            "*.[key]": lambda error: f"{str(error['input'])[:64]!r} is not a valid input name.",
-            "*": lambda error: f"The input {error['loc'][0]!r} must be a string.",
-        },
+        # One place, so the first bad input in the body is told: its name, or else its value.
+        {"*": lambda error: _input_problem(*error["loc"])},
     )
 
     @classmethod
     def parse(cls, body: object) -> Self:
         return validate(cls, body, cls.refusals)
+
+
+def _input_problem(name: object, *key: object) -> str:
+    """What is wrong with a submitted input: its name (`loc` ends in "[key]"), or its value."""
+    return f"{str(name)[:64]!r} is not a valid input name." if key else f"The input {name!r} must be a string."
 
 
 AsText = Annotated[str, BeforeValidator(str)]
@@ -131,20 +134,28 @@ class Workflow(WorkflowTable):
         return self
 
     def build_inputs(self, submitted: object, max_chars: int) -> dict[str, str]:
-        """Validate what the browser sent and merge the fixed inputs; never trusts the browser."""
-        inputs = WorkflowInputs.parse(submitted).root
-        for name, value in inputs.items():
+        """Validate what the browser sent and merge the fixed inputs; never trusts the browser.
+
+        Each input is judged whole before the next, in the body's order, and its name before its
+        value: an input the server sets, or the workflow does not take, is told so whatever its value.
+        The model judges names and value types, stopping at the first input it refuses, so this
+        workflow's own rules are applied up to that input, and the model tells the rest."""
+        for name, value in submitted.items() if isinstance(submitted, dict) else ():
+            if not isinstance(name, str) or not INPUT_NAME_PATTERN.fullmatch(name):
+                break
             if name in self.fixed:
                 raise INVALID_INPUT.error(f"The input {name!r} is set by the server and cannot be changed.")
             if self.inputs is not None and name not in self.inputs:
                 raise INVALID_INPUT.error(f"The input {name!r} is not accepted by this workflow.")
+            if not isinstance(value, str):
+                break
             if len(value) > max_chars:
                 raise INVALID_INPUT.error(f"The input {name!r} is longer than {max_chars} characters.")
             if name == self.image_input and not all(is_https_url(url) for url in value.split("\n") if url):
                 # The upstream fetches image inputs itself: http: could be read or changed on the way,
                 # and javascript:/data:/file: URLs are no images it should be asked to fetch.
                 raise INVALID_INPUT.error(f"The input {name!r} takes https: image URLs, one per line.")
-        return {**inputs, **self.fixed}
+        return {**WorkflowInputs.parse(submitted).root, **self.fixed}
 
 
 class WorkflowsFile(BaseModel):

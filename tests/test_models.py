@@ -13,11 +13,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy.auth.password import LoginRequest
-from proxy.chat import ChatRequest, parse_chat_request
+from proxy.chat import BAD_PARTS, NO_IMAGES, NO_ROLE, PARTS, ChatRequest, parse_chat_request
 from proxy.errors import ApiError
 from proxy.models import BodyModel, Refusals, TokenRequest, refused
 from proxy.openapi import OPERATIONS, UntitledFields, build_openapi, openapi_route
-from proxy.workflows import Workflow, WorkflowConfigError, WorkflowInputs, parse_workflows
+from proxy.workflows import Workflow, WorkflowConfigError, WorkflowInputs, WorkflowRegistry, parse_workflows
 
 
 def refusal(parse: Any, body: object) -> str:
@@ -38,7 +38,7 @@ class Sample(BodyModel):
 
 class ShapeFirst(Sample):
     refusals: ClassVar[Refusals] = Refusals(
-        "Send a sample.", {"**:shape": "Wrong shape.", "name": "Name it in lower case."}
+        "Send a sample.", {":shape": "Wrong shape.", "name": "Name it in lower case."}
     )
 
 
@@ -98,6 +98,23 @@ def test_a_token_request_is_refused_with_the_message_for_its_first_problem(body:
     assert refusal(TokenRequest.parse, body) == message
 
 
+def test_an_unknown_workflow_is_told_before_a_bad_ttl_as_it_always_was() -> None:
+    """0926b52 looked the workflow up before it judged the ttl: 404 `unknown_workflow`, not a 422."""
+    known = WorkflowRegistry([Workflow(alias="tutor", id="wf_tutor")]).get
+
+    with pytest.raises(ApiError) as unknown:
+        TokenRequest.parse_for({"workflow": "nope", "ttl": 0}, known)
+    assert (unknown.value.status, unknown.value.code) == (404, "unknown_workflow")
+    ttl = '"ttl" must be a whole number of seconds, at least 1.'
+    assert refusal(lambda body: TokenRequest.parse_for(body, known), {"workflow": "tutor", "ttl": 0}) == ttl
+    # The body's shape is still told first: a workflow that is no string, an unknown field.
+    assert refusal(lambda body: TokenRequest.parse_for(body, known), {"workflow": 5, "ttl": 0}).startswith("Send")
+    assert refusal(lambda body: TokenRequest.parse_for(body, known), {"workflow": "nope", "ttl": 0, "x": 1}) == (
+        "Unknown field: 'x'."
+    )
+    assert TokenRequest.parse_for({"workflow": "nope"}, known).workflow == "nope"  # the route looks it up
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -122,7 +139,9 @@ def errors_of(model: Any, body: object) -> int:
 def test_a_body_of_thousands_of_bad_items_costs_one_error_not_thousands() -> None:
     """What a client is told is one problem; collecting 20,000 of them took 80 ms of the event loop."""
     assert errors_of(ChatRequest, {"messages": [{}] * 20_000}) == 1
-    assert errors_of(ChatRequest, {"messages": [{"role": "user", "parts": [{}] * 20_000}]}) == 1
+    with pytest.raises(ValidationError) as invalid:  # parts are judged where they are read
+        PARTS.validate_python([{}] * 20_000)
+    assert invalid.value.error_count() == 1
     assert errors_of(WorkflowInputs, {f"bad name {n}": n for n in range(20_000)}) == 1
     unknown = {"workflow": "tutor", **{f"x{n}": n for n in range(20_000)}}
     assert errors_of(TokenRequest, unknown) == 1
@@ -151,17 +170,118 @@ def test_relay_inputs_are_refused_with_the_message_for_their_problem(body: objec
     assert refusal(lambda submitted: TUTOR.build_inputs(submitted, 30), body) == message
 
 
+GRADED = Workflow(alias="graded", id="wf_graded", fixed={"grade": "5"}, inputs=frozenset({"question", "grade"}))
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"grade": 5}, "The input 'grade' is set by the server and cannot be changed."),
+        ({"topic": 5}, "The input 'topic' is not accepted by this workflow."),
+        ({"topic": None, "bad name": "x"}, "The input 'topic' is not accepted by this workflow."),
+        ({"question": None, "": "x"}, "The input 'question' must be a string."),
+        ({"question": "ok", "bad name": 5, "grade": "6"}, "'bad name' is not a valid input name."),
+        ({"question": "x" * 31, "grade": 5}, "The input 'question' is longer than 30 characters."),
+    ],
+)
+def test_relay_inputs_are_judged_one_by_one_in_order_name_before_value(body: object, message: str) -> None:
+    """As in 0926b52: the first input with a problem is told, and the server's rules on its name (fixed,
+    not accepted) before its value's type."""
+    assert refusal(lambda submitted: GRADED.build_inputs(submitted, 30), body) == message
+
+
 def test_the_input_model_alone_takes_any_well_formed_names_to_text() -> None:
     assert WorkflowInputs.parse({"topic": "maths", "_x": ""}).root == {"topic": "maths", "_x": ""}
 
 
-# The useChat request: every message well formed, the rules of reading on the messages read
+# The useChat request: every message an object with a role, the rest judged on the messages read
 
 
-def test_a_malformed_part_is_refused_even_in_a_message_that_would_be_dropped() -> None:
-    body = {"messages": [{"role": "system", "parts": [{"text": "no type"}]}, {"role": "user", "content": "Hi"}]}
+def test_malformed_parts_and_attachments_are_refused_only_where_they_are_read() -> None:
+    """As in 0926b52: a dropped system message, a turn cut off by an edit, the parts beside a v4
+    `content` of an earlier turn, and earlier turns' attachments are not read, so not judged."""
+    hi = {"role": "user", "content": "Hi"}
+    unread = [
+        {"messages": [{"role": "system", "parts": [{"text": "no type"}]}, hi]},
+        {"messages": [{"role": "system", "parts": 5, "experimental_attachments": 5}, hi]},
+        {"messages": [{**hi, "id": "u1"}, {"role": "assistant", "parts": "x"}], "messageId": "u1"},
+        {"messages": [{"role": "assistant", "content": "Yes", "parts": [5]}, hi]},
+        {"messages": [{"role": "assistant", "content": "Yes", "experimental_attachments": [5]}, hi]},
+    ]
+    for body in unread:
+        assert parse_chat_request(body).text == "Hi"
+    # Read, they are judged: the parts of the latest message even beside its `content` (its files are read).
+    assert refusal(parse_chat_request, {"messages": [{**hi, "parts": [{"text": "no type"}]}]}) == BAD_PARTS
+    assert refusal(parse_chat_request, {"messages": [{"role": "assistant", "parts": 5}, hi]}) == BAD_PARTS
+    assert refusal(parse_chat_request, {"messages": [{**hi, "experimental_attachments": [5]}]}) == (
+        '"experimental_attachments" must be a list of objects.'
+    )
 
-    assert refusal(parse_chat_request, body) == 'A message\'s "parts" must be a list of objects with a "type".'
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": "user", "content": "Hi", "experimental_attachments": None}]},
+        {"messages": [{"role": "user", "content": "Hi", "experimental_attachments": {}}]},
+        {"messages": [{"role": "user", "content": None, "parts": [{"type": "text", "text": "Hi"}]}]},
+        {"messages": [{"role": "user", "content": 5, "parts": [{"type": "text", "text": "Hi"}]}]},
+        {"messages": [{"role": "user", "parts": [{"type": "text", "text": None}, {"type": "text", "text": "Hi"}]}]},
+        {"messages": [{"role": "user", "parts": [{"type": "text", "text": "Hi", "mediaType": 5, "url": None}]}]},
+        {"id": 5, "messageId": 7, "messages": [{"id": 9, "role": "user", "content": "Hi"}]},
+        {"id": ["x"], "messageId": {}, "messages": [{"id": {}, "role": "user", "content": "Hi"}]},
+        {"messages": [{"role": "user", "content": "Hi"}], "message": 5},
+        {"messages": [{"role": "user", "content": "Hi"}], "message": {"role": 5, "parts": "x"}},
+    ],
+    ids=[
+        "null-attachments",
+        "empty-object-attachments",
+        "null-content-beside-parts",
+        "number-content-beside-parts",
+        "null-text",
+        "text-part-with-a-number-media-type",
+        "number-identifiers",
+        "identifiers-of-other-kinds",
+        "message-beside-messages",
+        "malformed-message-beside-messages",
+    ],
+)
+def test_what_0926b52_accepted_is_accepted(body: dict[str, Any]) -> None:
+    """Values that were ignored are ignored again: null or other non-text where only text is used,
+    identifiers that are no strings (no chat id, no edit), a `message` beside `messages`."""
+    prompt = parse_chat_request(body)
+
+    assert (prompt.text, prompt.history, prompt.images, prompt.chat_id) == ("Hi", [], [], None)
+
+
+def test_number_identifiers_cut_nothing() -> None:
+    body = {
+        "messages": [{"id": 1, "role": "user", "content": "A"}, {"role": "user", "content": "B"}],
+        "messageId": 1,
+    }
+
+    assert parse_chat_request(body).text == "B"
+
+
+def test_a_chat_that_takes_no_images_says_so_whatever_the_attachment() -> None:
+    """Said before advice on how to attach (https:, images only), which would only lead here."""
+    for part in (
+        {"type": "file", "mediaType": "image/png", "url": 5},
+        {"type": "file", "mediaType": "image/png", "url": "http://x.example/a.png"},
+        {"type": "file", "mediaType": None},
+    ):
+        body = {"messages": [{"role": "user", "parts": [part, {"type": "text", "text": "Hi"}]}]}
+        assert refusal(lambda body: parse_chat_request(body, accepts_images=False), body) == NO_IMAGES
+
+
+def test_a_message_without_a_role_is_told_first_whatever_else_is_wrong() -> None:
+    """As in 0926b52: every message is checked for its role before anything else in the messages."""
+    body = {"messages": [{"role": "user", "parts": [5]}, {"parts": []}], "trigger": "bogus"}
+
+    assert refusal(parse_chat_request, body) == NO_ROLE
+    assert refusal(parse_chat_request, {**body, "messages": body["messages"][:1]}) == (
+        '"trigger" must be "submit-message" or "regenerate-message".'
+    )
+    assert refusal(parse_chat_request, {"message": {"role": None}, "trigger": "bogus"}) == NO_ROLE
 
 
 def test_a_message_without_text_is_refused_only_where_it_is_read() -> None:

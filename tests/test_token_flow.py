@@ -66,10 +66,11 @@ def test_minting_needs_a_session(anonymous: httpx.Client, upstream: EmulatorCont
 def test_minting_an_unknown_workflow_is_refused_before_the_upstream_is_asked(
     guest: httpx.Client, upstream: EmulatorControl
 ) -> None:
-    response = guest.post("/api/token", json={"workflow": "nope"})
+    for body in ({"workflow": "nope"}, {"workflow": "nope", "ttl": 0}):  # looked up before the ttl is judged
+        response = guest.post("/api/token", json=body)
 
-    assert response.status_code == 404
-    assert response.json()["error"]["code"] == "unknown_workflow"
+        assert response.status_code == 404, body
+        assert response.json()["error"]["code"] == "unknown_workflow"
     assert upstream.requests("mint") == []
 
 

@@ -163,7 +163,7 @@ class LoginRequest(BodyModel):
     refusals = Refusals(
         USAGE,
         {
-            "**:shape": USAGE,
+            ":shape": USAGE,
             "username": "That is not a valid username.",
             "password": f"The password must be 1 to {MAX_PASSWORD_CHARS} characters.",
         },

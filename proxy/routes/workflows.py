@@ -25,7 +25,7 @@ from proxy.workflows import Workflow
 async def mint(request: Request) -> Response:
     bff = services(request)
     session = await bff.sessions.require(request)
-    asked = TokenRequest.parse(await read_json(request))
+    asked = TokenRequest.parse_for(await read_json(request), bff.workflows.get)
     workflow = bff.workflows.get(asked.workflow)
     ttl = asked.ttl if asked.ttl is not MISSING else bff.settings.token_ttl
     limit_headers = await bff.limiter.check("mint", session.limit_key)
