@@ -207,18 +207,27 @@ def demo(args: argparse.Namespace) -> None:
     port = sock.getsockname()[1]
     local_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host  # noqa: S104
     api_key = "sk_demo_" + secrets.token_urlsafe(24)
-    settings = load_settings(
-        _env_file=None,
-        upstream_url=f"http://{local_host}:{port}/_emulator",
-        api_key=api_key,
-        session_secrets=secrets.token_urlsafe(48),  # ephemeral: sessions end with the process
-        workflows="tutor=wf_demo_tutor",
-        auth="guest",
-        cookie_secure=False,
-    )
+    demo_settings: dict[str, Any] = {
+        "upstream_url": f"http://{local_host}:{port}/_emulator",
+        "api_key": api_key,
+        "session_secrets": secrets.token_urlsafe(48),  # ephemeral: sessions end with the process
+        "workflows": "tutor=wf_demo_tutor",
+        "auth": "guest",
+        "cookie_secure": False,
+    }
+    settings = load_settings(_env_file=None, **demo_settings)
+    if settings.oidc_issuer:
+        # The environment names an identity provider: the page also offers "Sign in" with it, and
+        # comes back to this demo's own address unless BFF_PUBLIC_URL says another.
+        origin = f"http://[{local_host}]:{port}" if ":" in local_host else f"http://{local_host}:{port}"
+        demo_settings |= {"auth": "guest,oidc", "public_url": settings.public_url or origin}
+        settings = load_settings(_env_file=None, **demo_settings)
     configure_logging(settings.secret_values())
     emulator = Mount("/_emulator", app=create_emulator(api_key, chunk_delay=0.05))
-    app = create_app(settings, extra_routes=[*demo_routes(), emulator])
+    try:
+        app = create_app(settings, extra_routes=[*demo_routes(), emulator])
+    except AuthConfigError as exc:  # only oidc can fail here: the demo's own settings are complete
+        raise ConfigError(f"{exc} (the demo offers OIDC sign-in because BFF_OIDC_ISSUER is set)") from None
     print(f"workflow-bff demo: open http://{local_host}:{port}/  (Ctrl+C to stop)", file=sys.stderr)
     run_server(app, [sock], "workflow-bff demo", drain=app.state.drain, settings=settings)
 

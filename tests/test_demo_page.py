@@ -14,27 +14,49 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 
 from proxy.emulator import generate_text, split_chunks
 from tests.conftest import require_tool
-from tests.servers import ROOT, ServerProcess
+from tests.oidc_idp import CLIENT_ID, CLIENT_SECRET, Idp, idp_port, running_idp
+from tests.servers import ROOT, ServerProcess, free_port
 from tests.test_chat_node import NODE_DIR, node_binary, require_node_modules
 
 ARTIFACTS = ROOT / "test-artifacts"
 WORKFLOW_ID = "wf_demo_tutor"
 
 
+def demo_env(**env: str) -> dict[str, str]:
+    # The documented default, spelled out: a run outlives its reader this long (resume after a reload).
+    return {**{k: "" for k in os.environ if k.startswith("BFF_")}, "BFF_RESUME_GRACE_SECONDS": "20", **env}
+
+
 @pytest.fixture(scope="module")
 def demo() -> Iterator[ServerProcess]:
-    env = {k: "" for k in os.environ if k.startswith("BFF_")}
-    # The documented default, spelled out: a run outlives its reader this long (resume after a reload).
-    env["BFF_RESUME_GRACE_SECONDS"] = "20"
-    server = ServerProcess(["demo"], env).start()
+    server = ServerProcess(["demo"], demo_env()).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def oidc_demo() -> Iterator[tuple[ServerProcess, Idp]]:
+    """`python -m proxy demo` with the test provider's issuer and client in its environment, and no
+    BFF_PUBLIC_URL: the demo's own address is the one registered at the provider. Ports are chosen up
+    front, as each side must know the other's address."""
+    require_node_modules(NODE_DIR)
+    port, demo_port = idp_port(), free_port()
+    issuer = f"http://localhost:{port}"  # another site than the demo's 127.0.0.1, as in production
+    env = demo_env(BFF_OIDC_ISSUER=issuer, BFF_OIDC_CLIENT_ID=CLIENT_ID, BFF_OIDC_CLIENT_SECRET=CLIENT_SECRET)
+    server = ServerProcess(["demo"], env, port=demo_port).start()
+    try:
+        with running_idp(node_binary(), str(NODE_DIR), server.url, port) as idp:
+            assert idp.issuer == issuer
+            yield server, idp
+    finally:
+        server.stop()
 
 
 def answer(question: str) -> str:
@@ -182,5 +204,59 @@ def test_the_demo_serves_a_favicon_and_a_session_check_that_never_answers_401(de
     assert "default-src 'none'" in icon.headers["content-security-policy"]
     assert before.status_code == 200 and before.json()["user"] is None
     assert set(before.json()["modes"]) == {"relay", "token"}
+    assert before.json()["sign_in"] is None  # no identity provider configured: guests only, as before
     assert after.status_code == 200 and after.json()["user"]["kind"] == "guest"
     assert contract.status_code == 401  # /auth/session keeps its contract
+
+
+def test_the_demo_with_an_identity_provider_offers_sign_in_beside_guests(
+    oidc_demo: tuple[ServerProcess, Idp],
+) -> None:
+    server, idp = oidc_demo
+    with httpx.Client(base_url=server.url, headers={"X-CSRF": "1"}) as client:
+        offered = client.get("/demo/session")
+        guest = client.post("/auth/guest")
+        login = client.get("/auth/login", params={"returnTo": "/"})
+
+    assert offered.status_code == 200 and offered.json()["user"] is None
+    assert offered.json()["sign_in"] == "/auth/login"
+    assert guest.status_code == 200 and guest.json()["user"]["kind"] == "guest"  # guests as before
+    assert login.status_code == 302 and login.headers["location"].startswith(idp.issuer + "/")
+    # No BFF_PUBLIC_URL: the provider sends the browser back to the demo's own address.
+    assert parse_qs(urlsplit(login.headers["location"]).query)["redirect_uri"] == [f"{server.url}/auth/callback"]
+
+
+@pytest.mark.parametrize(("width", "height"), [(360, 740), (1280, 800)])
+def test_the_demo_page_signs_in_at_the_provider_and_shows_the_user_by_name(
+    oidc_demo: tuple[ServerProcess, Idp], width: int, height: int
+) -> None:
+    server, idp = oidc_demo
+    report = drive_demo_page(server, f"oidc:{width}x{height}")
+
+    guest = report["guest"]  # a first visit is a guest, as without a provider, now with "Sign in"
+    assert guest["session"] == "guest" and guest["who"].startswith("Guest ")
+    assert guest["signInShown"] and not guest["signOutShown"]
+    assert guest["href"] == "/auth/login?returnTo=%2F"
+    assert_fits(guest, width)
+
+    assert report["loginPage"] == urlsplit(idp.issuer).netloc  # the provider's own login page
+    signed_in = report["signedIn"]  # back on the demo, by name, and the tutor answers
+    assert signed_in["path"] == "/"
+    assert signed_in["user"] == {"id": "oidc:alice", "kind": "oidc", "name": "Test alice"}
+    assert signed_in["session"] == "oidc" and signed_in["who"] == "Test alice"
+    assert signed_in["intro"] == "You are signed in as Test alice."
+    assert signed_in["signOutShown"] and not signed_in["signInShown"]
+    assert signed_in["answer"] == {"status": "done", "text": answer("volcanoes as alice")}
+    assert_fits(signed_in, width)
+
+    signed_out = report["signedOut"]  # signed out at the provider too, and a guest again
+    assert signed_out["session"] == "guest" and signed_out["signInShown"] and not signed_out["signOutShown"]
+    assert any(event["event"] == "end_session.success" for event in idp.lines)
+
+    failed = report["authError"]
+    assert failed["text"] == "Sign-in failed: the sign-in was cancelled at the identity provider."
+    assert failed["role"] == "alert" and failed["search"] == ""  # said once: gone from the address bar
+    assert_fits(failed, width)
+    assert report["unknownAuthError"] == "Sign-in failed: the sign-in did not complete. Try again."
+    for screenshot in map(Path, report["screenshots"]):
+        assert png_size(screenshot) == (width, height)

@@ -29,11 +29,13 @@ async def demo_session(request: Request) -> Response:
     """The page's start-up check: this browser's session, or `{"user": null}`, both with a 200.
     `GET /auth/session` answers 401 without one (its contract), which a browser logs as a console error
     on every first visit; the page signs in as a guest when this says there is no session. Also says
-    which modes the server serves, so the page offers only those."""
+    which modes the server serves, so the page offers only those, and where to sign in with the
+    identity provider when OpenID Connect is configured (`sign_in`, else null)."""
     bff = services(request)
     session = await bff.sessions.current(request, touch=False)
     body = await session_body(bff, session) if session is not None else {"user": None}
-    return JSONResponse({**body, "modes": list(bff.settings.modes)}, headers=NO_STORE)
+    sign_in = "/auth/login" if "oidc" in bff.settings.auth else None
+    return JSONResponse({**body, "modes": list(bff.settings.modes), "sign_in": sign_in}, headers=NO_STORE)
 
 
 def demo_routes() -> list[Route]:

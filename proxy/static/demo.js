@@ -13,6 +13,12 @@
 //
 // Token mode mints a single-use token (POST /api/token) and streams straight from the upstream URL
 // it names: nothing runs on our side, so there is nothing to resume or stop server-side.
+//
+// When the demo is configured for OpenID Connect, /demo/session says where to sign in (`sign_in`):
+// the header then offers "Sign in", a plain link to /auth/login?returnTo=/ (the BFF sends the browser
+// to the identity provider and back). A signed-in user is shown by name, with "Sign out": POST
+// /auth/logout, then the provider's logout page when the answer names one. A failed sign-in comes
+// back as /?auth_error=<code>, shown above the conversation.
 const WORKFLOW = "tutor";
 const SAVED = "workflow-bff-demo"; // sessionStorage: {chatId, question}
 const SAVED_MODE = "workflow-bff-demo-mode";
@@ -25,6 +31,17 @@ const MODES = {
     label: "token mode",
     hint: "Token: workflow-bff mints a single-use token; the browser streams straight from the upstream.",
   },
+};
+// What /?auth_error=<code> means (proxy/routes/oidc.py), in words.
+const AUTH_ERRORS = {
+  access_denied: "the sign-in was cancelled at the identity provider.",
+  login_expired: "it took too long, or was finished in another tab or browser. Try again.",
+  login_failed: "the identity provider's answer could not be accepted. Try again.",
+  idp_unavailable: "the identity provider could not be reached. Try again shortly.",
+  login_required: "the identity provider asks you to sign in there first. Try again.",
+  consent_required: "the identity provider needs your consent. Try again and allow access.",
+  interaction_required: "the identity provider needs you to finish a step on its page. Try again.",
+  temporarily_unavailable: "the identity provider is busy right now. Try again shortly.",
 };
 const $ = (id) => document.getElementById(id);
 let controller = null; // aborts the fetch being read
@@ -266,18 +283,65 @@ async function signIn() {
   if (!response.ok) throw await failure(response);
   let body = await response.json();
   offerModes(body.modes);
+  const signInOffered = typeof body.sign_in === "string" && body.sign_in.startsWith("/");
+  if (signInOffered) $("sign-in").href = `${body.sign_in}?${new URLSearchParams({ returnTo: "/" })}`;
   if (!body.user) body = await (await call("/auth/guest")).json();
   signedIn = true;
-  $("who-text").textContent = `Guest ${body.user.id.replace(/^guest_/, "").slice(0, 6)}`;
-  $("who").title = `Signed in as ${body.user.kind} ${body.user.id}`;
-  $("app").dataset.session = body.user.kind;
+  showUser(body.user, signInOffered);
   setStatus("idle", "Ready.");
   refreshSend();
+}
+
+function showUser(user, signInOffered) {
+  const guest = user.kind === "guest";
+  const name = guest ? `Guest ${user.id.replace(/^guest_/, "").slice(0, 6)}` : (user.name ?? user.id);
+  $("who-text").textContent = name;
+  $("who").title = guest ? `Signed in as ${user.kind} ${user.id}` : `Signed in as ${name} (${user.id})`;
+  $("app").dataset.session = user.kind;
+  $("intro-who").textContent = guest ? "You are signed in as a guest." : `You are signed in as ${name}.`;
+  $("sign-in").hidden = !(guest && signInOffered);
+  $("sign-out").hidden = guest;
+}
+
+async function signOut() {
+  $("sign-out").disabled = true;
+  controller?.abort();
+  try {
+    const response = await call("/auth/logout");
+    save({}); // the chat belonged to the session that just ended
+    // 200 {"logout_url"}: end the session at the provider too, which then sends the browser back here.
+    const logoutUrl = response.status === 200 ? (await response.json()).logout_url : null;
+    const target = logoutUrl ? new URL(logoutUrl) : null;
+    location.assign(target && ["https:", "http:"].includes(target.protocol) ? target.href : "/");
+  } catch (error) {
+    $("sign-out").disabled = false;
+    setStatus("error", `Sign-out failed: ${error.message}`);
+  }
+}
+
+// After a failed sign-in the BFF sends the browser to /?auth_error=<code>: say what happened, once
+// (the code leaves the address bar, so a reload does not repeat it).
+function showAuthError() {
+  const params = new URLSearchParams(location.search);
+  const code = params.get("auth_error");
+  if (code === null) return;
+  params.delete("auth_error");
+  const query = params.toString();
+  history.replaceState(history.state, "", `${location.pathname}${query ? `?${query}` : ""}${location.hash}`);
+  const known = Object.hasOwn(AUTH_ERRORS, code);
+  const shown = /^[a-z_]{1,40}$/.test(code) ? ` (${code})` : "";
+  const box = $("auth-error");
+  box.replaceChildren(
+    element("strong", "", "Sign-in failed: "),
+    document.createTextNode(known ? AUTH_ERRORS[code] : `the sign-in did not complete${shown}. Try again.`),
+  );
+  box.hidden = false;
 }
 
 // ---- wiring ----------------------------------------------------------------------------------------
 
 $("ask").addEventListener("submit", ask);
+$("sign-out").addEventListener("click", signOut);
 $("stop").addEventListener("click", stop);
 $("prompt").addEventListener("input", refreshSend);
 $("prompt").addEventListener("keydown", (event) => {
@@ -299,6 +363,7 @@ for (const button of document.querySelectorAll(".suggestion")) {
   });
 }
 showMode();
+showAuthError();
 setStatus("idle", "Connecting…");
 signIn().then(
   () => resume().catch((error) => setStatus("error", `Could not resume the last answer: ${error.message}`)),

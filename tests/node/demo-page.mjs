@@ -17,6 +17,11 @@
 //         longer than the screen: horizontal overflow, and for every control whether it lies inside the
 //         viewport and is the element found at its centre (not covered). The controls are found and
 //         used by their accessible names, with the keyboard on a desktop-sized screen.
+// oidc:WIDTHxHEIGHT: the demo configured for OpenID Connect against tests/node/oidc-idp.mjs: the
+//         guest's header with "Sign in" (where it lies, where it leads), signing in through the
+//         provider's login and consent pages back to the page, the header then (name, Sign out),
+//         signing out through the provider's logout page back to a guest, and /?auth_error=... shown.
+//         Console messages and CSP reports count only while the page is on the demo's origin.
 //
 // The demo runs its emulated upstream in the same process, at /_emulator; its /_control API is there too.
 import { chromium } from "playwright-core";
@@ -35,8 +40,11 @@ const post = (path, rule) =>
 const events = async (kind) => (await control(`events?kind=${kind}`)).json();
 
 const layout = /^layout:(\d+)x(\d+)$/.exec(scenario);
-const viewport = layout ? { width: Number(layout[1]), height: Number(layout[2]) } : { width: 1280, height: 800 };
-const name = layout ? `layout-${viewport.width}` : scenario;
+const oidc = /^oidc:(\d+)x(\d+)$/.exec(scenario);
+const sized = layout ?? oidc;
+const viewport = sized ? { width: Number(sized[1]), height: Number(sized[2]) } : { width: 1280, height: 800 };
+const name = sized ? `${scenario.split(":")[0]}-${viewport.width}` : scenario;
+const origin = new URL(url).origin;
 const screenshots = [];
 
 const browser = await chromium.launch({
@@ -46,12 +54,16 @@ const browser = await chromium.launch({
 });
 try {
   const context = await browser.newContext({ viewport, deviceScaleFactor: 1 });
+  // The test provider's pages load web fonts; nothing but loopback is reached.
+  await context.route((target) => !["127.0.0.1", "localhost"].includes(target.hostname), (route) => route.abort());
   const page = await context.newPage();
+  const onDemo = () => page.url().startsWith(origin);
   const violations = [];
   const pageErrors = [];
   const consoleErrors = [];
   const failedResponses = [];
   page.on("console", (message) => {
+    if (!onDemo()) return; // the identity provider's own pages are not ours to judge
     if (message.text().includes("Content Security Policy")) violations.push(message.text());
     if (message.type() === "error") consoleErrors.push(message.text());
   });
@@ -264,6 +276,73 @@ try {
       chatScrolls: await page.$eval("#chat", (chat) => chat.scrollHeight > chat.clientHeight),
     };
     await shoot("chat");
+  } else if (oidc) {
+    const keyboard = viewport.width >= 1024;
+    const header = () => ({
+      who: page.textContent("#who-text"),
+      session: page.getAttribute("#app", "data-session"),
+      intro: page.textContent("#intro-who"),
+      signInShown: page.getByRole("link", { name: "Sign in", exact: true }).isVisible(),
+      signOutShown: page.getByRole("button", { name: "Sign out", exact: true }).isVisible(),
+    });
+    const resolved = async (promises) =>
+      Object.fromEntries(await Promise.all(Object.entries(promises).map(async ([k, v]) => [k, await v])));
+    const signInLink = page.getByRole("link", { name: "Sign in", exact: true });
+    report.guest = {
+      ...(await resolved(header())),
+      ...(await geometry(["#who", "#sign-in", "#prompt", "#send"])),
+      href: await signInLink.getAttribute("href"),
+    };
+    await shoot("guest");
+
+    // Sign in: the link (by keyboard on a desktop), the provider's login and consent pages, and back.
+    if (keyboard) {
+      await signInLink.focus();
+      await page.keyboard.press("Enter");
+    } else {
+      await signInLink.click();
+    }
+    await page.waitForSelector("input[name=login]", WAIT);
+    report.loginPage = new URL(page.url()).host;
+    await page.fill("input[name=login]", "alice");
+    await page.fill("input[name=password]", "any");
+    await page.click("button[type=submit]");
+    await page.click('button:has-text("Continue")', WAIT); // the consent page
+    await page.waitForSelector('#app[data-session="oidc"]', WAIT);
+    await page.waitForFunction(() => document.getElementById("status").textContent === "Ready.", null, WAIT);
+    report.signedIn = {
+      ...(await resolved(header())),
+      ...(await geometry(["#who", "#sign-out", "#prompt", "#send"])),
+      path: new URL(page.url()).pathname + new URL(page.url()).search,
+      user: await page.evaluate(async () => (await (await fetch("/auth/session")).json()).user),
+    };
+    await ask("relay", "volcanoes as alice");
+    await settled();
+    report.signedIn.answer = { status: await state(), text: (await answers()).at(-1) };
+    await shoot("signed-in");
+
+    // Sign out: the BFF ends the session, the provider's logout page ends its own, and sends the
+    // browser back to the demo, which signs in as a guest again.
+    await page.getByRole("button", { name: "Sign out", exact: true }).click();
+    await page.click("button[name=logout]", WAIT); // the provider asks while its session lives
+    await page.waitForURL(`${origin}/`, WAIT);
+    await signedIn();
+    report.signedOut = await resolved(header());
+
+    // A failed sign-in comes back with its code: shown in words, and gone from the address bar.
+    await page.goto(`${origin}/?auth_error=access_denied`);
+    await signedIn();
+    await page.waitForSelector("#auth-error:not([hidden])", WAIT);
+    report.authError = {
+      text: await page.textContent("#auth-error"),
+      role: await page.getAttribute("#auth-error", "role"),
+      search: await page.evaluate(() => location.search),
+      ...(await geometry(["#auth-error", "#sign-in"])),
+    };
+    await shoot("auth-error");
+    await page.goto(`${origin}/?auth_error=%3Cb%3Enew%3C%2Fb%3E`);
+    await page.waitForSelector("#auth-error:not([hidden])", WAIT);
+    report.unknownAuthError = await page.textContent("#auth-error");
   } else {
     throw new Error(`unknown scenario ${scenario}`);
   }
