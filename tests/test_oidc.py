@@ -101,7 +101,8 @@ def signed_in(oidc: OidcSetup, client: httpx.Client, *, login: str = "alice") ->
     """Signs `client` in; returns the refresh token the provider issued for this sign-in."""
     before = len(oidc.idp.tokens("refresh_token"))
     assert sign_in(oidc, client, login=login).status_code == 200
-    issued = oidc.idp.tokens("refresh_token")[before:]
+    # The provider's lines reach the test through its stdout, a moment after its answers.
+    issued = eventually(lambda: oidc.idp.tokens("refresh_token")[before:], "the sign-in's refresh token, logged")
     assert len(issued) == 1
     return issued[0]
 
@@ -154,7 +155,7 @@ def test_a_browser_signs_in_at_the_provider_and_lands_where_it_started(oidc: Oid
         replayed = httpx.get(f"{oidc.bff.url}/auth/session", cookies={"bff_session": guest_cookie})
         assert replayed.status_code == 401
         # No token reached the browser: only the session cookie.
-        assert oidc.idp.tokens("access_token") and oidc.idp.tokens("refresh_token")
+        eventually(lambda: oidc.idp.tokens("access_token") and oidc.idp.tokens("refresh_token"), "tokens, logged")
         for token in oidc.idp.tokens("access_token") + oidc.idp.tokens("refresh_token"):
             assert token not in landed.text and token not in str(session)
         assert "eyJ" not in landed.text + str(landed.headers) + str(session)
@@ -443,6 +444,8 @@ def test_provider_tokens_are_refreshed_before_they_expire_once_across_replicas(o
             statuses = list(pool.map(lambda c: c.get("/auth/session").status_code, [on_first, on_second] * 3))
 
         assert statuses == [200] * 6
+        # The provider's lines reach the test through its stdout, a moment after its answers.
+        eventually(lambda: len(oidc_refreshing.idp.tokens("refresh_token")) > issued, "the refresh, logged")
         assert len(oidc_refreshing.idp.tokens("refresh_token")) == issued + 1  # exactly one refresh
         # The provider rotated the refresh token: the old one is spent (a second refresh would have
         # reused it and revoked the whole grant, signing the user out).
