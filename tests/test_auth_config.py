@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from tests.identity import JWT_SECRET
 from tests.servers import ROOT, TEST_API_KEY, proxy_env
@@ -77,3 +79,23 @@ def test_the_jwt_secret_is_never_echoed_in_an_error(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert JWT_SECRET not in result.stderr + result.stdout
+
+
+def test_a_private_key_that_can_sign_neither_rs256_nor_es256_stops_start_up(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP384R1())  # ES384: signing it as ES256 failed every sign-in
+    pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
+    key_file = tmp_path / "key.pem"
+    key_file.write_text(pem)
+
+    result = serve(
+        BFF_AUTH="oidc",
+        BFF_OIDC_ISSUER="https://id.example.com",
+        BFF_OIDC_CLIENT_ID="bff",
+        BFF_OIDC_PRIVATE_KEY_FILE=str(key_file),
+        BFF_PUBLIC_URL="https://tutor.example.com",
+    )
+
+    assert result.returncode == 2, result.stderr
+    assert "BFF_OIDC_PRIVATE_KEY_FILE" in result.stderr and "P-256" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert pem.splitlines()[1] not in result.stderr + result.stdout

@@ -9,19 +9,30 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import httpx
+import jwt
 import pytest
+import redis
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from tests.conftest import require_tool
 from tests.oidc_idp import CLIENT_ID, CLIENT_SECRET, Idp, idp_port, running_idp, sign_in_at_idp
-from tests.servers import RedisServer, ServerProcess, browser, eventually, free_port, proxy_env
+from tests.servers import EmulatorControl, RedisServer, ServerProcess, browser, eventually, free_port, proxy_env
 from tests.test_chat_node import NODE_DIR, node_binary, require_node_modules
+from tests.test_chat_protocols import sse_events, text_of
+from tests.test_runs import EXPECTED, INPUTS, STREAM, chat_body
+from tests.test_user_sessions import cli
 
 
 @dataclass
@@ -50,25 +61,34 @@ def oidc_env(issuer: str, public_url: str, **overrides: str) -> dict[str, str]:
 
 @contextmanager
 def oidc_setup(
-    upstream_url: str, replicas: int = 1, *, backchannel_to: int = 0, access_token_ttl: int = 30, **env: str
+    upstream_url: str,
+    replicas: int = 1,
+    *,
+    backchannel_to: int = 0,
+    access_token_ttl: int = 30,
+    client_jwks: dict[str, Any] | None = None,
+    **env: str,
 ) -> Iterator[OidcSetup]:
     """A provider and `replicas` BFFs registered with it (the first one's URL is the public URL: all
     replicas stand behind one address, as behind a load balancer; the provider's back-channel calls
     reach replica `backchannel_to`). Ports are chosen up front: each side must be configured with the
-    other's address."""
+    other's address. With `client_jwks` the provider knows the client by those public keys only
+    (private_key_jwt), and the BFFs get no client secret."""
     require_node_modules(NODE_DIR)
     port, bff_ports = idp_port(), [free_port() for _ in range(replicas)]
     public_url = f"http://127.0.0.1:{bff_ports[0]}"
     issuer = f"http://localhost:{port}"
+    bff_env = proxy_env(upstream_url, **oidc_env(issuer, public_url, **env))
+    if client_jwks is not None:
+        del bff_env["BFF_OIDC_CLIENT_SECRET"]
     servers: list[ServerProcess] = []
     try:
         for bff_port in bff_ports:
-            server = ServerProcess(
-                ["serve"], proxy_env(upstream_url, **oidc_env(issuer, public_url, **env)), port=bff_port
-            )
-            servers.append(server.start())
+            servers.append(ServerProcess(["serve"], bff_env, port=bff_port).start())
         backchannel = f"http://127.0.0.1:{bff_ports[backchannel_to]}/auth/backchannel-logout"
-        config = {"backchannelUri": backchannel, "accessTokenTtl": access_token_ttl}
+        config: dict[str, Any] = {"backchannelUri": backchannel, "accessTokenTtl": access_token_ttl}
+        if client_jwks is not None:
+            config["clientJwks"] = client_jwks
         with running_idp(node_binary(), str(NODE_DIR), public_url, port, **config) as idp:
             assert idp.issuer == issuer
             yield OidcSetup(servers, idp)
@@ -464,3 +484,172 @@ def test_a_refresh_the_provider_refuses_ends_the_session(oidc_refreshing: OidcSe
         assert client.get("/auth/session").status_code == 401
         assert client.get("/auth/session").status_code == 401  # the record is gone, not only refused once
         first.wait_for_log(lambda e: e.get("audit") == "session.revoked" and e.get("reason") == "idp_refresh_failed")
+
+
+# Everything else, with OIDC users
+
+DAILY_OUTPUT_CHARS = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def oidc_limited(emulator: ServerProcess, redis_server: RedisServer) -> Iterator[OidcSetup]:
+    """One BFF on Redis with one stream per user and a daily output budget. Its provider tokens are
+    not due for a refresh within a test (refreshing has tests of its own above)."""
+    with oidc_setup(
+        emulator.url,
+        access_token_ttl=3600,
+        BFF_STORAGE_URL=redis_server.url,
+        BFF_MAX_CONCURRENT_STREAMS="1",
+        BFF_DAILY_OUTPUT_CHARS=str(DAILY_OUTPUT_CHARS),
+    ) as setup:
+        yield setup
+
+
+def used_today(client: httpx.Client) -> int:
+    value: int = client.get("/auth/session").json()["limits"]["daily_output_chars"]["used"]
+    return value
+
+
+def relay_end(server: ServerProcess, run_id: str) -> dict[str, Any]:
+    return server.wait_for_log(lambda e: e.get("audit") == "relay.end" and e.get("run_id") == run_id)
+
+
+def test_an_oidc_user_chats_and_relays_under_their_own_stream_limit_and_budget(
+    oidc_limited: OidcSetup, upstream: EmulatorControl, redis_server: RedisServer
+) -> None:
+    bff = oidc_limited.bff
+    with browser(bff.url) as laptop, browser(bff.url) as phone, browser(bff.url) as jack:
+        signed_in(oidc_limited, laptop, login="ivy")
+        signed_in(oidc_limited, phone, login="ivy")  # another session of the same user
+        signed_in(oidc_limited, jack, login="jack")
+        upstream.fault(op="stream", workflow="wf_tutor", hold_after=1)  # ivy's chat answer, held open
+
+        with laptop.stream("POST", "/api/chat/tutor", json=chat_body("oidc-chat")) as chat:
+            assert chat.status_code == 200
+            chat_run = chat.headers["x-run-id"]
+            body = chat.iter_raw()
+            head = next(body)
+            # Her one stream is open: refused in her other session too (the limit is the user's), not for jack.
+            refused = phone.post(STREAM, json=INPUTS)
+            jacks = jack.post(STREAM, json=INPUTS)
+            upstream.release()
+            answer = text_of(sse_events((head + b"".join(body)).decode()))
+        assert relay_end(bff, chat_run)["user"] == "oidc:ivy"
+        relayed = phone.post(STREAM, json=INPUTS)  # her slot is free again
+        assert relayed.status_code == 200
+        assert relay_end(bff, relayed.headers["x-run-id"])["user"] == "oidc:ivy"
+        assert relay_end(bff, jacks.headers["x-run-id"])["user"] == "oidc:jack"
+
+        assert (refused.status_code, refused.json()["error"]["code"]) == (429, "too_many_streams")
+        assert "retry-after" in refused.headers
+        assert (jacks.status_code, jacks.text) == (200, EXPECTED)
+        assert answer == EXPECTED and relayed.text == EXPECTED
+        # The budget is the user's: both of her sessions see both answers, jack only his.
+        assert used_today(laptop) == used_today(phone) == 2 * len(EXPECTED)
+        assert used_today(jack) == len(EXPECTED)
+    with redis.Redis.from_url(redis_server.url) as storage:
+        counters = {key.decode(): int(storage.get(key) or 0) for key in storage.scan_iter("*output:oidc:*")}
+    assert {key.split(":output:")[1].rsplit(":", 1)[0]: value for key, value in counters.items()} == {
+        "oidc:ivy": 2 * len(EXPECTED),
+        "oidc:jack": len(EXPECTED),
+    }
+
+
+def test_operators_list_and_end_an_oidc_users_sessions_from_the_command_line(
+    oidc_limited: OidcSetup, redis_server: RedisServer
+) -> None:
+    bff = oidc_limited.bff
+    env = {**proxy_env("http://127.0.0.1:9"), "BFF_STORAGE_URL": redis_server.url}
+    with browser(bff.url) as laptop, browser(bff.url) as phone, browser(bff.url) as bystander:
+        signed_in(oidc_limited, laptop, login="kim")
+        signed_in(oidc_limited, phone, login="kim")
+        signed_in(oidc_limited, bystander, login="lee")
+
+        listed = cli("sessions", "list", "--user", "oidc:kim", env=env)
+        ended = cli("sessions", "revoke", "--user", "oidc:kim", env=env)
+
+        assert listed.returncode == 0, listed.stderr
+        rows = listed.stdout.strip().splitlines()
+        assert len(rows) == 3 and all(row.endswith("  oidc") for row in rows[1:]), listed.stdout
+        # Named as the audit log named them at sign-in.
+        opened = {
+            entry["sid_hash"]
+            for entry in bff.log_entries()
+            if entry.get("audit") == "session.created" and entry.get("user") == "oidc:kim"
+        }
+        assert {row.split()[0] for row in rows[1:]} == opened
+        assert ended.returncode == 0, ended.stderr
+        assert ended.stdout.strip() == "ended 2 session(s) of oidc:kim"
+        assert laptop.get("/auth/session").status_code == 401
+        assert phone.get("/auth/session").status_code == 401
+        assert bystander.get("/auth/session").json()["user"]["id"] == "oidc:lee"  # nobody else's
+        assert cli("sessions", "list", "--user", "oidc:kim", env=env).stdout.strip() == "oidc:kim has no session"
+
+
+# private_key_jwt: the BFF authenticates to the provider with a signed assertion, no secret
+
+
+def key_pair(alg: str) -> tuple[str, dict[str, Any]]:
+    """A new private key (PEM) and its public JWK."""
+    private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    if alg == "RS256":
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        jwk = RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
+    else:
+        private = ec.generate_private_key(ec.SECP256R1())
+        jwk = ECAlgorithm.to_jwk(private.public_key(), as_dict=True)
+    pem = private.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
+    return pem, jwk
+
+
+def refresh_with_assertion(oidc: OidcSetup, refresh_token: str, pem: str, kid: str, alg: str) -> httpx.Response:
+    """What the provider answers to this refresh token, the client authenticated as the BFF does."""
+    now = int(time.time())
+    claims = {"iss": CLIENT_ID, "sub": CLIENT_ID, "aud": oidc.idp.issuer, "jti": uuid.uuid4().hex}
+    assertion = jwt.encode({**claims, "iat": now, "exp": now + 60}, pem, algorithm=alg, headers={"kid": kid})
+    data = {
+        "grant_type": "refresh_token",
+        "refresh_token": refresh_token,
+        "client_id": CLIENT_ID,
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "client_assertion": assertion,
+    }
+    return httpx.post(f"{oidc.idp.issuer}/token", data=data, timeout=10.0)
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256"])
+def test_private_key_jwt_signs_in_refreshes_and_revokes_with_a_new_assertion_each_time(
+    emulator: ServerProcess, tmp_path: Path, alg: str
+) -> None:
+    pem, jwk = key_pair(alg)
+    kid = f"bff-{alg.lower()}"
+    key_file = tmp_path / "oidc-client-key.pem"
+    key_file.write_text(pem)
+    jwks = {"keys": [{**jwk, "kid": kid, "use": "sig", "alg": alg}]}
+    env = {"BFF_OIDC_PRIVATE_KEY_FILE": str(key_file), "BFF_OIDC_PRIVATE_KEY_ID": kid}
+    # Tokens live 30 s and are refreshed 60 s before they expire: the first request after sign-in refreshes.
+    with oidc_setup(emulator.url, client_jwks=jwks, access_token_ttl=30, **env) as setup:
+        # The provider knows no secret for this client: the secret the other tests use is refused.
+        assert refresh_at_idp(setup, "x").json()["error"] == "invalid_client"
+        ours = len(setup.idp.lines)
+        with browser(setup.bff.url) as first, browser(setup.bff.url) as client:
+            signed_in(setup, first, login="mia")
+            signed_in(setup, client, login="mia")  # a second code exchange: a new jti, or the provider refuses it
+            issued = len(setup.idp.tokens("refresh_token"))
+
+            session = client.get("/auth/session")  # the tokens are due: refreshed, with another assertion
+
+            assert session.status_code == 200 and session.json()["user"]["id"] == "oidc:mia"
+            assert len(setup.idp.tokens("refresh_token")) == issued + 1  # rotated by the refresh
+            assert client.post("/auth/logout").status_code == 200
+            errors = [line for line in setup.idp.lines[ours:] if line.get("error")]
+            latest = setup.idp.tokens("refresh_token")[-1]  # the logout may have refreshed once more
+
+            def latest_revoked() -> bool:
+                answer = refresh_with_assertion(setup, latest, pem, kid, alg)
+                assert answer.status_code in (200, 400), answer.text
+                return answer.status_code == 400 and answer.json()["error"] == "invalid_grant"
+
+            # Revoked at the provider (a revocation call, with one more assertion) once the answer was sent.
+            eventually(latest_revoked, "the refresh token revoked at the provider")
+        assert errors == [] and setup.idp.events("revocation.error") == []

@@ -33,8 +33,10 @@ from authlib.oauth2.rfc6749.parameters import prepare_grant_uri, prepare_token_r
 from authlib.oauth2.rfc7009 import prepare_revoke_token_request
 from authlib.oauth2.rfc7523 import PrivateKeyJWT
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
-from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
+from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, EllipticCurvePrivateKey
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from joserfc.jwk import ECKey
 
 from proxy.auth.base import AuthConfigError
 from proxy.auth.jwt import ASYMMETRIC_ALGORITHMS, LEEWAY_SECONDS, MAX_SUB_CHARS, MAX_TOKEN_CHARS, JwksCache, jwks_client
@@ -442,8 +444,8 @@ def build_oidc_client(settings: Settings) -> OidcClient:
         # Never `claims=`: Authlib keeps and reuses that dict, so every assertion would carry the first
         # jti, and providers refuse an assertion used twice. The audience is the issuer, which every
         # provider accepts (RFC 7523 §3; some refuse the token endpoint's URL).
-        alg = "ES256" if _is_ec(pem) else "RS256"
-        auth = ClientAuth(settings.oidc_client_id, pem, PrivateKeyJWT(settings.oidc_issuer, headers=headers, alg=alg))
+        key, alg = _signing_key(pem)
+        auth = ClientAuth(settings.oidc_client_id, key, PrivateKeyJWT(settings.oidc_issuer, headers=headers, alg=alg))
     else:
         if settings.oidc_client_secret is None:
             raise AuthConfigError(f"BFF_OIDC_CLIENT_SECRET: required for {method}")
@@ -469,8 +471,17 @@ def build_oidc_client(settings: Settings) -> OidcClient:
     )
 
 
-def _is_ec(pem: str) -> bool:
+def _signing_key(pem: str) -> tuple[str | ECKey, str]:
+    """The client assertion's key, as Authlib takes it, and its algorithm. Authlib imports a PEM text
+    as an RSA key whatever it holds (rfc7523 `PrivateKeyJWT.sign`), so an EC key given as text failed
+    every token call (each sign-in answered 500): it goes as a joserfc key instead. Keys that could
+    sign neither RS256 nor ES256 are refused at startup rather than at every sign-in."""
     try:
-        return isinstance(load_pem_private_key(pem.encode(), password=None), EllipticCurvePrivateKey)
+        private = load_pem_private_key(pem.encode(), password=None)
     except (ValueError, TypeError):
         raise AuthConfigError("BFF_OIDC_PRIVATE_KEY_FILE: not an unencrypted PEM private key") from None
+    if isinstance(private, RSAPrivateKey):
+        return pem, "RS256"
+    if isinstance(private, EllipticCurvePrivateKey) and isinstance(private.curve, SECP256R1):
+        return ECKey.import_key(pem), "ES256"
+    raise AuthConfigError("BFF_OIDC_PRIVATE_KEY_FILE: must be an RSA key (RS256) or an EC P-256 key (ES256)")
