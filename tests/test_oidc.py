@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from proxy.auth.oidc import accepted_issuers
 from tests.conftest import require_tool
 from tests.oidc_idp import CLIENT_ID, CLIENT_SECRET, Idp, idp_port, running_idp, sign_in_at_idp
 from tests.servers import EmulatorControl, RedisServer, ServerProcess, browser, eventually, free_port, proxy_env
@@ -653,3 +654,27 @@ def test_private_key_jwt_signs_in_refreshes_and_revokes_with_a_new_assertion_eac
             # Revoked at the provider (a revocation call, with one more assertion) once the answer was sent.
             eventually(latest_revoked, "the refresh token revoked at the provider")
         assert errors == [] and setup.idp.events("revocation.error") == []
+
+
+@pytest.mark.parametrize(
+    ("configured", "named", "accepted"),
+    [
+        ("https://accounts.google.com", "accounts.google.com", True),  # Google's other spelling
+        ("https://accounts.google.com", "https://accounts.google.com", True),
+        ("https://id.example.com", "id.example.com", False),  # nobody else's issuer loses its scheme
+    ],
+)
+def test_an_id_token_issuer_must_be_the_configured_one_or_googles_other_spelling(
+    configured: str, named: str, accepted: bool
+) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    token = jwt.encode({"iss": named, "aud": CLIENT_ID, "exp": time.time() + 60}, key, algorithm="RS256")
+
+    def verified() -> bool:
+        try:
+            jwt.decode(token, key.public_key(), ["RS256"], audience=CLIENT_ID, issuer=accepted_issuers(configured))
+        except jwt.InvalidIssuerError:
+            return False
+        return True
+
+    assert verified() is accepted

@@ -99,6 +99,15 @@ class IdpTokens:
         return cls(fields["at"], fields["rt"], fields["it"], float(fields["exp"]))
 
 
+# Google's ID tokens name their issuer with or without the scheme (its OpenID Connect guide says to
+# accept both); every other provider's must match BFF_OIDC_ISSUER exactly.
+ISSUER_SPELLINGS = {"https://accounts.google.com": ("https://accounts.google.com", "accounts.google.com")}
+
+
+def accepted_issuers(issuer: str) -> str | tuple[str, ...]:
+    return ISSUER_SPELLINGS.get(issuer, issuer)
+
+
 def index_hash(issuer: str, value: str) -> str:
     """The storage index of an IdP session id or subject: hashed with the issuer, so two providers'
     values never collide, and a storage dump does not list who is signed in."""
@@ -340,7 +349,7 @@ class OidcClient:
                 key,
                 algorithms=[algorithm],
                 audience=self.client_id,
-                issuer=self.issuer,
+                issuer=accepted_issuers(self.issuer),
                 leeway=LEEWAY_SECONDS,
                 options={"require": require},
             )
