@@ -209,22 +209,11 @@ class Settings(BaseSettings):
             raise ValueError("is a placeholder: set the upstream API key (sk_...)")
         return value
 
-    @field_validator("jwks_url")
+    @field_validator("jwks_url", "oidc_issuer", "public_url")
     @classmethod
-    def _jwks_over_https(cls, value: str | None) -> str | None:
-        # Keys fetched over plain http could be swapped in transit; loopback is allowed for development.
-        parts = urlsplit(value or "")
-        if value is None or (parts.scheme == "https" and parts.hostname):
-            return value
-        if parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS:
-            return value
-        raise ValueError("must be an https:// URL (http:// only for localhost)")
-
-    @field_validator("oidc_issuer", "public_url")
-    @classmethod
-    def _https_origin(cls, value: str | None) -> str | None:
-        # The IdP's keys and the browser's redirect must not be swappable in transit; plain http only
-        # on loopback, for development and the tests.
+    def _over_https(cls, value: str | None) -> str | None:
+        # Keys fetched, and a browser redirected, over plain http could be swapped in transit; plain
+        # http only on loopback, for development and the tests.
         parts = urlsplit(value or "")
         if value is None or (parts.scheme == "https" and parts.hostname):
             return value
