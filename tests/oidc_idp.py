@@ -21,7 +21,7 @@ from urllib.parse import urljoin
 
 import httpx
 
-from tests.servers import free_port
+from tests.servers import free_port, stop_process
 
 CLIENT_ID = "workflow-bff"
 CLIENT_SECRET = "test-oidc-client-secret-5a1d0c6e9f2b47d3a8e1"
@@ -62,13 +62,7 @@ class Idp:
         return httpx.post(f"{self.issuer}/_test/{action}", params=params, timeout=10.0)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process)
 
 
 @contextmanager

@@ -48,6 +48,18 @@ def eventually(check: Callable[[], Any], what: str, timeout: float = EVENTUALLY_
     return result
 
 
+def stop_process(process: subprocess.Popen[str], sig: int = signal.SIGTERM, grace: float = 10.0) -> int:
+    """Ask a process to end with `sig`; kill it if it has not within `grace` seconds."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    return process.returncode
+
+
 @dataclass
 class ServerProcess:
     command: list[str]
@@ -103,14 +115,7 @@ class ServerProcess:
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return self.process.returncode
+        return stop_process(self.process, sig, grace=15)
 
 
 @dataclass
@@ -155,13 +160,8 @@ class RedisServer:
 
     def stop(self) -> None:
         """A clean shutdown (SIGTERM), as an orchestrator would do; the AOF already holds every write."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None
 
 
