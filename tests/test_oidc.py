@@ -6,6 +6,7 @@ a browser of its own (an httpx client walking the provider's login and consent p
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import time
@@ -396,6 +397,10 @@ def test_back_channel_logout_ends_the_session_on_every_replica(oidc_replicas: Oi
         second.wait_for_log(lambda e: e.get("audit") == "session.revoked" and e.get("reason") == "idp_backchannel")
 
 
+def _b64_json(value: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+
 def test_a_replayed_altered_or_foreign_logout_token_is_refused(oidc_replicas: OidcSetup) -> None:
     first, second = oidc_replicas.bffs
     with browser(first.url) as client:
@@ -406,8 +411,10 @@ def test_a_replayed_altered_or_foreign_logout_token_is_refused(oidc_replicas: Oi
         altered = ".".join([header, payload[:-3] + ("A" if payload[-3] != "A" else "B") + payload[-2:], signature])
         id_token = parse_qs(urlsplit(client.post("/auth/logout").json()["logout_url"]).query)["id_token_hint"][0]
         signed_in(oidc_replicas, client, login="erin")
+        # A header whose alg is no string (an outsider's forgery): refused like any other, not a 500.
+        unhashable_alg = ".".join([_b64_json({"alg": ["RS256"]}), _b64_json({}), "AA"])
 
-        for token in (logout_token, altered, id_token, "not-a-jwt"):
+        for token in (logout_token, altered, id_token, "not-a-jwt", unhashable_alg):
             for replica in (first, second):
                 answer = backchannel_logout(replica.url, token)
                 assert answer.status_code == 400, token

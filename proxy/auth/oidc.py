@@ -332,7 +332,7 @@ class OidcClient:
         algorithm, kid = header.get("alg"), header.get("kid")
         # As for the jwt sign-in: the token's `alg` only picks among what the provider offers and we
         # accept, and the key must be of that algorithm (no algorithm confusion).
-        if algorithm not in provider.algorithms:
+        if not isinstance(algorithm, str) or algorithm not in provider.algorithms:  # a list is unhashable
             raise OidcError("algorithm not accepted")
         if kid is not None and not (isinstance(kid, str) and len(kid) <= 256):
             raise OidcError("bad kid")
