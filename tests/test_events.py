@@ -27,8 +27,10 @@ from pydantic import ValidationError
 from proxy.cli import ConfigError, checked_settings
 from proxy.emulator import generate_text, split_chunks
 from proxy.events import RunEnded, signed_headers, webhook_key
-from proxy.events.delivery import MAX_RETRY_SECONDS, DeliverySettings, retry_delay
+from proxy.events.delivery import MAX_RETRY_SECONDS, DeliverySettings, RunEvents, retry_delay
+from proxy.metrics import Metrics
 from proxy.settings import Settings
+from proxy.storage import MemoryStorage
 from tests.conftest import require_tool
 from tests.servers import (
     EmulatorControl,
@@ -456,6 +458,34 @@ def test_retries_double_from_the_retry_time_up_to_an_hour_with_at_most_half_take
     for attempts, full in ((1, 5.0), (2, 10.0), (5, 80.0), (11, MAX_RETRY_SECONDS), (40, MAX_RETRY_SECONDS)):
         delays = [retry_delay(settings, attempts) for _ in range(200)]
         assert full / 2 <= min(delays) and max(delays) <= full
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_events_beyond_the_cap_in_memory_or_in_the_outbox_are_dropped_and_counted() -> None:
+    metrics, storage = Metrics(), MemoryStorage()
+    events = RunEvents(DeliverySettings("http://127.0.0.1:9/", b"k" * 32, False, 1.0, 1.0, 3, 2), storage, metrics)
+
+    def ended(n: int) -> RunEnded:
+        return RunEnded(f"run_{n}", "u1", "tutor", None, "complete", 1, time.time(), 1.0, 2.0, None)
+
+    try:
+        for n in range(3):  # nothing moves them to the outbox yet: the third finds no room in memory
+            events.ended(ended(n))
+        await events.flush()
+        for n in range(3, 5):  # room in memory, none in the outbox
+            events.ended(ended(n))
+        await events.flush()
+    finally:
+        await events.aclose()
+
+    counted = {o: metrics.registry.get_sample_value("bff_events_total", {"outcome": o}) for o in ("queued", "dropped")}
+    assert counted == {"queued": 2.0, "dropped": 3.0}
+    assert [e.event_id for e in await storage.claim_events(10, lease=60.0)] == ["evt_0", "evt_1"]
 
 
 def settings_error(env: Mapping[str, str], monkeypatch: pytest.MonkeyPatch) -> str:

@@ -108,6 +108,10 @@ class RunEvents:
             except StorageUnavailable:  # kept in memory (bounded) until the storage is back
                 await anyio.sleep(POLL_SECONDS)
                 self._queue_woken.set()
+            except Exception:  # a bug: that event is lost, not the pump (nor, with it, the process)
+                logger.exception("run event not stored")
+                self._dropped(self._queued.popleft().event_id, "it could not be stored")
+                self._queue_woken.set()
 
     async def flush(self) -> None:
         """At shutdown: put what is still in memory into the outbox (where Redis keeps it for the
@@ -139,9 +143,12 @@ class RunEvents:
                 self._due.clear()
                 claimed: list[PendingEvent] = []
                 if free := DELIVERIES_AT_ONCE - self._in_flight:
-                    # Redis down: logged where it was met (storage/redis.py); the next poll tries again.
-                    with contextlib.suppress(StorageUnavailable):
+                    try:
                         claimed = await self._storage.claim_events(free, self._lease)
+                    except StorageUnavailable:
+                        pass  # logged where it was met (storage/redis.py); the next poll tries again
+                    except Exception:  # a bug: this round is lost, not the deliverers
+                        logger.exception("run events not claimed")
                 for event in claimed:
                     self._in_flight += 1
                     deliveries.start_soon(self._deliver, event)
@@ -163,6 +170,8 @@ class RunEvents:
                 await self._settle(event, failure)
         except StorageUnavailable:
             pass  # the claim lapses and the event is tried again
+        except Exception:  # a bug: the same, but said
+            logger.exception("run event delivery failed")
         finally:
             self._in_flight -= 1
             self._due.set()
