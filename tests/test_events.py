@@ -79,6 +79,7 @@ class Attempt:
     headers: dict[str, str]
     body: bytes
     answer: str  # what the receiver did: "500", "closed", "held", "204"
+    path: str = "/hooks/bff"
 
     @property
     def event_id(self) -> str:
@@ -93,8 +94,8 @@ class Attempt:
 @dataclass
 class Receiver:
     """An HTTP endpoint that records every attempt and answers per `plan(n)`, n being the attempt's
-    number for its webhook-id: "500", "closed" (the connection dropped unanswered), "hold" (no answer
-    until `release()`), or "204"."""
+    number for its webhook-id: a status ("500", "307" to /elsewhere, "204"), "closed" (the connection
+    dropped unanswered) or "hold" (no answer until `release()`)."""
 
     plan: Callable[[int], str] = lambda n: "204"
     port: int = 0
@@ -117,7 +118,7 @@ class Receiver:
                 with receiver._changed:
                     number = 1 + sum(a.event_id == headers.get("webhook-id") for a in receiver.attempts)
                     answer = receiver.plan(number)
-                    attempt = Attempt(headers, body, "held" if answer == "hold" else answer)
+                    attempt = Attempt(headers, body, "held" if answer == "hold" else answer, self.path)
                     receiver.attempts.append(attempt)
                     receiver._changed.notify_all()
                 if answer == "hold":
@@ -128,6 +129,8 @@ class Receiver:
                     return
                 try:
                     self.send_response(int(answer))
+                    if answer.startswith("3"):
+                        self.send_header("Location", "/elsewhere")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                 except OSError:  # the proxy gave up waiting
@@ -340,6 +343,22 @@ def test_with_include_text_the_event_carries_exactly_the_text_each_client_receiv
         data = delivered[response.headers["x-run-id"]]
         assert (data["text"], data["chars"], data["end"]) == (text, len(text), "complete")
     assert delivered[chat.headers["x-run-id"]]["chat_id"] == "chat-2"
+    logs = "\n".join(server.logs)
+    assert streamed.text not in logs and whole.json()["result"] not in logs
+
+
+def test_a_redirect_is_a_failed_attempt_and_is_not_followed(emulator: ServerProcess, upstream: EmulatorControl) -> None:
+    receiver = Receiver(plan=lambda n: "307" if n == 1 else "204").start()
+    server = start_proxy(emulator.url, **event_env(receiver.url))
+    try:
+        with guest_of(server.url) as client:
+            client.post(STREAM, json=TUTOR_INPUTS).raise_for_status()
+        receiver.wait_for_delivered(1)
+    finally:
+        server.stop()
+        receiver.stop()
+
+    assert [(a.answer, a.path) for a in receiver.attempts] == [("307", "/hooks/bff"), ("204", "/hooks/bff")]
 
 
 def test_a_run_refused_before_its_answer_has_an_event_with_no_text(
