@@ -18,6 +18,7 @@ from proxy.auth.refresh import TokenRefresher
 from proxy.budget import OutputBudget
 from proxy.drain import Drain
 from proxy.errors import ApiError, ClientGone, handle_api_error, handle_client_gone
+from proxy.events import DeliverySettings, RunEvents, webhook_key
 from proxy.limits import parse_limit, parse_rate_limits
 from proxy.metrics import Metrics, MetricsMiddleware, MetricsPortMiddleware, metrics_route
 from proxy.middleware.access_log import AccessLogMiddleware
@@ -40,7 +41,7 @@ from proxy.services import Services
 from proxy.sessions import SessionManager
 from proxy.settings import Settings
 from proxy.slots import StreamSlots
-from proxy.storage import open_limits_storage, open_run_logs, open_storage
+from proxy.storage import Storage, open_limits_storage, open_run_logs, open_storage
 from proxy.token_pool import TokenSource
 from proxy.upstream.breaker import CircuitBreaker
 from proxy.upstream.client import HttpUpstream
@@ -92,6 +93,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         slots = StreamSlots(storage, settings.max_concurrent_streams, lease_seconds=settings.stream_lease_seconds)
         budget = OutputBudget(storage, settings.daily_output_chars, metrics=metrics)
         run_logs = open_run_logs(settings.storage_url, alive_seconds=settings.stream_lease_seconds)
+        events = run_events(settings, storage, metrics)
         runs = RunManager(
             RunSettings(
                 max_seconds=settings.max_stream_seconds,
@@ -109,6 +111,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
             limiter=limiter,
             budget=budget,
             metrics=metrics,
+            events=events,
         )
         services = Services(
             settings=settings,
@@ -137,13 +140,20 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
                         background.start_soon(sessions.watch_users_forever, authenticator.changed_users)
                 if settings.token_pool:
                     background.start_soon(tokens.refill_forever)
+                if events is not None:
+                    background.start_soon(events.pump_forever)
+                    background.start_soon(events.deliver_forever)
                 yield {"services": services}
                 await runs.close()
+                if events is not None:
+                    await events.flush()  # the ends of the runs just stopped included
                 background.cancel_scope.cancel()
         finally:
             drain.active = True
             tokens.close()
             await upstream.aclose()
+            if events is not None:
+                await events.aclose()
             await run_logs.close()
             await storage.close()
 
@@ -187,3 +197,19 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
     )
     app.state.drain = drain  # the CLI's server starts it on SIGTERM
     return app
+
+
+def run_events(settings: Settings, storage: Storage, metrics: Metrics) -> RunEvents | None:
+    """The run-end webhook, if `BFF_EVENTS_URL` is set (with its secret: checked at start-up)."""
+    if settings.events_url is None or settings.events_secret is None:
+        return None
+    delivery = DeliverySettings(
+        url=settings.events_url,
+        key=webhook_key(settings.events_secret.get_secret_value()),
+        include_text=settings.events_include_text,
+        timeout=settings.events_timeout_seconds,
+        retry_seconds=settings.events_retry_seconds,
+        max_attempts=settings.events_max_attempts,
+        max_pending=settings.events_max_pending,
+    )
+    return RunEvents(delivery, storage, metrics)

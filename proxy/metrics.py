@@ -24,6 +24,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# Run-end webhooks (proxy/events/): queued in the outbox, delivered (2xx), retried (an attempt failed),
+# failed (the last attempt failed: given up), dropped (no room in memory or in the outbox).
+EVENT_OUTCOMES = ("queued", "delivered", "retried", "failed", "dropped")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -70,6 +73,9 @@ class Metrics:
             registry=r,
         )
         self.sessions = Counter("bff_session_events", "Session events (created, revoked, ...).", ["event"], registry=r)
+        self.events = Counter("bff_events", "Run-end webhook events by outcome.", ["outcome"], registry=r)
+        for outcome in EVENT_OUTCOMES:  # present at zero, so rules can be written before the first event
+            self.events.labels(outcome)
 
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

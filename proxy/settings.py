@@ -7,6 +7,8 @@ they check are defined here (storage URLs, which proxy/storage opens) or in a le
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import math
 import re
@@ -32,6 +34,9 @@ HOW_TO_GENERATE = (
     'generate one with `python -m proxy secret` (or: python -c "import secrets; print(secrets.token_urlsafe(48))")'
 )
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# Standard Webhooks' secrets: the key's bytes in base64 after this prefix.
+WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
+MIN_WEBHOOK_KEY_BYTES = 24  # the least Standard Webhooks allows
 HOST_PATTERN = re.compile(r"(\*\.)?[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
 MEMORY_SCHEMES = ("memory",)
 REDIS_SCHEMES = ("redis", "rediss")
@@ -168,6 +173,17 @@ class Settings(BaseSettings):
     # usually skip their confirmation page) or only the client id.
     oidc_logout_hint: Literal["id_token", "client_id"] = "id_token"
 
+    # Run-end webhooks (CONTRACT C5, docs/events.md): a signed JSON event POSTed here when a run ends.
+    events_url: str | None = None
+    events_secret: SecretStr | None = None  # `whsec_<base64>`, or a long random string
+    events_include_text: bool = False  # the answer's text in the event
+    # One delivery attempt's whole time; a failed one is retried after this long, doubling each time
+    # (up to an hour, with jitter), until this many attempts were made; at most this many wait.
+    events_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    events_retry_seconds: float = Field(default=5.0, gt=0, le=3600)
+    events_max_attempts: int = Field(default=12, ge=1, le=100)
+    events_max_pending: int = Field(default=10_000, ge=1, le=1_000_000)
+
     _split = field_validator(
         "session_secrets", "auth", "modes", "allowed_origins", "trusted_proxies", "allowed_hosts", mode="before"
     )(_split_commas)
@@ -209,7 +225,7 @@ class Settings(BaseSettings):
             raise ValueError("is a placeholder: set the upstream API key (sk_...)")
         return value
 
-    @field_validator("jwks_url", "oidc_issuer", "public_url")
+    @field_validator("jwks_url", "oidc_issuer", "public_url", "events_url")
     @classmethod
     def _over_https(cls, value: str | None) -> str | None:
         # Keys fetched, and a browser redirected, over plain http could be swapped in transit; plain
@@ -220,6 +236,25 @@ class Settings(BaseSettings):
         if parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS:
             return value
         raise ValueError("must be an https:// URL (http:// only for localhost)")
+
+    @field_validator("events_secret")
+    @classmethod
+    def _webhook_key(cls, value: SecretStr | None) -> SecretStr | None:
+        secret = "" if value is None else value.get_secret_value()
+        if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+            if value is not None and (len(secret) < MIN_SECRET_CHARS or secret_problem(secret)):
+                raise ValueError(
+                    f"must be {WEBHOOK_SECRET_PREFIX}<base64 of at least {MIN_WEBHOOK_KEY_BYTES} random bytes>, "
+                    f"or a random string of at least {MIN_SECRET_CHARS} characters; {HOW_TO_GENERATE}"
+                )
+            return value
+        try:
+            key = base64.b64decode(secret.removeprefix(WEBHOOK_SECRET_PREFIX), validate=True)
+        except binascii.Error:
+            raise ValueError(f"what follows {WEBHOOK_SECRET_PREFIX} is not base64") from None
+        if len(key) < MIN_WEBHOOK_KEY_BYTES:
+            raise ValueError(f"must hold at least {MIN_WEBHOOK_KEY_BYTES} bytes after {WEBHOOK_SECRET_PREFIX}")
+        return value
 
     @field_validator("public_url")
     @classmethod
@@ -293,6 +328,8 @@ class Settings(BaseSettings):
             missing.append("BFF_USERS_FILE (BFF_AUTH includes password)")
         if "oidc" in self.auth:
             missing += [f"{name} (BFF_AUTH includes oidc)" for name in self.missing_for_oidc()]
+        if self.events_url and self.events_secret is None:
+            missing.append("BFF_EVENTS_SECRET (BFF_EVENTS_URL is set: events are signed with it)")
         return missing
 
     def missing_for_oidc(self) -> list[str]:
@@ -319,6 +356,8 @@ class Settings(BaseSettings):
             secrets.append(self.jwt_secret.get_secret_value())
         if self.oidc_client_secret is not None:
             secrets.append(self.oidc_client_secret.get_secret_value())
+        if self.events_secret is not None:
+            secrets.append(self.events_secret.get_secret_value())
         return [s for s in secrets if s]
 
 

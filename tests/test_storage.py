@@ -21,6 +21,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from proxy.cli import ConfigError, load_settings
 from proxy.storage import (
     MemoryStorage,
+    PendingEvent,
     RedisStorage,
     SessionRecord,
     Storage,
@@ -360,6 +361,100 @@ async def counter_is(storage: Storage, key: str, value: int) -> bool:
 
 async def test_ping_answers_while_the_backend_is_up(storage: Storage) -> None:
     await storage.ping()
+
+
+# Outbox
+
+
+async def test_an_added_event_is_claimed_once_across_replicas_with_its_body_and_attempt(
+    replicas: tuple[Storage, Storage],
+) -> None:
+    first, second = replicas
+    assert await first.add_event("evt_1", '{"n": 1}', limit=10) is True
+
+    claims = [await second.claim_events(5, lease=60.0), await first.claim_events(5, lease=60.0)]
+
+    assert claims == [[PendingEvent("evt_1", '{"n": 1}', 1)], []]
+    assert await first.count_events() == 1  # claimed, not gone: only a delete removes it
+
+
+async def test_concurrent_claims_hand_each_event_to_one_claimer(replicas: tuple[Storage, Storage]) -> None:
+    first, second = replicas
+    for n in range(20):
+        await first.add_event(f"evt_{n}", str(n), limit=100)
+    claimed: list[PendingEvent] = []
+
+    async def claim(storage: Storage) -> None:
+        claimed.extend(await storage.claim_events(3, lease=60.0))
+
+    async with anyio.create_task_group() as group:
+        for n in range(10):
+            group.start_soon(claim, (first, second)[n % 2])
+
+    assert sorted(event.event_id for event in claimed) == sorted(f"evt_{n}" for n in range(20))
+
+
+async def test_a_retried_event_is_due_again_after_its_delay_with_one_attempt_more(storage: Storage) -> None:
+    await storage.add_event("evt_1", "body", limit=10)
+    await storage.claim_events(1, lease=60.0)
+
+    await storage.retry_event("evt_1", 0.2)
+
+    assert await storage.claim_events(1, lease=60.0) == []
+    found: list[PendingEvent] = []
+
+    async def claimed() -> bool:
+        found.extend(await storage.claim_events(1, lease=60.0))
+        return bool(found)
+
+    await eventually(claimed, "a retried event falling due")
+    assert found == [PendingEvent("evt_1", "body", 2)]
+
+
+async def test_a_claim_whose_lease_lapsed_is_due_again(replicas: tuple[Storage, Storage]) -> None:
+    first, second = replicas
+    await first.add_event("evt_1", "body", limit=10)
+    assert len(await first.claim_events(1, lease=0.2)) == 1  # and the claimer died
+
+    async def claimed() -> bool:
+        return bool(await second.claim_events(1, lease=60.0))
+
+    await eventually(claimed, "a lapsed claim freeing its event")
+
+
+async def test_a_deleted_event_is_never_claimed_again(replicas: tuple[Storage, Storage]) -> None:
+    first, second = replicas
+    await first.add_event("evt_1", "body", limit=10)
+    await first.claim_events(1, lease=0.0)
+
+    await second.delete_event("evt_1")
+    await second.retry_event("evt_1", 0.0)  # a late retry does not bring it back
+
+    assert await first.claim_events(1, lease=60.0) == []
+    assert await first.count_events() == 0
+
+
+async def test_the_outbox_refuses_events_beyond_its_limit_and_never_adds_one_twice(storage: Storage) -> None:
+    assert await storage.add_event("evt_1", "one", limit=2) is True
+    assert await storage.add_event("evt_1", "again", limit=2) is True
+    assert await storage.add_event("evt_2", "two", limit=2) is True
+
+    assert await storage.add_event("evt_3", "three", limit=2) is False
+
+    claimed = await storage.claim_events(10, lease=60.0)
+    assert [(event.event_id, event.body) for event in claimed] == [("evt_1", "one"), ("evt_2", "two")]
+
+
+async def test_only_due_events_are_claimed(storage: Storage) -> None:
+    for n in range(3):
+        await storage.add_event(f"evt_{n}", str(n), limit=10)
+    await storage.claim_events(3, lease=60.0)
+    await storage.retry_event("evt_0", 60.0)
+    await storage.retry_event("evt_2", 0.0)
+
+    claimed = await storage.claim_events(3, lease=60.0)
+
+    assert [event.event_id for event in claimed] == ["evt_2"]
 
 
 # Redis going away and coming back

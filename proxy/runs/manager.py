@@ -18,6 +18,7 @@ import anyio
 
 from proxy.audit import AuditLog
 from proxy.budget import OutputBudget
+from proxy.events import RunEvents
 from proxy.metrics import Metrics
 from proxy.rate_limiter import RateLimiter
 from proxy.runs.run import Run, RunRequest
@@ -67,6 +68,7 @@ class RunManager:
         limiter: RateLimiter,
         budget: OutputBudget,
         metrics: Metrics,
+        events: RunEvents | None = None,
     ) -> None:
         self.max_seconds = settings.max_seconds
         self.grace_seconds = settings.grace_seconds
@@ -84,6 +86,7 @@ class RunManager:
         self.limiter = limiter
         self.budget = budget
         self.metrics = metrics
+        self.events = events  # None: no BFF_EVENTS_URL
         self.live: dict[str, Run] = {}
         self.followers: set[RunStream] = set()
         # A follower elsewhere says it is there this often, and counts for twice as long.

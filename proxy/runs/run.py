@@ -26,6 +26,7 @@ import anyio.lowlevel
 
 from proxy.context import request_context
 from proxy.errors import ApiError
+from proxy.events import RunEnded
 from proxy.runs.ending import Ending
 from proxy.sessions import Session
 from proxy.slots import Lease
@@ -271,4 +272,28 @@ class Run:
             end=ending.reason,
             chars=stats.chars,
             duration_ms=round((time.monotonic() - stats.started_at) * 1000, 1),
+        )
+        if runs.events is not None:
+            runs.events.ended(self._ended_event(ending, include_text=runs.events.include_text))
+
+    def _ended_event(self, ending: Ending, *, include_text: bool) -> RunEnded:
+        stats, now = self.stats, time.monotonic()
+        text = None
+        if include_text:  # what the run produced: the log's text, or the answer `/run` sent
+            if self.log is not None:
+                text = self.log.text().decode(errors="replace")
+            else:
+                text = self.result.result if self.result is not None and ending.reason == "complete" else ""
+        first_byte = stats.first_byte_at
+        return RunEnded(
+            run_id=self.id,
+            user_id=self.meta.user_id,
+            workflow=self.meta.alias,
+            chat_id=self.meta.chat_id,
+            end=ending.reason,
+            chars=stats.chars,
+            started_at=time.time() - (now - stats.started_at),
+            first_byte_ms=None if first_byte is None else round((first_byte - stats.started_at) * 1000, 1),
+            duration_ms=round((now - stats.started_at) * 1000, 1),
+            text=text,
         )

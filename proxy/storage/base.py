@@ -5,7 +5,10 @@ Three kinds of state live here, each with its own expiry rule:
 - leases (a named pool of at most `limit` holders, each holding for `ttl` seconds unless renewed), for
   caps such as concurrent streams: a replica that dies without releasing loses its leases when they
   expire, so a slot can never leak for longer than one ttl;
-- counters, incremented atomically and forgotten `ttl` seconds after their first increment, for budgets.
+- counters, incremented atomically and forgotten `ttl` seconds after their first increment, for budgets;
+- an outbox of events waiting to be delivered (run-end webhooks, proxy/events/): each is claimed by one
+  deliverer at a time for a lease, and stays until it is deleted, so a replica that dies mid-delivery
+  leaves it to another one when the lease lapses.
 
 Every operation is atomic in its backend, so the answers are exact across replicas sharing one Redis.
 A backend that cannot be reached raises `StorageUnavailable`, which answers 503 `storage_unavailable`:
@@ -56,6 +59,15 @@ class SessionRecord:
             for name, value in (("oidc-sid", self.idp_sid_hash), ("oidc-sub", self.idp_sub_hash))
             if value
         ]
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    """An outbox event as a claim hands it out: `attempts` counts this one."""
+
+    event_id: str
+    body: str
+    attempts: int
 
 
 # Fields a backend writes beyond the first six, in this order; all strings but `idp_expires_at`.
@@ -120,6 +132,25 @@ class Storage(Protocol):
 
     async def get_counter(self, key: str) -> int:
         """The current value; 0 for a counter that does not exist or has expired."""
+
+    # Outbox
+
+    async def add_event(self, event_id: str, body: str, limit: int) -> bool:
+        """Queue an event, due now; False (and nothing added) when `limit` events are already pending.
+        Adding an id already pending changes nothing."""
+
+    async def claim_events(self, count: int, lease: float) -> list[PendingEvent]:
+        """Up to `count` due events, oldest due first, each counted one attempt more and hidden from
+        every other claim for `lease` seconds: due again then, unless retried or deleted before."""
+
+    async def retry_event(self, event_id: str, delay: float) -> None:
+        """Make a pending event due in `delay` seconds (nothing for one no longer pending)."""
+
+    async def delete_event(self, event_id: str) -> None:
+        """Forget an event: delivered, or given up on."""
+
+    async def count_events(self) -> int:
+        """How many events are pending, claimed ones included."""
 
     # Lifecycle
 

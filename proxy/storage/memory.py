@@ -8,10 +8,11 @@ monotonic clock, so a clock step can neither free a slot early nor hold it forev
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import time
 from collections import defaultdict
 
-from proxy.storage.base import SessionRecord
+from proxy.storage.base import PendingEvent, SessionRecord
 
 PURGE_EVERY = 256
 
@@ -20,6 +21,13 @@ PURGE_EVERY = 256
 class _Counter:
     value: int
     expires_at: float  # monotonic
+
+
+@dataclasses.dataclass
+class _Event:
+    body: str
+    due: float  # monotonic
+    attempts: int = 0
 
 
 class MemoryStorage:
@@ -31,6 +39,10 @@ class MemoryStorage:
         self._by_index: defaultdict[str, set[str]] = defaultdict(set)
         self._leases: dict[str, dict[str, float]] = {}  # name -> holder -> monotonic expiry
         self._counters: dict[str, _Counter] = {}
+        self._events: dict[str, _Event] = {}
+        # (due, id) of every pending event, and stale pairs left by retries and deletes: a pair counts
+        # only while it matches its event's `due` (skipped when popped), so no claim scans the outbox.
+        self._due: list[tuple[float, str]] = []
         self._writes = 0
 
     # Sessions
@@ -135,6 +147,50 @@ class MemoryStorage:
     async def get_counter(self, key: str) -> int:
         counter = self._live_counter(key)
         return 0 if counter is None else counter.value
+
+    # Outbox
+
+    async def add_event(self, event_id: str, body: str, limit: int) -> bool:
+        if event_id in self._events:
+            return True
+        if len(self._events) >= limit:
+            return False
+        self._events[event_id] = _Event(body, time.monotonic())
+        heapq.heappush(self._due, (self._events[event_id].due, event_id))
+        return True
+
+    async def claim_events(self, count: int, lease: float) -> list[PendingEvent]:
+        now = time.monotonic()
+        claimed: list[PendingEvent] = []
+        while self._due and self._due[0][0] <= now and len(claimed) < count:
+            due, event_id = heapq.heappop(self._due)
+            event = self._events.get(event_id)
+            if event is None or event.due != due:
+                continue
+            event.attempts += 1
+            self._schedule(event_id, event, now + lease)
+            claimed.append(PendingEvent(event_id, event.body, event.attempts))
+        return claimed
+
+    async def retry_event(self, event_id: str, delay: float) -> None:
+        event = self._events.get(event_id)
+        if event is not None:
+            self._schedule(event_id, event, time.monotonic() + delay)
+
+    async def delete_event(self, event_id: str) -> None:
+        self._events.pop(event_id, None)
+        if not self._events:
+            self._due.clear()
+
+    async def count_events(self) -> int:
+        return len(self._events)
+
+    def _schedule(self, event_id: str, event: _Event, due: float) -> None:
+        event.due = due
+        heapq.heappush(self._due, (due, event_id))
+        if len(self._due) > 4 * len(self._events) + PURGE_EVERY:  # mostly stale pairs: rebuild
+            self._due = [(e.due, i) for i, e in self._events.items()]
+            heapq.heapify(self._due)
 
     # Lifecycle
 

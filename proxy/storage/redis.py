@@ -10,7 +10,9 @@ Keys (all under one prefix, `bff:` by default):
 - `oidc-sid:<hash>`, `oidc-sub:<hash>`: the same, by identity-provider session and subject, for
   back-channel logout (a session's key stays listed after a logout until it expires or is used);
 - `lease:<name>`: a sorted set of holders scored by the expiry of their lease (milliseconds);
-- `counter:<key>`: an integer.
+- `counter:<key>`: an integer;
+- `events:due`, `events:body`, `events:attempts`: the outbox, a sorted set of event ids scored by when
+  each is due (milliseconds, a claimed one's lease end), with the bodies and attempt counts in hashes.
 
 Scripts build session keys from the prefix, so Redis Cluster is not supported: use one primary (with
 replicas or Sentinel for failover handled by the URL you give).
@@ -31,7 +33,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from proxy.storage.base import OPTIONAL_FIELDS, SessionRecord, StorageUnavailable
+from proxy.storage.base import OPTIONAL_FIELDS, PendingEvent, SessionRecord, StorageUnavailable
 
 logger = logging.getLogger("proxy.storage")
 
@@ -185,6 +187,62 @@ if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[3]
 return value
 """
 
+# The outbox's scripts. KEYS (all three): the due set, the bodies, the attempt counts.
+OUTBOX_PRELUDE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+"""
+
+ADD_EVENT = (
+    OUTBOX_PRELUDE
+    + """
+-- ARGV: id, body, limit
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+return 1
+"""
+)
+
+# One script, so two replicas never claim the same event: each due id's score moves to the end of
+# its lease before anyone else can read it as due.
+CLAIM_EVENTS = (
+    OUTBOX_PRELUDE
+    + """
+-- ARGV: count, lease ms. Returns id, body, attempts, ... for each event claimed.
+local claimed = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))) do
+  local body = redis.call('HGET', KEYS[2], id)
+  if body then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), id)
+    table.insert(claimed, id)
+    table.insert(claimed, body)
+    table.insert(claimed, redis.call('HINCRBY', KEYS[3], id, 1))
+  else
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('HDEL', KEYS[3], id)
+  end
+end
+return claimed
+"""
+)
+
+RETRY_EVENT = (
+    OUTBOX_PRELUDE
+    + """
+-- ARGV: id, delay ms
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+"""
+)
+
+DELETE_EVENT = """
+-- ARGV: id
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+"""
+
 
 def milliseconds(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
@@ -238,6 +296,11 @@ class RedisStorage:
         self._count_leases = register(COUNT_LEASES)
         self._incr = register(INCR)
         self._incr_up_to = register(INCR_UP_TO)
+        self._add_event = register(ADD_EVENT)
+        self._claim_events = register(CLAIM_EVENTS)
+        self._retry_event = register(RETRY_EVENT)
+        self._delete_event = register(DELETE_EVENT)
+        self._outbox = [self._key("events", "due"), self._key("events", "body"), self._key("events", "attempts")]
 
     # Sessions
 
@@ -350,6 +413,29 @@ class RedisStorage:
         with reachable():
             value = await self._client.get(self._key("counter", key))
         return int(value) if value is not None else 0
+
+    # Outbox
+
+    async def add_event(self, event_id: str, body: str, limit: int) -> bool:
+        with reachable():
+            return bool(await self._add_event(self._outbox, [event_id, body, limit]))
+
+    async def claim_events(self, count: int, lease: float) -> list[PendingEvent]:
+        with reachable():
+            found = await self._claim_events(self._outbox, [count, milliseconds(lease)])
+        return [PendingEvent(str(found[i]), str(found[i + 1]), int(found[i + 2])) for i in range(0, len(found), 3)]
+
+    async def retry_event(self, event_id: str, delay: float) -> None:
+        with reachable():
+            await self._retry_event(self._outbox, [event_id, max(0, math.ceil(delay * 1000))])
+
+    async def delete_event(self, event_id: str) -> None:
+        with reachable():
+            await self._delete_event(self._outbox, [event_id])
+
+    async def count_events(self) -> int:
+        with reachable():
+            return int(await self._client.zcard(self._outbox[0]))
 
     # Lifecycle
 

@@ -77,6 +77,10 @@ class ChunkLog:
     def ended(self) -> bool:
         return self._ending is not None
 
+    def text(self) -> bytes:
+        """Everything the run wrote, in one piece (for its end event)."""
+        return bytes(self._text)
+
     def append(self, entry: Entry) -> None:
         """Add an entry and wake every reader waiting for one. Never waits: a run writes to no one."""
         kind, value = entry
