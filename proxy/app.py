@@ -36,6 +36,7 @@ from proxy.routes.ops import index_route, ops_routes
 from proxy.routes.runs import run_routes
 from proxy.routes.workflows import workflow_routes
 from proxy.runs import RunManager, RunSettings
+from proxy.runs.ending import REASONS
 from proxy.sealing import TokenSealer
 from proxy.services import Services
 from proxy.sessions import SessionManager
@@ -53,12 +54,13 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         raise ValueError("BFF_API_KEY is required")
     api_key = settings.api_key
     workflows = parse_workflows(settings.workflows, settings.workflows_file)
-    metrics = Metrics()
+    rate_limits = parse_rate_limits(settings.rate_limits)
+    metrics = Metrics(rate_limits=rate_limits, stream_ends=REASONS)
     drain = Drain(settings.drain_seconds)
     limits_storage = open_limits_storage(settings.storage_url)
     limiter = RateLimiter(
         limits_storage,
-        parse_rate_limits(settings.rate_limits),
+        rate_limits,
         per_workflow={w.alias: parse_limit(w.rate_limit) for w in workflows if w.rate_limit},
         metrics=metrics,
     )

@@ -3,12 +3,16 @@
 Each app gets its own registry, so several apps can run side by side in one process (tests do).
 With several worker processes, set `PROMETHEUS_MULTIPROC_DIR` to an empty directory before start:
 `/metrics` then aggregates every worker's numbers.
+
+Every labelled family is scraped from the start, with a zero for each value of its closed label set
+(`_declare`): a dashboard or an alert rule can then be written, and checked against `/metrics`
+(tests/test_dashboards.py), before the first failure, and `rate()` sees a failure's first increment.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -24,14 +28,35 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+# The closed label sets, each value scraped as 0 until it is counted.
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "4xx", "5xx", "cut", "circuit_open")
+MINT_OUTCOMES = ("ok", "failed", "paused")
+DISCONNECT_STAGES = ("before_first_byte", "after_first_byte")
+BUDGET_OUTCOMES = ("deferred", "settled", "dropped")
+SESSION_EVENTS = ("created", "renewed", "revoked")
 # Run-end webhooks (proxy/events/): queued in the outbox, delivered (2xx), retried (an attempt failed),
 # failed (the last attempt failed: given up), dropped (no room in memory or in the outbox).
 EVENT_OUTCOMES = ("queued", "delivered", "retried", "failed", "dropped")
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# An upstream call that got its answer's headers, by status class, or failed without one. The breaker's
+# refusals send nothing and have no time to observe: `bff_upstream_errors{kind="circuit_open"}` counts them.
+CALL_OUTCOMES = ("ok", "connect", "timeout", "4xx", "5xx")
+CALL_OPERATIONS = ("mint", "stream", "run")
+# A stream's first chunk arrived, or its answer broke off first; a `/run` answer is read in one piece.
+FIRST_CHUNK_SERIES = (("stream", "ok"), ("stream", "cut"), ("run", "ok"))
+
+
+def call_outcome(status: int) -> str:
+    """What an upstream answer's status makes of the call, in `CALL_OUTCOMES`."""
+    return "ok" if status < 400 else "4xx" if status < 500 else "5xx"
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """`rate_limits` and `stream_ends` are the label values of those families known at start-up (the
+    configured limits' names, the run end reasons); a `refused:<code>` end is scraped once it happened."""
+
+    def __init__(self, *, rate_limits: Iterable[str] = (), stream_ends: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -74,8 +99,41 @@ class Metrics:
         )
         self.sessions = Counter("bff_session_events", "Session events (created, revoked, ...).", ["event"], registry=r)
         self.events = Counter("bff_events", "Run-end webhook events by outcome.", ["outcome"], registry=r)
-        for outcome in EVENT_OUTCOMES:  # present at zero, so rules can be written before the first event
-            self.events.labels(outcome)
+        self.upstream_mint = Histogram(
+            "bff_upstream_mint_seconds",
+            "Time to mint a stream token, retries included, by outcome (ok, failed).",
+            ["outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_headers = Histogram(
+            "bff_upstream_headers_seconds",
+            "Time from an upstream request to its answer's headers, by operation and outcome.",
+            ["operation", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_first_chunk = Histogram(
+            "bff_upstream_first_chunk_seconds",
+            "Time from an upstream request to its answer's first chunk (a /run answer: all of it).",
+            ["operation", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        # `bff_requests` is left out: route x method x status is mostly combinations that never happen,
+        # and each route's series appears with its first answer (a scrape is one), which `rate()` by
+        # route handles as it handles a new replica.
+        _declare(self.upstream_errors, UPSTREAM_ERROR_KINDS)
+        _declare(self.mints, MINT_OUTCOMES)
+        _declare(self.disconnects, DISCONNECT_STAGES)
+        _declare(self.budget_charges, BUDGET_OUTCOMES)
+        _declare(self.sessions, SESSION_EVENTS)
+        _declare(self.rate_limited, rate_limits)
+        _declare(self.stream_ends, stream_ends)
+        _declare(self.upstream_mint, ("ok", "failed"))
+        _declare(self.upstream_headers, [(op, outcome) for op in CALL_OPERATIONS for outcome in CALL_OUTCOMES])
+        _declare(self.upstream_first_chunk, FIRST_CHUNK_SERIES)
+        _declare(self.events, EVENT_OUTCOMES)
 
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -83,6 +141,13 @@ class Metrics:
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def _declare(family: Counter | Histogram, values: Iterable[str | tuple[str, ...]]) -> None:
+    """Create a child for each label value (or tuple of values): scraped as zeros from now on (in
+    multiprocess mode too: creating a child writes its zeros to this process's file)."""
+    for value in values:
+        family.labels(*((value,) if isinstance(value, str) else value))
 
 
 class MetricsMiddleware:

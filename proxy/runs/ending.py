@@ -66,6 +66,8 @@ _ENDINGS: dict[str, tuple[Callable[[], ApiError], str]] = {
     "lost": (_upstream_failed, INTERRUPTED),
     "failed": (_upstream_failed, FAILED),
 }
+# Every reason but `refused:<code>`, for the metrics to scrape from the start.
+REASONS = (*sorted(CLEAN), *_ENDINGS)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ class RunRequest:
 class RunStats:
     started_at: float = field(default_factory=time.monotonic)
     first_byte_at: float | None = None
+    upstream_at: float | None = None  # when the stream request went to the upstream
     bytes_in: int = 0
     chars: int = 0  # characters of generated text: what output budgets are charged
     end: str = "running"
@@ -198,6 +199,7 @@ class Run:
                 self.stats.chars = len(self.result.result)
                 return Ending.of("complete")
             minted = await runs.tokens.take(request_id=self._request_id)
+            self.stats.upstream_at = time.monotonic()
             self._body = await runs.upstream.open_stream(
                 request.workflow.id, minted.token, request.inputs, request_id=self._request_id
             )
@@ -207,6 +209,8 @@ class Run:
         except UpstreamCut as exc:
             logger.warning("upstream stream broke off: %s", exc)
             runs.metrics.upstream_errors.labels("cut").inc()
+            if self._body is not None and self.stats.first_byte_at is None:
+                self._observe_first_chunk("cut", time.monotonic())
             return Ending.of("upstream_cut")
         except Exception:
             logger.exception("run failed")
@@ -232,6 +236,7 @@ class Run:
                 await anyio.lowlevel.checkpoint()
             if stats.first_byte_at is None:
                 stats.first_byte_at = time.monotonic()
+                self._observe_first_chunk("ok", stats.first_byte_at)
             stats.bytes_in += len(data)
             if stats.bytes_in > max_bytes or len(log) >= MAX_ENTRIES:
                 return Ending.of("too_large")
@@ -247,6 +252,11 @@ class Run:
                 if meter is not None and meter.add(chars) and await meter.charge():
                     return Ending.of("budget")
         return Ending.of("complete")
+
+    def _observe_first_chunk(self, outcome: str, at: float) -> None:
+        """Once a run: its stream's first chunk came, or its answer broke off before one did."""
+        if self.stats.upstream_at is not None:
+            self._runs.metrics.upstream_first_chunk.labels("stream", outcome).observe(at - self.stats.upstream_at)
 
     async def _end(self, ending: Ending) -> None:
         runs, stats = self._runs, self.stats

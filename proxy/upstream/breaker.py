@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from proxy.errors import UPSTREAM_UNAVAILABLE
+from proxy.errors import UPSTREAM_UNAVAILABLE, ApiError
 
 logger = logging.getLogger("proxy.upstream")
 
@@ -35,13 +35,22 @@ class CircuitBreaker:
     def is_open(self) -> bool:
         return self._opened_at is not None
 
+    def refusal(self) -> ApiError | None:
+        """The 503 a call gets now, without being made, while the circuit is open; None when it may go."""
+        if self._opened_at is None:
+            return None
+        remaining = self._opened_at + self.cooldown - time.monotonic()
+        if remaining > 0 or self._probing:
+            return UPSTREAM_UNAVAILABLE.error(retry_after=max(1, math.ceil(remaining)))
+        return None
+
     @contextmanager
     def guard(self) -> Iterator[None]:
         """Wrap one upstream call, which reports `success()` or `failure()`."""
+        refusal = self.refusal()
+        if refusal is not None:
+            raise refusal
         if self._opened_at is not None:
-            remaining = self._opened_at + self.cooldown - time.monotonic()
-            if remaining > 0 or self._probing:
-                raise UPSTREAM_UNAVAILABLE.error(retry_after=max(1, math.ceil(remaining)))
             self._probing = True
         try:
             yield

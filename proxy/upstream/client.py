@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from proxy.context import request_context
 from proxy.errors import ANSWER_TOO_LARGE, UPSTREAM_ERROR, UPSTREAM_UNAVAILABLE, ApiError
 from proxy.json_text import loads_text
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, call_outcome
 from proxy.upstream import MintedToken, RunResult, UpstreamBody, UpstreamCut
 from proxy.upstream.body import StreamedBody, let_go
 from proxy.upstream.breaker import CircuitBreaker
@@ -124,11 +124,16 @@ class HttpUpstream:
         if body is not None:
             content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
             headers = {**headers, "Content-Type": "application/json"}
+        if (refusal := self.breaker.refusal()) is not None:
+            self._metrics.upstream_errors.labels("circuit_open").inc()
+            raise refusal
+        started = time.monotonic()
         with self.breaker.guard():
             try:
                 response = await self._session.request(
                     method, url, headers=headers, data=content, allow_redirects=False, timeout=timeouts
                 )
+                headers_seconds = time.monotonic() - started
                 answer = b""
                 if read is not None:
                     try:
@@ -140,6 +145,7 @@ class HttpUpstream:
                 failure = transport_failure(exc)
                 kind = "timeout" if isinstance(failure, UpstreamTimeout) else "connect"
                 self._metrics.upstream_errors.labels(kind).inc()
+                self._metrics.upstream_headers.labels(operation, kind).observe(time.monotonic() - started)
                 request_context().upstream_answered(None, kind)
                 # Chained to our failure, whose words have no token in them; never to aiohttp's, which
                 # may hold the stream URL (`from None` would also hide the words `check` shows).
@@ -147,8 +153,10 @@ class HttpUpstream:
             status = response.status
             # The last upstream call of a request is the one its summary line reports.
             request_context().upstream_answered(status)
+            outcome = call_outcome(status)
+            self._metrics.upstream_headers.labels(operation, outcome).observe(headers_seconds)
             if status >= 400:
-                self._metrics.upstream_errors.labels("5xx" if status >= 500 else "4xx").inc()
+                self._metrics.upstream_errors.labels(outcome).inc()
             # Only signs of an upstream that is down count; a 500 from one broken workflow must not
             # shut every workflow off.
             if status in GATEWAY_FAILURES:
@@ -165,6 +173,7 @@ class HttpUpstream:
             raise rate_limited(str(math.ceil(paused)))
         url = f"{self._base_url}/api/v1/token?ttl={int(ttl)}"
         headers = {**self._auth(), **_request_id_header(request_id)}
+        started = time.monotonic()
         for attempt in range(1, MINT_ATTEMPTS + 1):
             retry = attempt < MINT_ATTEMPTS
             # The TTL runs from when the upstream minted, which is after this: never later than it.
@@ -175,7 +184,7 @@ class HttpUpstream:
                 )
             except ApiError as error:
                 if not retry or error.code == UPSTREAM_UNAVAILABLE.code:
-                    self._metrics.mints.labels("failed").inc()
+                    self._minted("failed", started)
                     raise
                 await _backoff(attempt)
                 continue
@@ -185,18 +194,22 @@ class HttpUpstream:
                 continue
             break
         if response.status != 200:
-            self._metrics.mints.labels("failed").inc()
+            self._minted("failed", started)
             refusal = status_error(response.status, response.headers, content, "mint")
             if response.status == 429:
                 self._mint_paused_until = time.monotonic() + int(refusal.headers["Retry-After"])
             raise refusal
-        answer = _json_object(content)
-        token = answer.get("token")
-        granted = answer.get("ttl", ttl)
-        if not isinstance(token, str) or not token or not isinstance(granted, int):
-            raise UPSTREAM_ERROR.error(UNEXPECTED)
-        self._metrics.mints.labels("ok").inc()
+        try:
+            token, granted = _token_answer(content, ttl)
+        except ApiError:
+            self._minted("failed", started)
+            raise
+        self._minted("ok", started)
         return MintedToken(token=token, ttl=granted, expires_at=asked_at + granted)
+
+    def _minted(self, outcome: str, started: float) -> None:
+        self._metrics.mints.labels(outcome).inc()
+        self._metrics.upstream_mint.labels(outcome).observe(time.monotonic() - started)
 
     async def open_stream(
         self, workflow_id: str, token: str, inputs: dict[str, str], *, request_id: str | None = None
@@ -231,6 +244,7 @@ class HttpUpstream:
 
         Read as a stream with a cap, never whole: an upstream that answers with megabytes would
         otherwise cost this process that much memory before anything could look at it."""
+        started = time.monotonic()
         response, content = await self._send(
             "POST",
             self._run_url(workflow_id),
@@ -242,6 +256,7 @@ class HttpUpstream:
         )
         if response.status != 200:
             raise status_error(response.status, response.headers, content, "run")
+        self._metrics.upstream_first_chunk.labels("run", "ok").observe(time.monotonic() - started)
         if len(content) > max_bytes:
             logger.warning("upstream run answer larger than %s bytes; refused", max_bytes)
             raise ANSWER_TOO_LARGE.error()
@@ -269,6 +284,16 @@ async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)[:limit]
+
+
+def _token_answer(content: bytes, ttl: int) -> tuple[str, int]:
+    """The token and its TTL from a mint's answer (CONTRACT A1)."""
+    answer = _json_object(content)
+    token = answer.get("token")
+    granted = answer.get("ttl", ttl)
+    if not isinstance(token, str) or not token or not isinstance(granted, int):
+        raise UPSTREAM_ERROR.error(UNEXPECTED)
+    return token, granted
 
 
 def _json_object(content: bytes) -> dict[str, object]:
