@@ -10,7 +10,7 @@ from limits.aio.storage import Storage as LimitsStorage
 from limits.storage import storage_from_string
 
 from proxy.settings import MEMORY_SCHEMES, REDIS_SCHEMES, storage_scheme
-from proxy.storage.base import SessionRecord, Storage, StorageUnavailable
+from proxy.storage.base import Ranking, SessionRecord, Storage, StorageUnavailable
 from proxy.storage.limits_memory import MovingWindowMemory
 from proxy.storage.memory import MemoryStorage
 from proxy.storage.redis import RedisStorage, connection_pool, reachable
@@ -59,6 +59,7 @@ __all__ = [
     "MEMORY_SCHEMES",
     "REDIS_SCHEMES",
     "MemoryStorage",
+    "Ranking",
     "RedisStorage",
     "SessionRecord",
     "Storage",
