@@ -34,6 +34,7 @@ from proxy.routes.auth import auth_routes
 from proxy.routes.chat import chat_routes
 from proxy.routes.ops import index_route, ops_routes
 from proxy.routes.runs import run_routes
+from proxy.routes.usage import usage_routes
 from proxy.routes.workflows import workflow_routes
 from proxy.runs import RunManager, RunSettings
 from proxy.runs.ending import REASONS
@@ -135,8 +136,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
                 background.start_soon(runs.keep_forever)
                 background.start_soon(runs.listen_forever)
                 background.start_soon(runs.watch_sends_forever)
-                if settings.daily_output_chars:
-                    background.start_soon(budget.settle_forever)
+                background.start_soon(budget.settle_forever)  # output is counted with a budget or without
                 for authenticator in authenticators:
                     if isinstance(authenticator, PasswordAuthenticator):
                         background.start_soon(sessions.watch_users_forever, authenticator.changed_users)
@@ -167,6 +167,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
         *workflow_routes(settings.modes),
         *chat_routes(settings.modes),
         *run_routes(settings.modes),
+        *usage_routes(),
         *(extra_routes or []),
         index_route(),
     ]

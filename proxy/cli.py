@@ -34,6 +34,7 @@ from proxy.sessions_cli import add_sessions_command
 from proxy.settings import Settings, describe_errors, invalid_fields
 from proxy.storage import REDIS_SCHEMES, StorageUnavailable, open_limits_storage, open_storage, storage_scheme
 from proxy.upstream.client import HttpUpstream
+from proxy.usage_cli import add_usage_command
 from proxy.workers import run_workers
 from proxy.workflows import WorkflowConfigError, parse_workflows
 
@@ -337,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("secret", help=new_key, description=new_key).set_defaults(handler=secret)
     add_users_command(commands)
     add_sessions_command(commands)
+    add_usage_command(commands)
     args = parser.parse_args(argv)
     try:
         args.handler(args)

@@ -206,6 +206,51 @@ class RunResult(BaseModel):
     citations: list[str]
 
 
+class OutputUsage(BaseModel):
+    """Today's (UTC) generated characters relayed to the user, as the output budget counts them."""
+
+    used: int
+    limit: int | None = Field(description="BFF_DAILY_OUTPUT_CHARS; null when there is no budget.")
+    left: int | None = Field(description="What is left of the budget today; null when there is no budget.")
+    renews_at: IsoTime = Field(description="The next UTC midnight, when the count starts again.")
+
+
+class LimitUsage(BaseModel):
+    """One rate limit of the user's, and what is left of its current window (nothing is counted)."""
+
+    name: str = Field(description="mint or relay")
+    workflow: str | None = Field(description="A workflow's own limit; null for the limit of every workflow.")
+    limit: str = Field(description='As GET /auth/session shows it: "20 per 1 minute".')
+    remaining: int
+    resets_at: IsoTime = Field(description="When the window has room again (X-RateLimit-Reset).")
+
+
+class StreamUsage(BaseModel):
+    """BFF_MAX_CONCURRENT_STREAMS, and how many of the user's answers hold a slot now, on any replica."""
+
+    limit: int
+    in_use: int
+
+
+class OpenRun(BaseModel):
+    """An answer of the user's still being generated (GET /api/runs/{run_id}/stream follows it)."""
+
+    run_id: str
+    chat_id: str | None
+    workflow: str
+    started_at: IsoTime
+
+
+class Usage(BaseModel):
+    """`GET /api/usage`: the signed-in user's output today, limits, stream slots and open answers."""
+
+    day: str = Field(description="The UTC day counted, YYYY-MM-DD.")
+    output_chars: OutputUsage
+    limits: list[LimitUsage]
+    streams: StreamUsage
+    runs: list[OpenRun]
+
+
 class Status(BaseModel):
     status: str
 

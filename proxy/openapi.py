@@ -50,7 +50,7 @@ from proxy.errors import (
     Entry,
     TextErrorsRoute,
 )
-from proxy.models import Error, RunResult, SessionInfo, Status, Token, TokenRequest, UiStreamEvent
+from proxy.models import Error, RunResult, SessionInfo, Status, Token, TokenRequest, UiStreamEvent, Usage
 from proxy.services import services
 from proxy.workflows import WorkflowInputs
 
@@ -219,6 +219,11 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     ("post", "/api/runs/{run_id}/stop"): Operation(
         "Stop a relayed answer on whichever replica runs it", DONE, (*STOP_ERRORS, UNKNOWN_RUN)
+    ),
+    ("get", "/api/usage"): Operation(
+        "The signed-in user's output today, rate limits, stream slots and open answers; counts against nothing",
+        {200: Answer("Usage", {JSON: Usage})},
+        (UNAUTHENTICATED, STORAGE_UNAVAILABLE),
     ),
     ("get", "/"): Operation(
         "What this service is, its version, and where its routes are described",

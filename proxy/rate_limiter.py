@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from limits import RateLimitItem
 from limits.aio.storage import Storage as LimitsStorage
@@ -23,6 +24,17 @@ from limits.util import WindowStats
 from proxy.errors import RATE_LIMITED, ApiError
 from proxy.metrics import Metrics
 from proxy.storage import reachable
+
+
+@dataclass(frozen=True)
+class Window:
+    """What is left of one limit for one user, for `GET /api/usage`."""
+
+    name: str  # mint or relay
+    workflow: str | None  # a workflow's own limit (its `rate_limit`), or None for the limit of `name`
+    limit: str  # as GET /auth/session shows it: "20 per 1 minute"
+    remaining: int
+    resets_at: float  # Unix time: when the window has room again, as X-RateLimit-Reset says
 
 
 class RateLimiter:
@@ -69,6 +81,23 @@ class RateLimiter:
                 if stats.remaining < tightest:
                     tightest, headers = stats.remaining, self._headers(item, stats)
         return headers
+
+    async def windows(self, names: Sequence[str], key: str) -> list[Window]:
+        """What is left of each limit of `names` for `key`, and of each workflow's own relay limit,
+        read without counting anything against them."""
+        found = []
+        with reachable():
+            for name in names:
+                scopes: list[tuple[str, str | None, RateLimitItem]] = [
+                    (name, None, item) for item in self._limits.get(name, [])
+                ]
+                if name == "relay":
+                    for alias, items in sorted(self._per_workflow.items()):
+                        scopes += [(f"{name}:{alias}", alias, item) for item in items]
+                for scope, workflow, item in scopes:
+                    stats = await self._strategy.get_window_stats(item, "bff", scope, key)
+                    found.append(Window(name, workflow, str(item), max(0, stats.remaining), stats.reset_time))
+        return found
 
     async def _refusal(self, name: str, scope: str, item: RateLimitItem, key: str) -> ApiError:
         stats = await self._strategy.get_window_stats(item, "bff", scope, key)

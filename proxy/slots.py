@@ -47,6 +47,10 @@ class StreamSlots:
     async def open(self, user_id: str) -> int:
         return await self.storage.count_leases(f"streams:{user_id}")
 
+    async def holders(self, user_id: str) -> list[str]:
+        """Who holds the user's slots: the ids of their runs."""
+        return await self.storage.lease_holders(f"streams:{user_id}")
+
 
 class Lease:
     """One held stream slot: renewed while its run goes on (`RunManager.keep_forever`), released when

@@ -9,16 +9,21 @@ is what the clients received or what the storage holds.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 
-from proxy.budget import BATCH_CHARS
+from proxy.budget import BATCH_CHARS, OutputBudget
+from proxy.metrics import Metrics
 from proxy.runs.ending import BUDGET_SPENT
+from proxy.storage import MemoryStorage, Ranking
 from tests.conftest import start_redis
 from tests.servers import EmulatorControl, RedisServer, ServerProcess, browser, eventually, replicas_of
 from tests.test_chat_protocols import sse_events, text_of
@@ -134,3 +139,48 @@ def test_a_charge_the_storage_cannot_take_is_kept_and_applied_when_it_is_back(
                 assert used(elsewhere) == len(answer)
     finally:
         redis.stop()
+
+
+# Without a budget, output is counted all the same, and nothing waits on the count
+
+
+class SlowCounts(MemoryStorage):
+    """Memory storage whose increments wait until the test lets them through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = 0
+        self.go = anyio.Event()
+
+    async def incr(self, key: str, amount: int, ttl: float, ranking: Ranking | None = None) -> int:
+        self.waiting += 1
+        await self.go.wait()
+        return await super().incr(key, amount, ttl, ranking)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_without_a_budget_a_run_counts_in_the_background_one_charge_at_a_time(anyio_backend: str) -> None:
+    storage = SlowCounts()
+    budget = OutputBudget(storage, 0, metrics=Metrics())
+    meter = budget.meter("ann")
+
+    assert meter.room() > 10**9  # no batch boundaries to cut the answer at
+    assert meter.add(BATCH_CHARS) is False  # due, but charged in the background: the relay goes on
+    await wait_until(lambda: storage.waiting == 1)
+    assert meter.add(BATCH_CHARS) is False  # due again while the first is on its way: it waits for the next
+    assert meter.add(7) is False
+    await anyio.lowlevel.checkpoint()
+    assert storage.waiting == 1
+
+    storage.go.set()
+    assert await meter.charge() is False  # the last charge waits for the one on its way, then adds the rest
+    assert await budget.used("ann") == 2 * BATCH_CHARS + 7
+    day = datetime.now(UTC).date().isoformat()
+    assert await storage.top_ranked(f"output:{day}", 10) == [("ann", 2 * BATCH_CHARS + 7)]
+
+
+async def wait_until(check: Callable[[], bool]) -> None:
+    with anyio.fail_after(5):
+        while not check():
+            await anyio.lowlevel.checkpoint()

@@ -22,6 +22,7 @@ from proxy.cli import ConfigError, load_settings
 from proxy.storage import (
     MemoryStorage,
     PendingEvent,
+    Ranking,
     RedisStorage,
     SessionRecord,
     Storage,
@@ -304,6 +305,21 @@ async def test_renewing_keeps_a_held_lease_and_refuses_a_released_one(replicas: 
     assert await second.renew_lease("streams:u1", "s1", 120) is False
 
 
+async def test_lease_holders_are_the_live_ones_on_every_replica(replicas: tuple[Storage, Storage]) -> None:
+    first, second = replicas
+    assert await first.acquire_lease("streams:u1", "run_a", 3, 60)
+    assert await second.acquire_lease("streams:u1", "run_b", 3, 60)
+    assert await first.acquire_lease("streams:u1", "run_c", 3, 0.2)
+    await second.release_lease("streams:u1", "run_b")
+
+    await eventually(lambda: holders_are(second, "streams:u1", ["run_a"]), "the short lease lapsing")
+    assert await first.lease_holders("streams:u2") == []
+
+
+async def holders_are(storage: Storage, name: str, expected: list[str]) -> bool:
+    return sorted(await storage.lease_holders(name)) == expected
+
+
 async def test_lease_pools_are_independent(storage: Storage) -> None:
     assert await storage.acquire_lease("streams:u1", "s", 1, 60)
     assert await storage.acquire_lease("streams:u2", "s", 1, 60)
@@ -357,6 +373,48 @@ async def test_a_counter_expires_its_ttl_after_creation_not_after_each_increment
 
 async def counter_is(storage: Storage, key: str, value: int) -> bool:
     return await storage.get_counter(key) == value
+
+
+async def test_a_ranked_increment_adds_to_the_counter_and_the_ranking_alike_across_replicas(
+    replicas: tuple[Storage, Storage],
+) -> None:
+    first, second = replicas
+
+    async def charge(replica: Storage, user: str, amount: int) -> None:
+        await replica.incr(f"output:{user}:day1", amount, 3600, Ranking("output:day1", user))
+
+    async with anyio.create_task_group() as group:
+        for n in range(30):
+            group.start_soon(charge, (first, second)[n % 2], ("ann", "bob", "cy")[n % 3], 10 + n % 3)
+
+    assert [await first.get_counter(f"output:{user}:day1") for user in ("ann", "bob", "cy")] == [100, 110, 120]
+    assert await second.top_ranked("output:day1", 10) == [("cy", 120), ("bob", 110), ("ann", 100)]
+    assert await first.top_ranked("output:day1", 2) == [("cy", 120), ("bob", 110)]
+    assert await first.top_ranked("output:day2", 10) == []  # another day's ranking
+
+
+async def test_a_bounded_increment_ranks_only_what_it_added(replicas: tuple[Storage, Storage]) -> None:
+    first, second = replicas
+    ranking = Ranking("output:day1", "ann")
+    assert await first.incr_up_to("output:ann", 60, 100, 3600, ranking) == 60
+    assert await second.incr_up_to("output:ann", 60, 100, 3600, ranking) is None
+    assert await second.incr("output:bob", 60, 3600, Ranking("output:day1", "bob")) == 60
+
+    # Equal totals: members in reverse order, as Redis's ZREVRANGE gives them.
+    assert await first.top_ranked("output:day1", 10) == [("bob", 60), ("ann", 60)]
+
+
+async def test_a_ranking_expires_its_ttl_after_creation_like_its_counters(storage: Storage) -> None:
+    await storage.incr("output:ann", 5, 0.5, Ranking("output:day1", "ann"))
+    await storage.incr("output:bob", 5, 3600, Ranking("output:day1", "bob"))  # does not push the expiry back
+
+    await eventually(lambda: ranking_is(storage, "output:day1", []), "the ranking expiring")
+    await storage.incr("output:cy", 1, 3600, Ranking("output:day1", "cy"))
+    assert await storage.top_ranked("output:day1", 10) == [("cy", 1)]
+
+
+async def ranking_is(storage: Storage, name: str, expected: list[tuple[str, int]]) -> bool:
+    return await storage.top_ranked(name, 10) == expected
 
 
 async def test_ping_answers_while_the_backend_is_up(storage: Storage) -> None:

@@ -103,7 +103,7 @@ class RunManager:
             log = None
             # A chat id too long to be one of ours is no chat: the answer is still followable by run id.
             chat_id = request.chat_id if request.chat_id and len(request.chat_id) <= MAX_CHAT_ID_CHARS else None
-            meta = RunMeta(run_id, user_id, "msg_" + secrets.token_hex(12), alias, chat_id)
+            meta = RunMeta(run_id, user_id, "msg_" + secrets.token_hex(12), alias, chat_id, started_at=time.time())
             if request.streamed:
                 if meta.chat_id is not None:  # a new message in a chat ends the chat's previous answer
                     previous = await self.logs.chat_run(user_id, alias, meta.chat_id)
@@ -119,6 +119,15 @@ class RunManager:
 
     def forget(self, run: Run) -> None:
         self.live.pop(run.id, None)
+
+    async def open_runs(self, session: Session) -> tuple[int, list[RunMeta]]:
+        """The stream slots the session's user holds, on every replica, and of those the runs that can
+        be followed (a `/run` call has no log), oldest first. Guests who share an address's slots
+        (BFF_GUEST_LIMITS=ip) are shown only their own runs."""
+        holders = await self.slots.holders(session.limit_key)
+        found = [await self.logs.meta(run_id) for run_id in holders]
+        mine = [meta for meta in found if meta is not None and meta.user_id == session.user.id]
+        return len(holders), sorted(mine, key=lambda meta: meta.started_at)
 
     async def owned(self, run_id: str, user_id: str) -> RunMeta | None:
         """The run's meta if `user_id` owns it and its log is still kept."""

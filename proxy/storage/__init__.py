@@ -10,7 +10,7 @@ from limits.aio.storage import Storage as LimitsStorage
 from limits.storage import storage_from_string
 
 from proxy.settings import MEMORY_SCHEMES, REDIS_SCHEMES, storage_scheme
-from proxy.storage.base import PendingEvent, SessionRecord, Storage, StorageUnavailable
+from proxy.storage.base import PendingEvent, Ranking, SessionRecord, Storage, StorageUnavailable
 from proxy.storage.limits_memory import MovingWindowMemory
 from proxy.storage.memory import MemoryStorage
 from proxy.storage.redis import RedisStorage, connection_pool, reachable
@@ -60,6 +60,7 @@ __all__ = [
     "REDIS_SCHEMES",
     "MemoryStorage",
     "PendingEvent",
+    "Ranking",
     "RedisStorage",
     "SessionRecord",
     "Storage",

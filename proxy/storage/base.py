@@ -1,11 +1,13 @@
 """The storage interface shared by every backend: memory for one process, Redis for many replicas.
 
-Three kinds of state live here, each with its own expiry rule:
+Four kinds of state live here, each with its own expiry rule:
 - sessions, forgotten at their absolute `expires_at`;
 - leases (a named pool of at most `limit` holders, each holding for `ttl` seconds unless renewed), for
   caps such as concurrent streams: a replica that dies without releasing loses its leases when they
   expire, so a slot can never leak for longer than one ttl;
 - counters, incremented atomically and forgotten `ttl` seconds after their first increment, for budgets;
+  an increment can also add to the counter's entry in a ranking (a sorted set of totals, with the same
+  expiry rule), in the same atomic step: a day's output per user, for the operator's top users.
 - an outbox of events waiting to be delivered (run-end webhooks, proxy/events/): each is claimed by one
   deliverer at a time for a lease, and stays until it is deleted, so a replica that dies mid-delivery
   leaves it to another one when the lease lapses.
@@ -70,6 +72,15 @@ class PendingEvent:
     attempts: int
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """Where a counter's increments are also added up: `member`'s total in the ranking `name` (a day's
+    output per user: `Ranking("output:2026-12-07", user_id)`)."""
+
+    name: str
+    member: str
+
+
 # Fields a backend writes beyond the first six, in this order; all strings but `idp_expires_at`.
 OPTIONAL_FIELDS = ("display_name", "idp_sid_hash", "idp_sub_hash", "idp_expires_at", "idp_tokens")
 
@@ -121,17 +132,29 @@ class Storage(Protocol):
     async def count_leases(self, name: str) -> int:
         """How many unexpired leases `name` has."""
 
+    async def lease_holders(self, name: str) -> list[str]:
+        """The holders of the unexpired leases of `name`, in no particular order."""
+
     # Counters
 
-    async def incr(self, key: str, amount: int, ttl: float) -> int:
+    async def incr(self, key: str, amount: int, ttl: float, ranking: Ranking | None = None) -> int:
         """Add `amount` and return the new value; a new counter is forgotten `ttl` seconds after
-        its first increment (later increments do not extend it)."""
+        its first increment (later increments do not extend it). With a `ranking`, `amount` is also
+        added to the member's total there, in the same atomic step; a new ranking expires as a new
+        counter does."""
 
-    async def incr_up_to(self, key: str, amount: int, limit: int, ttl: float) -> int | None:
-        """As `incr`, but only if the new value stays within `limit`; None (and nothing added) if not."""
+    async def incr_up_to(
+        self, key: str, amount: int, limit: int, ttl: float, ranking: Ranking | None = None
+    ) -> int | None:
+        """As `incr`, but only if the new value stays within `limit`; None (and nothing added, to the
+        ranking either) if not."""
 
     async def get_counter(self, key: str) -> int:
         """The current value; 0 for a counter that does not exist or has expired."""
+
+    async def top_ranked(self, name: str, count: int) -> list[tuple[str, int]]:
+        """The `count` highest totals of the ranking `name` with their members, highest first (equal
+        totals: members in reverse order, as Redis's ZREVRANGE gives them); [] when it has expired."""
 
     # Outbox
 

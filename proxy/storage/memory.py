@@ -12,7 +12,7 @@ import heapq
 import time
 from collections import defaultdict
 
-from proxy.storage.base import PendingEvent, SessionRecord
+from proxy.storage.base import PendingEvent, Ranking, SessionRecord
 
 PURGE_EVERY = 256
 
@@ -30,6 +30,12 @@ class _Event:
     attempts: int = 0
 
 
+@dataclasses.dataclass
+class _Ranking:
+    totals: dict[str, int]  # member -> total
+    expires_at: float  # monotonic
+
+
 class MemoryStorage:
     def __init__(self) -> None:
         self._sessions: dict[str, SessionRecord] = {}
@@ -43,6 +49,7 @@ class MemoryStorage:
         # (due, id) of every pending event, and stale pairs left by retries and deletes: a pair counts
         # only while it matches its event's `due` (skipped when popped), so no claim scans the outbox.
         self._due: list[tuple[float, str]] = []
+        self._rankings: dict[str, _Ranking] = {}
         self._writes = 0
 
     # Sessions
@@ -128,25 +135,44 @@ class MemoryStorage:
     async def count_leases(self, name: str) -> int:
         return len(self._live_holders(name))
 
+    async def lease_holders(self, name: str) -> list[str]:
+        return list(self._live_holders(name))
+
     # Counters
 
-    async def incr(self, key: str, amount: int, ttl: float) -> int:
+    async def incr(self, key: str, amount: int, ttl: float, ranking: Ranking | None = None) -> int:
         counter = self._live_counter(key)
         if counter is None:
             counter = self._counters[key] = _Counter(0, time.monotonic() + ttl)
             self._count_write()
         counter.value += amount
+        if ranking is not None:
+            ranked = self._live_ranking(ranking.name)
+            if ranked is None:
+                ranked = self._rankings[ranking.name] = _Ranking({}, time.monotonic() + ttl)
+                self._count_write()
+            ranked.totals[ranking.member] = ranked.totals.get(ranking.member, 0) + amount
         return counter.value
 
-    async def incr_up_to(self, key: str, amount: int, limit: int, ttl: float) -> int | None:
+    async def incr_up_to(
+        self, key: str, amount: int, limit: int, ttl: float, ranking: Ranking | None = None
+    ) -> int | None:
         counter = self._live_counter(key)
         if (0 if counter is None else counter.value) + amount > limit:
             return None
-        return await self.incr(key, amount, ttl)
+        return await self.incr(key, amount, ttl, ranking)
 
     async def get_counter(self, key: str) -> int:
         counter = self._live_counter(key)
         return 0 if counter is None else counter.value
+
+    async def top_ranked(self, name: str, count: int) -> list[tuple[str, int]]:
+        ranked = self._live_ranking(name)
+        if ranked is None or count <= 0:
+            return []
+        # Highest first, equal totals by member in reverse, as Redis's ZREVRANGE orders them.
+        best = sorted(ranked.totals.items(), key=lambda item: (item[1], item[0]), reverse=True)
+        return best[:count]
 
     # Outbox
 
@@ -218,6 +244,13 @@ class MemoryStorage:
             return None
         return counter
 
+    def _live_ranking(self, name: str) -> _Ranking | None:
+        ranked = self._rankings.get(name)
+        if ranked is not None and ranked.expires_at <= time.monotonic():
+            del self._rankings[name]
+            return None
+        return ranked
+
     def _forget(self, key: str) -> None:
         record = self._sessions.pop(key, None)
         if record is not None:
@@ -242,3 +275,5 @@ class MemoryStorage:
                 self._live_holders(name)
             for key in list(self._counters):
                 self._live_counter(key)
+            for name in list(self._rankings):
+                self._live_ranking(name)

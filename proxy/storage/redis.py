@@ -13,6 +13,8 @@ Keys (all under one prefix, `bff:` by default):
 - `counter:<key>`: an integer;
 - `events:due`, `events:body`, `events:attempts`: the outbox, a sorted set of event ids scored by when
   each is due (milliseconds, a claimed one's lease end), with the bodies and attempt counts in hashes.
+- `ranking:<name>`: a sorted set of totals by member (a day's output by user), added to in the same
+  script as the counter it goes with, so a charge stays one round trip.
 
 Scripts build session keys from the prefix, so Redis Cluster is not supported: use one primary (with
 replicas or Sentinel for failover handled by the URL you give).
@@ -33,7 +35,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from proxy.storage.base import OPTIONAL_FIELDS, PendingEvent, SessionRecord, StorageUnavailable
+from proxy.storage.base import OPTIONAL_FIELDS, PendingEvent, Ranking, SessionRecord, StorageUnavailable
 
 logger = logging.getLogger("proxy.storage")
 
@@ -171,21 +173,47 @@ return redis.call('ZCARD', KEYS[1])
 """
 )
 
-INCR = """
--- KEYS: counter. ARGV: amount, ttl ms. The ttl is set once, when the counter is created.
-local value = redis.call('INCRBY', KEYS[1], ARGV[1])
-if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return value
+# Counter scripts take an optional second key, a ranking, and its member as their last argument: the
+# amount goes to the member's total there too. Every ttl is set once, when its key is created.
+RANK = """
+local function rank(amount, ttl)
+  if KEYS[2] then
+    redis.call('ZINCRBY', KEYS[2], amount, ARGV[#ARGV])
+    if redis.call('PTTL', KEYS[2]) == -1 then redis.call('PEXPIRE', KEYS[2], ttl) end
+  end
+end
 """
 
-INCR_UP_TO = """
--- KEYS: counter. ARGV: amount, limit, ttl ms. Adds only if the result stays within the limit.
+INCR = (
+    RANK
+    + """
+-- KEYS: counter[, ranking]. ARGV: amount, ttl ms[, member].
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+rank(ARGV[1], ARGV[2])
+return value
+"""
+)
+
+INCR_UP_TO = (
+    RANK
+    + """
+-- KEYS: counter[, ranking]. ARGV: amount, limit, ttl ms[, member]. Adds only if the result stays within the limit.
 local value = tonumber(redis.call('GET', KEYS[1]) or '0') + tonumber(ARGV[1])
 if value > tonumber(ARGV[2]) then return -1 end
 redis.call('INCRBY', KEYS[1], ARGV[1])
 if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+rank(ARGV[1], ARGV[3])
 return value
 """
+)
+
+LEASE_HOLDERS = (
+    LEASE_PRELUDE
+    + """
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+)
 
 # The outbox's scripts. KEYS (all three): the due set, the bodies, the attempt counts.
 OUTBOX_PRELUDE = """
@@ -294,6 +322,7 @@ class RedisStorage:
         self._acquire_lease = register(ACQUIRE_LEASE)
         self._renew_lease = register(RENEW_LEASE)
         self._count_leases = register(COUNT_LEASES)
+        self._lease_holders = register(LEASE_HOLDERS)
         self._incr = register(INCR)
         self._incr_up_to = register(INCR_UP_TO)
         self._add_event = register(ADD_EVENT)
@@ -398,21 +427,46 @@ class RedisStorage:
         with reachable():
             return int(await self._count_leases([self._key("lease", name)]))
 
+    async def lease_holders(self, name: str) -> list[str]:
+        with reachable():
+            holders = await self._lease_holders([self._key("lease", name)])
+        return [str(holder) for holder in holders]
+
     # Counters
 
-    async def incr(self, key: str, amount: int, ttl: float) -> int:
+    async def incr(self, key: str, amount: int, ttl: float, ranking: Ranking | None = None) -> int:
+        keys, values = self._counter_args(key, [amount, milliseconds(ttl)], ranking)
         with reachable():
-            return int(await self._incr([self._key("counter", key)], [amount, milliseconds(ttl)]))
+            return int(await self._incr(keys, values))
 
-    async def incr_up_to(self, key: str, amount: int, limit: int, ttl: float) -> int | None:
+    async def incr_up_to(
+        self, key: str, amount: int, limit: int, ttl: float, ranking: Ranking | None = None
+    ) -> int | None:
+        keys, values = self._counter_args(key, [amount, limit, milliseconds(ttl)], ranking)
         with reachable():
-            value = int(await self._incr_up_to([self._key("counter", key)], [amount, limit, milliseconds(ttl)]))
+            value = int(await self._incr_up_to(keys, values))
         return None if value < 0 else value
 
     async def get_counter(self, key: str) -> int:
         with reachable():
             value = await self._client.get(self._key("counter", key))
         return int(value) if value is not None else 0
+
+    async def top_ranked(self, name: str, count: int) -> list[tuple[str, int]]:
+        if count <= 0:
+            return []
+        with reachable():
+            found = await self._client.zrevrange(self._key("ranking", name), 0, count - 1, withscores=True)
+        return [(str(pair[0]), int(pair[1])) for pair in found]
+
+    def _counter_args(
+        self, key: str, values: list[str | int], ranking: Ranking | None
+    ) -> tuple[list[str], list[str | int]]:
+        """A counter script's keys and arguments: the ranking's key and member at the end, if any."""
+        keys = [self._key("counter", key)]
+        if ranking is None:
+            return keys, values
+        return [*keys, self._key("ranking", ranking.name)], [*values, ranking.member]
 
     # Outbox
 

@@ -47,6 +47,7 @@ class RunMeta:
     message_id: str
     alias: str
     chat_id: str | None = None
+    started_at: float = 0.0  # Unix time, for GET /api/usage (0: written by a version that did not say)
 
 
 def chat_key(user_id: str, alias: str, chat_id: str) -> str:
