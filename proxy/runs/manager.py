@@ -22,14 +22,15 @@ from proxy.metrics import Metrics
 from proxy.rate_limiter import RateLimiter
 from proxy.runs.run import Run, RunRequest
 from proxy.sessions import Session, SessionManager
-from proxy.slots import StreamSlots
+from proxy.slots import Lease, StreamSlots
 from proxy.storage import Storage, StorageUnavailable
-from proxy.storage.runlog import RunLogs, RunMeta
+from proxy.storage.runlog import ChunkLog, RunLogs, RunMeta
 from proxy.token_pool import TokenSource
 from proxy.upstream import Upstream
 
 if TYPE_CHECKING:
     from proxy.runs.follower import RunStream
+    from proxy.tracing.spans import Tracing
 
 logger = logging.getLogger("proxy.runs")
 
@@ -67,6 +68,7 @@ class RunManager:
         limiter: RateLimiter,
         budget: OutputBudget,
         metrics: Metrics,
+        tracing: Tracing | None = None,
     ) -> None:
         self.max_seconds = settings.max_seconds
         self.grace_seconds = settings.grace_seconds
@@ -84,6 +86,7 @@ class RunManager:
         self.limiter = limiter
         self.budget = budget
         self.metrics = metrics
+        self.tracing = tracing
         self.live: dict[str, Run] = {}
         self.followers: set[RunStream] = set()
         # A follower elsewhere says it is there this often, and counts for twice as long.
@@ -91,6 +94,16 @@ class RunManager:
 
     async def start(self, session: Session, request: RunRequest) -> Run:
         """Admit and start a run; raises the `ApiError` of the first check it fails."""
+        admitting = self._admit(session, request)
+        admitted = await (admitting if self.tracing is None else self.tracing.admission(admitting))
+        meta, lease, headers, log = admitted
+        # Started once the admission's span has ended: the run's spans are the request's children.
+        run = self.live[meta.run_id] = Run(self, session, request, meta, lease, headers, log)
+        return run
+
+    async def _admit(
+        self, session: Session, request: RunRequest
+    ) -> tuple[RunMeta, Lease, dict[str, str], ChunkLog | None]:
         user_id, alias, counted = session.user.id, request.workflow.alias, session.limit_key
         await self.budget.ensure_left(counted)
         run_id = "run_" + secrets.token_urlsafe(16)
@@ -111,8 +124,7 @@ class RunManager:
         except BaseException:
             await lease.release()
             raise
-        run = self.live[run_id] = Run(self, session, request, meta, lease, headers, log)
-        return run
+        return meta, lease, headers, log
 
     def forget(self, run: Run) -> None:
         self.live.pop(run.id, None)

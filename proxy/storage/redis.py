@@ -239,6 +239,11 @@ class RedisStorage:
         self._incr = register(INCR)
         self._incr_up_to = register(INCR_UP_TO)
 
+    @property
+    def client(self) -> redis.asyncio.Redis:
+        """The client itself, for tracing to instrument (proxy/tracing/)."""
+        return self._client
+
     # Sessions
 
     async def get_session(self, key: str) -> SessionRecord | None:
