@@ -13,12 +13,14 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from ipaddress import ip_network
 from typing import Any
 
 import httpx
 import pytest
 
 from proxy.emulator import generate_text
+from proxy.tracing import exporter_names
 from tests.otlp_receiver import Received, ReceivedSpan, otlp_grpc_receiver, otlp_http_receiver
 from tests.servers import (
     ROOT,
@@ -28,6 +30,7 @@ from tests.servers import (
     RedisServer,
     ServerProcess,
     guest_of,
+    proxy_env,
     start_proxy,
 )
 
@@ -371,3 +374,72 @@ def test_redis_commands_are_spans_of_the_request_that_made_them(
     # Without their arguments (keys hold user ids and session ids): "EVALSHA ? ? ?".
     assert all(user_id not in value for value in every_value(commands))
     assert not [span for span in received.spans if span.parent_id == "" and span.kind == "client"]
+
+
+@pytest.mark.parametrize(
+    ("environ", "exporters"),
+    [
+        ({}, []),
+        ({"OTEL_SERVICE_NAME": "tutor-bff"}, []),  # naming the service turns nothing on
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, ["otlp"]),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, ["otlp"]),
+        ({"OTEL_TRACES_EXPORTER": "console"}, ["console"]),
+        ({"OTEL_TRACES_EXPORTER": "otlp, console", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, ["otlp", "console"]),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, []),
+        ({"OTEL_SDK_DISABLED": "TRUE", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, []),
+    ],
+)
+def test_tracing_is_on_only_when_the_standard_variables_ask(environ: dict[str, str], exporters: list[str]) -> None:
+    assert exporter_names(environ) == exporters
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"OTEL_TRACES_EXPORTER": "zipkin"},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+    ],
+)
+def test_an_exporter_we_do_not_ship_stops_start_up_named(environ: dict[str, str]) -> None:
+    clean = {name: value for name, value in os.environ.items() if not name.startswith("OTEL_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check"],
+        cwd=ROOT,
+        env={**clean, **proxy_env("http://127.0.0.1:9"), **environ},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert (
+        "OTEL_TRACES_EXPORTER" if "OTEL_TRACES_EXPORTER" in environ else "OTEL_EXPORTER_OTLP_PROTOCOL"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_only_a_peer_in_the_trusted_list_may_hand_over_its_trace() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from proxy.tracing.spans import Tracing
+
+    tracing = Tracing(TracerProvider(), [], trusted=[ip_network("10.0.0.0/8"), ip_network("::1")])
+
+    assert tracing.trusts(("10.1.2.3", 40000)) and tracing.trusts(["::1", 40000])
+    assert not tracing.trusts(("192.168.1.1", 40000))
+    assert not tracing.trusts(None)  # a Unix socket, or a server that does not say
+    assert not tracing.trusts(("not-an-address", 0))
+    assert not Tracing(TracerProvider(), []).trusts(("10.1.2.3", 40000))
+
+
+def test_the_pseudonymous_user_id_is_keyed_stable_and_short() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from proxy.tracing.spans import Tracing
+
+    one, other = (Tracing(TracerProvider(), [], user_key=key) for key in (b"k" * 32, b"q" * 32))
+
+    assert one.pseudo_id("guest:abc") == one.pseudo_id("guest:abc") != one.pseudo_id("guest:abd")
+    assert one.pseudo_id("guest:abc") != other.pseudo_id("guest:abc")  # without the key, no dictionary attack
+    assert len(one.pseudo_id("guest:abc") or "") == 16
+    assert Tracing(TracerProvider(), []).pseudo_id("guest:abc") is None

@@ -45,7 +45,7 @@ T = TypeVar("T")
 DEFAULT_SERVICE_NAME = "workflow-bff"
 # gen_ai.provider.name: the upstream is no provider the conventions list, so it gets its own name.
 PROVIDER = "ai_tutor"
-# Hex characters of the pseudonymous user id: 64 bits, enough to tell users apart, too few to matter.
+# Hex characters of the pseudonymous user id: 64 bits tell millions of users apart, and stay short.
 PSEUDO_ID_CHARS = 16
 PSEUDO_ID_LABEL = b"workflow-bff trace user id"
 
