@@ -200,6 +200,16 @@ def test_an_untrusted_callers_traceparent_is_ignored(traced: ServerProcess, rece
     assert server_span(receiver[1], answer.trace_id).parent_id == ""
 
 
+def test_probes_and_scrapes_are_not_traced(traced: ServerProcess, receiver: tuple[str, Received]) -> None:
+    with guest_of(traced.url) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/metrics").status_code == 200
+        run_id = chat(client).headers["x-run-id"]
+
+    answer_span(receiver[1], run_id)  # exported after the probes' spans would have been
+    assert not [span for span in receiver[1].spans if span.name in ("GET /healthz", "GET /metrics")]
+
+
 def test_a_trusted_callers_traceparent_is_continued(
     traced_behind_proxy: ServerProcess, receiver: tuple[str, Received], upstream: EmulatorControl
 ) -> None:

@@ -264,6 +264,8 @@ class Run:
         self.ending = ending
         stats.end = ending.reason
         self._cancel_grace()
+        if self.trace is not None:
+            self.trace.end(ending, stats.chars)
         runs.registry.discard(self._entry)
         if self.log is not None:
             await self.log.close(ending.entry(), runs.resume_seconds)
@@ -274,8 +276,6 @@ class Run:
             runs.observe(self)
         if self._meter is not None:
             await self._meter.charge()  # what the last batch left
-        if self.trace is not None:
-            self.trace.end(ending, stats.chars)
         runs.audit.record(
             "relay.end",
             self.session.key,

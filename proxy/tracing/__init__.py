@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 EXPORTERS = ("otlp", "console")
 PROTOCOLS = ("http/protobuf", "grpc")
+# Probes and scrapes come every few seconds to every replica: no traces of them, unless the operator
+# names the URLs to leave out (OTEL_PYTHON_ASGI_EXCLUDED_URLS, OTEL_PYTHON_EXCLUDED_URLS: regexes).
+DEFAULT_EXCLUDED_URLS = "/healthz$,/readyz$,/metrics$"
 
 
 def exporter_names(environ: Mapping[str, str]) -> list[str]:
@@ -45,6 +48,11 @@ def otlp_protocol(environ: Mapping[str, str]) -> str:
     return (protocol or "http/protobuf").strip().lower()
 
 
+def excluded_urls(environ: Mapping[str, str]) -> str:
+    named = environ.get("OTEL_PYTHON_ASGI_EXCLUDED_URLS") or environ.get("OTEL_PYTHON_EXCLUDED_URLS")
+    return named or DEFAULT_EXCLUDED_URLS
+
+
 def open_tracing(settings: Settings, environ: Mapping[str, str]) -> Tracing | None:
     """The app's tracing, or None when the environment does not ask for it (then nothing is imported)."""
     exporters = exporter_names(environ)
@@ -52,4 +60,4 @@ def open_tracing(settings: Settings, environ: Mapping[str, str]) -> Tracing | No
         return None
     from proxy.tracing.spans import Tracing  # the SDK is imported here, and only here
 
-    return Tracing.build(settings, exporters, otlp_protocol(environ))
+    return Tracing.build(settings, exporters, otlp_protocol(environ), excluded_urls=excluded_urls(environ))

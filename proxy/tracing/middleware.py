@@ -33,6 +33,7 @@ class ServerSpanMiddleware:
         self.tracing = tracing
         self.traced = OpenTelemetryMiddleware(
             _NamedByRoute(app),
+            excluded_urls=tracing.excluded_urls,
             tracer=tracing.tracer,
             # Prometheus has the request metrics (proxy/metrics.py): none from here.
             meter_provider=NoOpMeterProvider(),

@@ -63,15 +63,17 @@ class Tracing:
         *,
         trusted: Sequence[Network] = (),
         user_key: bytes | None = None,
+        excluded_urls: str = "",
     ) -> None:
         self.provider = provider
+        self.excluded_urls = excluded_urls
         self.tracer: Tracer = provider.get_tracer("workflow-bff", __version__)
         self.trusted = tuple(trusted)
         self._exporters = exporters
         self._user_key = user_key
 
     @classmethod
-    def build(cls, settings: Settings, exporters: Sequence[str], protocol: str) -> Tracing:
+    def build(cls, settings: Settings, exporters: Sequence[str], protocol: str, *, excluded_urls: str) -> Tracing:
         # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; ours is only the default.
         resource = Resource.create({SERVICE_VERSION: __version__})
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
@@ -86,6 +88,7 @@ class Tracing:
             [_exporter(name, protocol) for name in exporters],
             trusted=[ipaddress.ip_network(entry, strict=False) for entry in settings.trusted_proxies],
             user_key=user_key,
+            excluded_urls=excluded_urls,
         )
 
     def start(self) -> None:
