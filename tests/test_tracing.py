@@ -14,6 +14,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from ipaddress import ip_network
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,10 +30,12 @@ from tests.servers import (
     EmulatorControl,
     RedisServer,
     ServerProcess,
+    browser,
     guest_of,
     proxy_env,
     start_proxy,
 )
+from tests.test_deploy import nginx_in_front_of
 
 QUESTION = "fractions, asked in confidence"
 ANSWER = generate_text("wf_tutor", {"message": QUESTION})
@@ -223,6 +226,24 @@ def test_a_trusted_callers_traceparent_is_continued(
     )
     assert server.name == "POST /api/chat/{alias}"
     assert stream_request(upstream, CALLER_TRACE)["headers"]["traceparent"].startswith(f"00-{CALLER_TRACE}-")
+
+
+def test_a_browsers_traceparent_stops_at_the_edge_nginx(
+    emulator: ServerProcess, receiver: tuple[str, Received], tmp_path: Path
+) -> None:
+    # The app trusts the nginx in front of it (127.0.0.1 here), which must not pass a browser's on.
+    proxy = start_proxy(emulator.url, **traced_env(receiver[0], BFF_TRUSTED_PROXIES="127.0.0.1"))
+    try:
+        with nginx_in_front_of(proxy.url, tmp_path) as edge, browser(edge) as client:
+            client.headers.update({"Origin": edge, "Sec-Fetch-Site": "same-origin"})
+            client.post("/auth/guest").raise_for_status()
+            run_id = chat(client, traceparent=f"00-{CALLER_TRACE}-{CALLER_SPAN}-01").headers["x-run-id"]
+        answer = answer_span(receiver[1], run_id)
+    finally:
+        proxy.stop()
+
+    assert answer.trace_id != CALLER_TRACE
+    assert server_span(receiver[1], answer.trace_id).parent_id == ""
 
 
 def _strings(value: Any) -> list[str]:
