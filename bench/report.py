@@ -26,6 +26,7 @@ COLORS = {
     "bff": "#d62728",
     "bff-redis": "#8c564b",
     "bff-pool": "#ff7f0e",
+    "bff-traced": "#e377c2",
 }
 TITLES = {
     "direct": "direct",
@@ -35,6 +36,7 @@ TITLES = {
     "bff": "workflow-bff",
     "bff-redis": "workflow-bff, Redis",
     "bff-pool": "workflow-bff, token pool",
+    "bff-traced": "workflow-bff, tracing on",
 }
 
 

@@ -48,9 +48,11 @@ from bench.servers import (
     start_bare,
     start_bff,
     start_nginx,
+    start_otlp_sink,
     start_redis,
     start_upstream,
     storage_env,
+    tracing_env,
 )
 from bench.stats import thin
 
@@ -143,7 +145,9 @@ def available(target: str) -> str | None:
     return None
 
 
-def start_target(name: str, workdir: Path, upstream: Server, storage: Server | None) -> Server | None:
+def start_target(
+    name: str, workdir: Path, upstream: Server, storage: Server | None, sink: Server | None = None
+) -> Server | None:
     if name == "direct":
         return None
     if name == "nginx":
@@ -152,6 +156,8 @@ def start_target(name: str, workdir: Path, upstream: Server, storage: Server | N
         return start_bare(workdir, upstream.port, name.removeprefix("bare-"))
     if name == "bff-pool":
         return start_bff(workdir, upstream.port, {"BFF_TOKEN_POOL": BFF_POOL_SIZE}, name)
+    if sink is not None:
+        return start_bff(workdir, upstream.port, tracing_env(sink), name)
     if storage is not None:
         return start_bff(workdir, upstream.port, storage_env(storage), name)
     return start_bff(workdir, upstream.port)
@@ -173,7 +179,11 @@ class Running:
             if self.name == "bff-redis":
                 storage = start_redis(self.workdir)
                 self.servers.append(storage)
-            proxy = start_target(self.name, self.workdir, upstream, storage)
+            sink = None
+            if self.name == "bff-traced":
+                sink = start_otlp_sink(self.workdir)
+                self.servers.append(sink)
+            proxy = start_target(self.name, self.workdir, upstream, storage, sink)
         except BaseException:
             self.__exit__()
             raise

@@ -8,6 +8,8 @@ Targets (each a black box on a loopback port):
   bff           workflow-bff: `python -m proxy serve`, full middleware stack, guest sessions, CSRF
   bff-redis     the same with BFF_STORAGE_URL at a throwaway redis-server: sessions, limits and every
                 run's chunk log (mirrored to Redis Streams) there
+  bff-traced    workflow-bff with OpenTelemetry tracing on, every span exported over OTLP/HTTP to a
+                sink (bench/otlp_sink.py) that keeps nothing
 CPU time comes from /proc/<pid>/task/*/schedstat (nanoseconds on CPU, every thread of every process
 in the tree), memory from VmRSS in /proc/<pid>/status.
 """
@@ -32,7 +34,7 @@ STOP_TIMEOUT = 15.0
 BENCH_API_KEY = "sk_bench_" + secrets.token_hex(16)
 WORKFLOW_ALIAS = "bench"
 WORKFLOW_ID = "wf_bench"
-TARGETS = ("direct", "nginx", "bare-aiohttp", "bare-httpx", "bff", "bff-redis", "bff-pool")
+TARGETS = ("direct", "nginx", "bare-aiohttp", "bare-httpx", "bff", "bff-redis", "bff-pool", "bff-traced")
 # bare-httpx is left out unless asked for: it shows what the httpx client costs, and takes as long as
 # direct, nginx, bare-aiohttp and bff together. bff-pool is workflow-bff with pre-minted tokens
 # (BFF_TOKEN_POOL), to be compared with bff and direct under an emulated upstream round trip (--rtt-ms 50).
@@ -342,6 +344,18 @@ def start_redis(workdir: Path) -> Server:
     command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
     server = _spawn("redis", command, workdir)
     return _wait_for_port(server, lambda line: port if "Ready to accept connections" in line else None)
+
+
+def start_otlp_sink(workdir: Path) -> Server:
+    """Where bff-traced exports its spans: an OTLP/HTTP endpoint that keeps nothing."""
+    command = [sys.executable, "-m", "bench.otlp_sink", "--port", "0"]
+    server = _spawn("otlp-sink", command, workdir, {"PYTHONPATH": str(ROOT)})
+    return _wait_for_port(server, lambda line: _json_line(line).get("listening"))
+
+
+def tracing_env(sink: Server) -> dict[str, str]:
+    """workflow-bff's environment for tracing every request to `sink` (the SDK's default batching)."""
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}"}
 
 
 def storage_env(redis: Server) -> dict[str, str]:

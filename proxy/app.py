@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -44,7 +45,9 @@ from proxy.sessions import SessionManager
 from proxy.settings import Settings
 from proxy.slots import StreamSlots
 from proxy.storage import Storage, open_limits_storage, open_run_logs, open_storage
+from proxy.storage.redis import RedisStorage
 from proxy.token_pool import TokenSource
+from proxy.tracing import open_tracing
 from proxy.upstream.breaker import CircuitBreaker
 from proxy.upstream.client import HttpUpstream
 from proxy.workflows import parse_workflows
@@ -68,10 +71,16 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
 
     authenticators = build_authenticators(settings, limits_storage)
     oidc = build_oidc(settings)
+    # None unless the OTEL_* variables ask for tracing: then nothing of OpenTelemetry is even imported.
+    tracing = open_tracing(settings, os.environ)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
+        if tracing is not None:
+            tracing.start()
         storage = open_storage(settings.storage_url)
+        if tracing is not None and isinstance(storage, RedisStorage):
+            tracing.instrument_redis(storage.client)
         secrets = [secret.get_secret_value() for secret in settings.session_secrets]
         refresh = TokenRefresher(oidc, storage, TokenSealer(secrets)) if oidc is not None else None
         sessions = SessionManager(
@@ -91,6 +100,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
             max_stream_seconds=settings.max_stream_seconds,
             metrics=metrics,
             breaker=CircuitBreaker(settings.upstream_failure_threshold, settings.upstream_cooldown_seconds),
+            tracing=tracing,
         )
         tokens = TokenSource(upstream, settings.token_ttl, settings.token_pool)
         slots = StreamSlots(storage, settings.max_concurrent_streams, lease_seconds=settings.stream_lease_seconds)
@@ -115,6 +125,7 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
             budget=budget,
             metrics=metrics,
             events=events,
+            tracing=tracing,
         )
         services = Services(
             settings=settings,
@@ -158,6 +169,8 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
                 await events.aclose()
             await run_logs.close()
             await storage.close()
+            if tracing is not None:
+                await tracing.shutdown()  # the last spans are exported before the process ends
 
     routes: list[BaseRoute] = [
         *ops_routes(),
@@ -176,8 +189,11 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
     # counted and carry the headers too. Forwarded headers are believed only from BFF_TRUSTED_PROXIES, so the CSRF check
     # sees the scheme the browser used. CORS answers preflights before the CSRF check, and wraps it so
     # an allowed origin can read a refusal.
+    # The server span wraps everything else, so a refusal by any check is traced too; it sits outside
+    # the forwarded headers' middleware, so it sees the TCP peer it decides to trust or not.
     middleware = [
         *([Middleware(MetricsPortMiddleware, port=settings.metrics_port)] if settings.metrics_port else []),
+        *([tracing.middleware()] if tracing is not None else []),
         Middleware(RequestIdMiddleware),
         Middleware(AccessLogMiddleware),
         Middleware(MetricsMiddleware, metrics=metrics),

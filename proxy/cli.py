@@ -7,6 +7,7 @@ import asyncio
 import errno
 import logging
 import math
+import os
 import secrets
 import socket
 import sys
@@ -33,6 +34,7 @@ from proxy.server_protocol import guarded_protocol
 from proxy.sessions_cli import add_sessions_command
 from proxy.settings import Settings, describe_errors, invalid_fields
 from proxy.storage import REDIS_SCHEMES, StorageUnavailable, open_limits_storage, open_storage, storage_scheme
+from proxy.tracing import exporter_names
 from proxy.upstream.client import HttpUpstream
 from proxy.usage_cli import add_usage_command
 from proxy.workers import run_workers
@@ -89,6 +91,10 @@ def checked_settings() -> Settings:
                 build_oidc(settings)
         except AuthConfigError as exc:
             problems.append(str(exc))
+    try:
+        exporter_names(os.environ)  # tracing's OTEL_* variables: an exporter or protocol we lack
+    except ValueError as exc:
+        problems.append(str(exc))
     if problems:
         raise ConfigError("\n".join(dict.fromkeys(problems)))
     return settings

@@ -117,6 +117,10 @@ class Settings(BaseSettings):
     # upstream calls fail fast with 503 upstream_unavailable for the cooldown.
     upstream_failure_threshold: int = Field(default=5, ge=1, le=1000)
     upstream_cooldown_seconds: float = Field(default=10.0, gt=0, le=600)
+    # Tracing is configured by the standard OTEL_* variables (proxy/tracing/). Spans carry no user id
+    # unless this is "hashed": then `enduser.pseudo.id`, a keyed hash of it (key from the newest
+    # session secret), so one user's answers can be told apart without saying who they are.
+    trace_user: Literal["off", "hashed"] = "off"
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Serve /metrics on this port only (a second listener), never on the public one.

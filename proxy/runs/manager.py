@@ -23,14 +23,15 @@ from proxy.metrics import Metrics
 from proxy.rate_limiter import RateLimiter
 from proxy.runs.run import Run, RunRequest
 from proxy.sessions import Session, SessionManager
-from proxy.slots import StreamSlots
+from proxy.slots import Lease, StreamSlots
 from proxy.storage import Storage, StorageUnavailable
-from proxy.storage.runlog import RunLogs, RunMeta
+from proxy.storage.runlog import ChunkLog, RunLogs, RunMeta
 from proxy.token_pool import TokenSource
 from proxy.upstream import Upstream
 
 if TYPE_CHECKING:
     from proxy.runs.follower import RunStream
+    from proxy.tracing.spans import Tracing
 
 logger = logging.getLogger("proxy.runs")
 
@@ -69,6 +70,7 @@ class RunManager:
         budget: OutputBudget,
         metrics: Metrics,
         events: RunEvents | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.max_seconds = settings.max_seconds
         self.grace_seconds = settings.grace_seconds
@@ -87,6 +89,7 @@ class RunManager:
         self.budget = budget
         self.metrics = metrics
         self.events = events  # None: no BFF_EVENTS_URL
+        self.tracing = tracing
         self.live: dict[str, Run] = {}
         self.followers: set[RunStream] = set()
         # A follower elsewhere says it is there this often, and counts for twice as long.
@@ -94,6 +97,16 @@ class RunManager:
 
     async def start(self, session: Session, request: RunRequest) -> Run:
         """Admit and start a run; raises the `ApiError` of the first check it fails."""
+        admitting = self._admit(session, request)
+        admitted = await (admitting if self.tracing is None else self.tracing.admission(admitting))
+        meta, lease, headers, log = admitted
+        # Started once the admission's span has ended: the run's spans are the request's children.
+        run = self.live[meta.run_id] = Run(self, session, request, meta, lease, headers, log)
+        return run
+
+    async def _admit(
+        self, session: Session, request: RunRequest
+    ) -> tuple[RunMeta, Lease, dict[str, str], ChunkLog | None]:
         user_id, alias, counted = session.user.id, request.workflow.alias, session.limit_key
         await self.budget.ensure_left(counted)
         run_id = "run_" + secrets.token_urlsafe(16)
@@ -114,8 +127,7 @@ class RunManager:
         except BaseException:
             await lease.release()
             raise
-        run = self.live[run_id] = Run(self, session, request, meta, lease, headers, log)
-        return run
+        return meta, lease, headers, log
 
     def forget(self, run: Run) -> None:
         self.live.pop(run.id, None)

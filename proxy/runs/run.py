@@ -38,6 +38,7 @@ from proxy.workflows import Workflow
 
 if TYPE_CHECKING:
     from proxy.runs.manager import RunManager
+    from proxy.tracing.spans import RunTrace
 
 logger = logging.getLogger("proxy.runs")
 
@@ -99,6 +100,7 @@ class Run:
         self._grace: asyncio.TimerHandle | None = None
         self._request_id = request_context().request_id
         self._meter = runs.budget.meter(session.limit_key) if log is not None else None
+        self.trace: RunTrace | None = runs.tracing.run(request, meta) if runs.tracing is not None else None
         self._task = asyncio.get_running_loop().create_task(self._life())
 
     # Followers and the grace period
@@ -106,6 +108,8 @@ class Run:
     def attach(self) -> None:
         self._followers += 1
         self._cancel_grace()
+        if self.trace is not None:
+            self.trace.followed()
 
     def detach(self) -> None:
         self._followers -= 1
@@ -146,6 +150,8 @@ class Run:
             return
         if self._stop_reason is None:
             self._stop_reason = reason
+            if self.trace is not None:
+                self.trace.stopped(reason)
         if self._scope is not None:
             self._scope.cancel()
 
@@ -188,21 +194,25 @@ class Run:
             # ends it before anything is minted.
             if not await runs.sessions.still_valid(self.session):
                 return Ending.of("revoked")
+            trace = self.trace
             if self.log is None:
-                self.result = await runs.upstream.run(
+                asked = runs.upstream.run(
                     request.workflow.id, request.inputs, max_bytes=runs.max_bytes, request_id=self._request_id
                 )
+                self.result = await (asked if trace is None else trace.upstream(asked))
                 self.stats.first_byte_at = time.monotonic()
                 # Charged before it is sent, and only if it fits: an answer that would cross the
                 # budget is refused (429 budget_exhausted), not delivered.
                 await runs.budget.charge_whole(self.session.limit_key, len(self.result.result))
                 self.stats.chars = len(self.result.result)
                 return Ending.of("complete")
-            minted = await runs.tokens.take(request_id=self._request_id)
+            taken = runs.tokens.take(request_id=self._request_id)
+            minted = await (taken if trace is None else trace.mint(taken))
             self.stats.upstream_at = time.monotonic()
-            self._body = await runs.upstream.open_stream(
+            opened = runs.upstream.open_stream(
                 request.workflow.id, minted.token, request.inputs, request_id=self._request_id
             )
+            self._body = await (opened if trace is None else trace.upstream(opened))
             return await self._relay(self._body, self.log)
         except ApiError as error:
             return Ending.refused(error)
@@ -237,6 +247,8 @@ class Run:
             if stats.first_byte_at is None:
                 stats.first_byte_at = time.monotonic()
                 self._observe_first_chunk("ok", stats.first_byte_at)
+                if self.trace is not None:
+                    self.trace.first_chunk()
             stats.bytes_in += len(data)
             if stats.bytes_in > max_bytes or len(log) >= MAX_ENTRIES:
                 return Ending.of("too_large")
@@ -263,6 +275,8 @@ class Run:
         self.ending = ending
         stats.end = ending.reason
         self._cancel_grace()
+        if self.trace is not None:
+            self.trace.end(ending, stats.chars)
         runs.registry.discard(self._entry)
         if self.log is not None:
             await self.log.close(ending.entry(), runs.resume_seconds)

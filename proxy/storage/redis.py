@@ -331,6 +331,11 @@ class RedisStorage:
         self._delete_event = register(DELETE_EVENT)
         self._outbox = [self._key("events", "due"), self._key("events", "body"), self._key("events", "attempts")]
 
+    @property
+    def client(self) -> redis.asyncio.Redis:
+        """The client itself, for tracing to instrument (proxy/tracing/)."""
+        return self._client
+
     # Sessions
 
     async def get_session(self, key: str) -> SessionRecord | None:

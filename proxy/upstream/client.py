@@ -13,7 +13,8 @@ import logging
 import math
 import random
 import time
-from urllib.parse import quote
+from typing import TYPE_CHECKING
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from pydantic import SecretStr
@@ -36,6 +37,9 @@ from proxy.upstream.errors import (
     transport_words,
 )
 
+if TYPE_CHECKING:
+    from proxy.tracing.spans import Tracing
+
 logger = logging.getLogger("proxy.upstream")
 
 MINT_ATTEMPTS = 3
@@ -48,6 +52,12 @@ CONNECT_SECONDS = 5.0  # the TCP (and TLS) connect
 POOL_WAIT_SECONDS = 10.0  # a connection from the pool, connecting included
 MINT_READ_SECONDS = 10.0
 GATEWAY_FAILURES = frozenset({502, 503, 504})
+# Each call's URL as a template (OpenTelemetry's url.template): the stream URL itself holds a token.
+TEMPLATES = {
+    "mint": "/api/v1/token",
+    "stream": "/api/v1/run/{workflow_id}/stream",
+    "run": "/api/v1/run/{workflow_id}",
+}
 # Identity encoding: the relay forwards raw bytes and must not forward a compressed body.
 HEADERS = {"Accept-Encoding": "identity", "User-Agent": "workflow-bff"}
 
@@ -69,8 +79,12 @@ class HttpUpstream:
         max_stream_seconds: float,
         metrics: Metrics | None = None,
         breaker: CircuitBreaker | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._base_url = base_url.rstrip("/")
+        self._tracing = tracing
+        parts = urlsplit(self._base_url)
+        self._server = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
         self._api_key = api_key
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=POOL_CONNECTIONS, keepalive_timeout=KEEPALIVE_SECONDS),
@@ -119,7 +133,27 @@ class HttpUpstream:
         """One upstream call, through the circuit breaker; transport failures become ApiErrors.
 
         With `read`, the answer is read (at most that many bytes, an error's at most 4 KB: never a
-        body whole, whatever its size) and closed; without, it is returned open, to be streamed."""
+        body whole, whatever its size) and closed; without, it is returned open, to be streamed.
+        With tracing on, the call is a client span, and its context goes along in `traceparent`."""
+        if self._tracing is None:
+            return await self._call(method, url, operation, headers, timeouts, body=body, read=read)
+        with self._tracing.upstream_call(method, TEMPLATES[operation], self._server) as call:
+            headers = {**headers, **call.headers}
+            response, answer = await self._call(method, url, operation, headers, timeouts, body=body, read=read)
+            call.answered(response.status)
+            return response, answer
+
+    async def _call(
+        self,
+        method: str,
+        url: str,
+        operation: str,
+        headers: dict[str, str],
+        timeouts: aiohttp.ClientTimeout,
+        *,
+        body: dict[str, str] | None,
+        read: int | None,
+    ) -> tuple[aiohttp.ClientResponse, bytes]:
         content = None
         if body is not None:
             content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
