@@ -34,6 +34,7 @@ class RequestContext:
     first_byte_at: float | None = None  # time.monotonic() of the first upstream byte the client got
     # How the request ended when the code that knows says so ("client_gone", "refused:csrf_failed", ...).
     end: str | None = None
+    trace_id: str | None = None  # the request's trace, when tracing is on: log line to trace
 
     def upstream_answered(self, status: int | None, error: str | None = None) -> None:
         self.upstream_status, self.upstream_error = status, error

@@ -197,3 +197,13 @@ async def test_a_heartbeat_keeps_a_quiet_run_alive_for_readers_elsewhere(redis_s
     finally:
         await producer.close()
         await reader.close()
+
+
+def test_a_meta_written_by_a_newer_version_is_still_read() -> None:
+    meta = RunMeta("run_1", "guest:a", "msg_1", "tutor", "chat-1", started_at=5.0)
+    written = {**meta.__dict__, "field_of_a_later_version": [1, 2]}
+    assert RunMeta.of(written) == meta
+    with pytest.raises(TypeError):
+        RunMeta.of({"run_id": "run_1"})  # one it needs is missing
+    with pytest.raises(TypeError):
+        RunMeta.of(["run_1"])

@@ -33,6 +33,7 @@ from tests.servers import (
     browser,
     guest_of,
     proxy_env,
+    replicas_of,
     start_proxy,
 )
 from tests.test_deploy import nginx_in_front_of
@@ -192,6 +193,47 @@ def test_a_stop_and_a_resume_are_events_of_the_answer(
     assert resume.name == "GET /api/chat/{alias}/{chat_id}/stream"
     assert resume.trace_id != answer.trace_id
     assert resume.links == [(answer.trace_id, answer.span_id, {"bff.link": "run"})]
+
+
+def test_a_resume_on_another_replica_links_to_the_trace_that_started_the_answer(
+    emulator: ServerProcess, receiver: tuple[str, Received], redis_server: RedisServer, upstream: EmulatorControl
+) -> None:
+    received = receiver[1]
+    env = traced_env(receiver[0], BFF_STORAGE_URL=redis_server.url, BFF_RESUME_GRACE_SECONDS="20")
+    upstream.fault(op="stream", hold_after=1, times=1)
+    with replicas_of(emulator.url, **env) as (first, second), guest_of(first.url) as on_first:
+        with (
+            browser(second.url, cookies=on_first.cookies) as on_second,
+            on_first.stream("POST", "/api/chat/tutor?protocol=text", json=REQUEST) as started,
+        ):
+            run_id = started.headers["x-run-id"]
+            next(started.iter_raw())
+            with on_second.stream("GET", "/api/chat/tutor/chat-traced/stream?protocol=text") as resumed:
+                assert resumed.status_code == 200
+                next(resumed.iter_raw())
+                assert on_second.post(f"/api/runs/{run_id}/stop").status_code == 204
+
+        answer = answer_span(received, run_id)
+        origin = server_span(received, answer.trace_id)
+        resume = received.wait_for(
+            lambda span: span.kind == "server" and any(link[0] == answer.trace_id for link in span.links),
+            "of the resume on the other replica",
+        )
+    assert resume.name == "GET /api/chat/{alias}/{chat_id}/stream" and resume.trace_id != answer.trace_id
+    assert origin.name == "POST /api/chat/{alias}"
+    # The link goes into the trace that started the answer, where the answer's span is.
+    assert [(trace_id, attributes) for trace_id, _, attributes in resume.links] == [
+        (answer.trace_id, {"bff.link": "run"})
+    ]
+    assert {span.span_id for span in received.trace(answer.trace_id)} >= {resume.links[0][1], answer.span_id}
+
+
+def test_a_requests_log_line_names_its_trace(traced: ServerProcess, receiver: tuple[str, Received]) -> None:
+    with guest_of(traced.url) as client:
+        run_id = chat(client).headers["x-run-id"]
+    answer = answer_span(receiver[1], run_id)
+    line = traced.wait_for_log(lambda entry: entry.get("run_id") == run_id and entry.get("route"))
+    assert line["trace_id"] == answer.trace_id
 
 
 def test_an_untrusted_callers_traceparent_is_ignored(traced: ServerProcess, receiver: tuple[str, Received]) -> None:

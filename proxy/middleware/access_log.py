@@ -109,6 +109,7 @@ class AccessLogMiddleware:
             "relay": context.relay,
             "run_id": context.run_id,
             "chars": context.chars,
+            "trace_id": context.trace_id,
         }
         line.update((name, value) for name, value in optional.items() if value is not None)
         level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO

@@ -119,6 +119,8 @@ class RunStream(Response):
             read: Read = run.log.read
         else:
             read = self._remote_read
+            if runs.tracing is not None and self.meta.trace:
+                runs.tracing.link_to_run(self.meta.trace)
         runs.followers.add(self)
         try:
             with self._left, DisconnectWatch(receive, self._left.cancel):

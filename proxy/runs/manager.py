@@ -116,7 +116,15 @@ class RunManager:
             log = None
             # A chat id too long to be one of ours is no chat: the answer is still followable by run id.
             chat_id = request.chat_id if request.chat_id and len(request.chat_id) <= MAX_CHAT_ID_CHARS else None
-            meta = RunMeta(run_id, user_id, "msg_" + secrets.token_hex(12), alias, chat_id, started_at=time.time())
+            meta = RunMeta(
+                run_id,
+                user_id,
+                "msg_" + secrets.token_hex(12),
+                alias,
+                chat_id,
+                started_at=time.time(),
+                trace=None if self.tracing is None else self.tracing.traceparent(),
+            )
             if request.streamed:
                 if meta.chat_id is not None:  # a new message in a chat ends the chat's previous answer
                     previous = await self.logs.chat_run(user_id, alias, meta.chat_id)

@@ -16,6 +16,7 @@ Logs are bounded: the run caps its bytes, and a log is forgotten `keep_seconds` 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 from array import array
@@ -48,6 +49,22 @@ class RunMeta:
     alias: str
     chat_id: str | None = None
     started_at: float = 0.0  # Unix time, for GET /api/usage (0: written by a version that did not say)
+    # The W3C traceparent of the request that started it (tracing on): a resume on another replica
+    # links its trace to that one.
+    trace: str | None = None
+
+    @classmethod
+    def of(cls, fields: object) -> RunMeta:
+        """A meta read back from the storage; fields this version does not know (written by a newer
+        one, mid-upgrade) are left out rather than making the run unreadable. TypeError if it is no
+        object or one it needs is missing."""
+        if not isinstance(fields, dict):
+            raise TypeError("a run's meta is an object")
+        known = {name: value for name, value in fields.items() if name in _META_FIELDS}
+        return cls(**known)
+
+
+_META_FIELDS = frozenset(field.name for field in dataclasses.fields(RunMeta))
 
 
 def chat_key(user_id: str, alias: str, chat_id: str) -> str:

@@ -102,7 +102,7 @@ class RedisRunLogs:
             return None
         try:
             fields = json.loads(raw)
-            return RunMeta(**fields)
+            return RunMeta.of(fields)
         except (TypeError, ValueError):  # not written by us
             return None
 

@@ -20,6 +20,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import Span
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from proxy.context import ServingRequest
+
 if TYPE_CHECKING:
     from proxy.tracing.spans import Tracing
 
@@ -73,7 +75,11 @@ class _NamedByRoute:
                     span.set_attribute("http.route", template)
             await send(message)
 
-        await self.app(scope, receive, send_named)
+        # The request's context starts here (the middleware inside share it), with the trace id the
+        # access log writes, so a log line leads to its trace.
+        with ServingRequest() as context:
+            context.trace_id = format(span.get_span_context().trace_id, "032x")
+            await self.app(scope, receive, send_named)
 
 
 def _method_only(scope: Scope) -> tuple[str, dict[str, Any]]:

@@ -28,6 +28,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.middleware import Middleware
 
 from proxy import __version__
@@ -50,6 +51,8 @@ PSEUDO_ID_CHARS = 16
 PSEUDO_ID_LABEL = b"workflow-bff trace user id"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# A run keeps the W3C context of the request that started it, whatever propagators are configured.
+TRACE_CONTEXT = TraceContextTextMapPropagator()
 
 
 class Tracing:
@@ -148,6 +151,20 @@ class Tracing:
         if (pseudo_id := self.pseudo_id(meta.user_id)) is not None:
             attributes["enduser.pseudo.id"] = pseudo_id
         return RunTrace(self.tracer, f"{operation} {meta.alias}", attributes, streamed=request.streamed)
+
+    def traceparent(self) -> str | None:
+        """The current span's context as a W3C `traceparent`, to keep with a run."""
+        carrier: dict[str, str] = {}
+        TRACE_CONTEXT.inject(carrier)
+        return carrier.get("traceparent")
+
+    def link_to_run(self, traceparent: str) -> None:
+        """This request follows a run started on another replica: its span links to the trace of the
+        request that started it (`traceparent`, kept with the run), where the answer's span is."""
+        started = trace.get_current_span(TRACE_CONTEXT.extract({"traceparent": traceparent})).get_span_context()
+        here = trace.get_current_span()
+        if started.is_valid and here.get_span_context().trace_id != started.trace_id:
+            here.add_link(started, {"bff.link": "run"})
 
     @contextmanager
     def upstream_call(self, method: str, template: str, server: tuple[str, int]) -> Iterator[UpstreamCall]:
