@@ -10,18 +10,12 @@ at their next request, and ends the user's running answers at their next slot re
 from __future__ import annotations
 
 import argparse
-import asyncio
-import sys
 from datetime import UTC, datetime
 from typing import Any
 
 from proxy.audit import AuditLog
 from proxy.settings import Settings
-from proxy.storage import REDIS_SCHEMES, StorageUnavailable, open_storage, storage_scheme
-
-
-class SessionsCommandError(Exception):
-    pass
+from proxy.storage_cli import run_command, shared_storage
 
 
 def add_sessions_command(commands: Any) -> None:
@@ -34,29 +28,19 @@ def add_sessions_command(commands: Any) -> None:
 
 
 def run_sessions_command(args: argparse.Namespace) -> None:
-    try:
-        print(asyncio.run(sessions_command(args.action, args.user, Settings())))
-    except SessionsCommandError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_command(sessions_command(args.action, args.user, Settings()))
 
 
 async def sessions_command(action: str, user_id: str, settings: Settings) -> str:
-    if storage_scheme(settings.storage_url) not in REDIS_SCHEMES:
-        raise SessionsCommandError(
-            "BFF_STORAGE_URL is memory://: sessions live inside the running server, out of reach here. "
-            "Use Redis storage, or end them from the app (POST /auth/logout-all), or restart the server."
-        )
-    storage = open_storage(settings.storage_url)
-    try:
+    out_of_reach = (
+        "sessions live inside the running server, out of reach here. "
+        "Use Redis storage, or end them from the app (POST /auth/logout-all), or restart the server."
+    )
+    async with shared_storage(settings, out_of_reach=out_of_reach) as storage:
         if action == "revoke":
             removed = await storage.delete_user_sessions(user_id)
             return f"ended {len(removed)} session(s) of {user_id}"
         records = await storage.user_sessions(user_id)
-    except StorageUnavailable as exc:
-        raise SessionsCommandError(f"BFF_STORAGE_URL: {exc.message}") from None
-    finally:
-        await storage.close()
     if not records:
         return f"{user_id} has no session"
     audit = AuditLog(settings.session_secrets[0].get_secret_value()) if settings.session_secrets else None

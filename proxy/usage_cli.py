@@ -11,22 +11,16 @@ Per-user figures are never Prometheus labels (one series per user would swamp it
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import sys
 from datetime import date
 from typing import Any
 
 from proxy.budget import ranking_name, today
 from proxy.settings import Settings
-from proxy.storage import REDIS_SCHEMES, StorageUnavailable, open_storage, storage_scheme
+from proxy.storage_cli import run_command, shared_storage
 
 DEFAULT_TOP = 10
 MAX_TOP = 10_000
-
-
-class UsageCommandError(Exception):
-    pass
 
 
 def add_usage_command(commands: Any) -> None:
@@ -52,26 +46,16 @@ def _top(value: str) -> int:
 
 
 def run_usage_command(args: argparse.Namespace) -> None:
-    try:
-        print(asyncio.run(usage_command(args.day or today(), args.top, Settings(), as_json=args.json)))
-    except UsageCommandError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_command(usage_command(args.day or today(), args.top, Settings(), as_json=args.json))
 
 
 async def usage_command(day: str, top: int, settings: Settings, *, as_json: bool) -> str:
-    if storage_scheme(settings.storage_url) not in REDIS_SCHEMES:
-        raise UsageCommandError(
-            "BFF_STORAGE_URL is memory://: the usage figures live inside the running server, out of reach "
-            "here. Use Redis storage; each user can still see their own at GET /api/usage."
-        )
-    storage = open_storage(settings.storage_url)
-    try:
+    out_of_reach = (
+        "the usage figures live inside the running server, out of reach here. "
+        "Use Redis storage; each user can still see their own at GET /api/usage."
+    )
+    async with shared_storage(settings, out_of_reach=out_of_reach) as storage:
         ranked = await storage.top_ranked(ranking_name(day), top)
-    except StorageUnavailable as exc:
-        raise UsageCommandError(f"BFF_STORAGE_URL: {exc.message}") from None
-    finally:
-        await storage.close()
     if as_json:
         users = [{"user": user, "output_chars": chars} for user, chars in ranked]
         return json.dumps({"day": day, "users": users})

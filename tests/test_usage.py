@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,6 +32,7 @@ from tests.servers import (
     replicas_of,
 )
 from tests.test_chat_protocols import chat_path, data_parts, sse_events, text_of
+from tests.test_replicas import same_browser, signed_in
 
 RELAYS_PER_MINUTE = 6
 MINTS_PER_MINUTE = 4
@@ -94,19 +94,6 @@ def replicas(emulator: ServerProcess, redis_server: RedisServer) -> Iterator[lis
     }
     with replicas_of(emulator.url, **env) as servers:  # no output budget: output is counted anyway
         yield servers
-
-
-@contextmanager
-def signed_in(replica: ServerProcess) -> Iterator[httpx.Client]:
-    with browser(replica.url) as client:
-        client.post("/auth/guest").raise_for_status()
-        yield client
-
-
-@contextmanager
-def same_browser(replica: ServerProcess, client: httpx.Client) -> Iterator[httpx.Client]:
-    with browser(replica.url, cookies=client.cookies) as other:
-        yield other
 
 
 def user_id_of(client: httpx.Client) -> str:
