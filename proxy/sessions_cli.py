@@ -28,7 +28,7 @@ def add_sessions_command(commands: Any) -> None:
 
 
 def run_sessions_command(args: argparse.Namespace) -> None:
-    run_command(sessions_command(args.action, args.user, Settings()))
+    run_command(lambda settings: sessions_command(args.action, args.user, settings))
 
 
 async def sessions_command(action: str, user_id: str, settings: Settings) -> str:

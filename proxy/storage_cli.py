@@ -1,17 +1,20 @@
 """What the operator commands that read the shared storage have in common (`sessions`, `usage`): they
 need Redis, because with `memory://` the state lives inside the running server, out of their reach;
-and a problem is one line on stderr with exit status 2, never a traceback.
+and a problem is one line on stderr with exit status 2, never a traceback (nor a setting's value:
+pydantic's own message would quote a secret that failed its check).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
-from proxy.settings import Settings
+from pydantic import ValidationError
+
+from proxy.settings import Settings, describe_errors
 from proxy.storage import REDIS_SCHEMES, Storage, StorageUnavailable, open_storage, storage_scheme
 
 
@@ -19,10 +22,14 @@ class CommandError(Exception):
     pass
 
 
-def run_command(command: Coroutine[Any, Any, str]) -> None:
-    """Print what the command answers, or its error (exit status 2)."""
+def run_command(command: Callable[[Settings], Coroutine[Any, Any, str]]) -> None:
+    """Run `command` with the settings; print what it answers, or what went wrong (exit status 2)."""
     try:
-        print(asyncio.run(command))
+        try:
+            settings = Settings()
+        except ValidationError as exc:
+            raise CommandError("; ".join(describe_errors(exc))) from None
+        print(asyncio.run(command(settings)))
     except CommandError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

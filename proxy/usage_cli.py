@@ -46,7 +46,7 @@ def _top(value: str) -> int:
 
 
 def run_usage_command(args: argparse.Namespace) -> None:
-    run_command(usage_command(args.day or today(), args.top, Settings(), as_json=args.json))
+    run_command(lambda settings: usage_command(args.day or today(), args.top, settings, as_json=args.json))
 
 
 async def usage_command(day: str, top: int, settings: Settings, *, as_json: bool) -> str:

@@ -305,3 +305,18 @@ def test_the_installed_entry_point_names_itself() -> None:
 
     assert result.returncode == 0
     assert result.stdout.startswith("usage: workflow-bff ")
+
+
+@pytest.mark.parametrize("command", [("usage",), ("sessions", "list", "--user", "someone")])
+def test_the_operator_commands_name_a_bad_setting_without_quoting_it(command: tuple[str, ...]) -> None:
+    secret = "x9Lq" + "7" * 40 + "LEAKED"  # a valid session secret beside an invalid one
+    env = {
+        "BFF_SESSION_SECRETS": f"{secret},short",
+        "BFF_EVENTS_SECRET": "tooShortLEAKED",
+        "BFF_EVENTS_URL": "http://hooks.example.com/x?token=LEAKED",
+    }
+    result = run_cli(*command, env=env)
+    assert result.returncode == 2
+    assert "BFF_EVENTS_URL" in result.stderr and "BFF_EVENTS_SECRET" in result.stderr
+    assert "LEAKED" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
