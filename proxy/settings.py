@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     # unless this is "hashed": then `enduser.pseudo.id`, a keyed hash of it (key from the newest
     # session secret), so one user's answers can be told apart without saying who they are.
     trace_user: Literal["off", "hashed"] = "off"
+    # Peers (IPs/CIDRs) whose trace context (`traceparent`) is continued: an app server or a gateway
+    # that sets its own. Not BFF_TRUSTED_PROXIES: a load balancer believed for the client's address
+    # usually passes a browser's trace headers straight on.
+    trace_trusted: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Serve /metrics on this port only (a second listener), never on the public one.
@@ -189,7 +193,14 @@ class Settings(BaseSettings):
     events_max_pending: int = Field(default=10_000, ge=1, le=1_000_000)
 
     _split = field_validator(
-        "session_secrets", "auth", "modes", "allowed_origins", "trusted_proxies", "allowed_hosts", mode="before"
+        "session_secrets",
+        "auth",
+        "modes",
+        "allowed_origins",
+        "trusted_proxies",
+        "trace_trusted",
+        "allowed_hosts",
+        mode="before",
     )(_split_commas)
 
     @field_validator("upstream_url")
@@ -290,7 +301,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"{host!r} is not a host name like app.example.com or *.example.com (no port)")
         return value
 
-    @field_validator("trusted_proxies")
+    @field_validator("trusted_proxies", "trace_trusted")
     @classmethod
     def _cidrs(cls, value: list[str]) -> list[str]:
         for entry in value:

@@ -73,7 +73,7 @@ def traced(emulator: ServerProcess, receiver: tuple[str, Received]) -> Iterator[
 def traced_behind_proxy(emulator: ServerProcess, receiver: tuple[str, Received]) -> Iterator[ServerProcess]:
     """A proxy that trusts 127.0.0.1 (where every test client is), and names users by a keyed hash."""
     server = start_proxy(
-        emulator.url, **traced_env(receiver[0], BFF_TRUSTED_PROXIES="127.0.0.1", BFF_TRACE_USER="hashed")
+        emulator.url, **traced_env(receiver[0], BFF_TRACE_TRUSTED="127.0.0.1", BFF_TRACE_USER="hashed")
     )
     yield server
     server.stop()
@@ -259,7 +259,8 @@ def test_a_trusted_callers_traceparent_is_continued(
     traced_behind_proxy: ServerProcess, receiver: tuple[str, Received], upstream: EmulatorControl
 ) -> None:
     with guest_of(traced_behind_proxy.url) as client:
-        run_id = chat(client, traceparent=f"00-{CALLER_TRACE}-{CALLER_SPAN}-01").headers["x-run-id"]
+        headers = {"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01", "baggage": "user=alice"}
+        run_id = chat(client, **headers).headers["x-run-id"]
 
     answer = answer_span(receiver[1], run_id)
     assert answer.trace_id == CALLER_TRACE
@@ -267,14 +268,38 @@ def test_a_trusted_callers_traceparent_is_continued(
         lambda span: span.kind == "server" and span.parent_id == CALLER_SPAN, "continuing the caller's"
     )
     assert server.name == "POST /api/chat/{alias}"
-    assert stream_request(upstream, CALLER_TRACE)["headers"]["traceparent"].startswith(f"00-{CALLER_TRACE}-")
+    sent = stream_request(upstream, CALLER_TRACE)["headers"]
+    assert sent["traceparent"].startswith(f"00-{CALLER_TRACE}-")
+    assert "baggage" not in sent  # the caller's baggage is not the upstream's business
+
+
+def test_a_trusted_load_balancer_is_no_trusted_tracer(emulator: ServerProcess, receiver: tuple[str, Received]) -> None:
+    # BFF_TRUSTED_PROXIES is believed for the client's address; a balancer passes a browser's
+    # traceparent on, so that list does not make the trace context trusted: BFF_TRACE_TRUSTED does.
+    proxy = start_proxy(emulator.url, **traced_env(receiver[0], BFF_TRUSTED_PROXIES="127.0.0.1"))
+    try:
+        with guest_of(proxy.url) as client:
+            run_id = chat(client, traceparent=f"00-{CALLER_TRACE}-{CALLER_SPAN}-01").headers["x-run-id"]
+        answer = answer_span(receiver[1], run_id)
+    finally:
+        proxy.stop()
+    assert answer.trace_id != CALLER_TRACE
+
+
+def test_an_attributes_length_is_bounded(traced: ServerProcess, receiver: tuple[str, Received]) -> None:
+    with guest_of(traced.url) as client:
+        client.headers["User-Agent"] = "ua-" + "x" * 60_000
+        run_id = chat(client).headers["x-run-id"]
+    server = server_span(receiver[1], answer_span(receiver[1], run_id).trace_id)
+    agents = [value for key, value in server.attributes.items() if "user_agent" in key]
+    assert agents and all(str(value).startswith("ua-") and len(str(value)) == 1024 for value in agents)
 
 
 def test_a_browsers_traceparent_stops_at_the_edge_nginx(
     emulator: ServerProcess, receiver: tuple[str, Received], tmp_path: Path
 ) -> None:
     # The app trusts the nginx in front of it (127.0.0.1 here), which must not pass a browser's on.
-    proxy = start_proxy(emulator.url, **traced_env(receiver[0], BFF_TRUSTED_PROXIES="127.0.0.1"))
+    proxy = start_proxy(emulator.url, **traced_env(receiver[0], BFF_TRACE_TRUSTED="127.0.0.1"))
     try:
         with nginx_in_front_of(proxy.url, tmp_path) as edge, browser(edge) as client:
             client.headers.update({"Origin": edge, "Sec-Fetch-Site": "same-origin"})

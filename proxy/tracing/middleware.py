@@ -3,9 +3,10 @@
 Three things are ours: the span is named by the route template (`POST /api/chat/{alias}`), never
 by the raw path with its ids; the query string is left out (the OIDC callback's carries the
 authorization code); and a caller's trace context (`traceparent` and whatever else the configured
-propagators read) is continued only from a TCP peer in `BFF_TRUSTED_PROXIES`, the callers whose
-forwarded headers are believed. From anyone else it is ignored and the request starts a new trace,
-so an outsider can neither join our traces nor pick their ids.
+propagators read) is continued only from a TCP peer in `BFF_TRACE_TRUSTED` (not BFF_TRUSTED_PROXIES:
+a balancer believed for the client's address passes a browser's headers on). From anyone else it is
+ignored and the request starts a new trace, so an outsider can neither join our traces nor pick their
+ids.
 """
 
 from __future__ import annotations

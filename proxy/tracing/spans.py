@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,9 +24,8 @@ import redis.asyncio
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.instrumentation.redis import RedisInstrumentor
-from opentelemetry.propagate import inject
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -51,6 +51,9 @@ PSEUDO_ID_CHARS = 16
 PSEUDO_ID_LABEL = b"workflow-bff trace user id"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# An attribute's value is cut at this length, unless OTEL_*ATTRIBUTE_VALUE_LENGTH_LIMIT says otherwise.
+MAX_ATTRIBUTE_CHARS = 1024
+ATTRIBUTE_LENGTH_VARIABLES = ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT")
 # A run keeps the W3C context of the request that started it, whatever propagators are configured.
 TRACE_CONTEXT = TraceContextTextMapPropagator()
 
@@ -86,10 +89,11 @@ class Tracing:
             newest = settings.session_secrets[0].get_secret_value().encode()
             user_key = hmac.new(newest, PSEUDO_ID_LABEL, hashlib.sha256).digest()
         return cls(
-            # The sampler (OTEL_TRACES_SAMPLER) and the span limits are read from the environment here.
-            TracerProvider(resource=resource),
+            # The sampler (OTEL_TRACES_SAMPLER) and the span limits are read from the environment here;
+            # an attribute's length has a default bound (a 60 KB User-Agent would be exported whole).
+            TracerProvider(resource=resource, span_limits=_span_limits()),
             [_exporter(name, protocol) for name in exporters],
-            trusted=[ipaddress.ip_network(entry, strict=False) for entry in settings.trusted_proxies],
+            trusted=[ipaddress.ip_network(entry, strict=False) for entry in settings.trace_trusted],
             user_key=user_key,
             excluded_urls=excluded_urls,
         )
@@ -184,7 +188,8 @@ class Tracing:
             set_status_on_exception=False,
         ) as span:
             call = UpstreamCall(span)
-            inject(call.headers)
+            # The W3C context only: baggage a caller handed us (user ids, often) is not the upstream's.
+            TRACE_CONTEXT.inject(call.headers)
             try:
                 yield call
             except ApiError as error:
@@ -310,6 +315,11 @@ class _WithinTrace(trace.Tracer):
             return
         with self._tracer.start_as_current_span(name, context, *args, **kwargs) as span:
             yield span
+
+
+def _span_limits() -> SpanLimits:
+    named = any(os.environ.get(name) for name in ATTRIBUTE_LENGTH_VARIABLES)
+    return SpanLimits() if named else SpanLimits(max_span_attribute_length=MAX_ATTRIBUTE_CHARS)
 
 
 def _exporter(name: str, protocol: str) -> Callable[[], SpanExporter]:
