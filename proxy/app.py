@@ -230,5 +230,6 @@ def run_events(settings: Settings, storage: Storage, metrics: Metrics) -> RunEve
         retry_seconds=settings.events_retry_seconds,
         max_attempts=settings.events_max_attempts,
         max_pending=settings.events_max_pending,
+        max_pending_bytes=settings.events_max_pending_bytes,
     )
     return RunEvents(delivery, storage, metrics)

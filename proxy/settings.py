@@ -191,6 +191,9 @@ class Settings(BaseSettings):
     events_retry_seconds: float = Field(default=5.0, gt=0, le=3600)
     events_max_attempts: int = Field(default=12, ge=1, le=100)
     events_max_pending: int = Field(default=10_000, ge=1, le=1_000_000)
+    # ... and at most this many bytes of them, in memory and in the outbox (with the text on, an event
+    # is as large as its answer: without a bound, a receiver's outage would fill Redis).
+    events_max_pending_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024, le=4 * 1024**3)
 
     _split = field_validator(
         "session_secrets",

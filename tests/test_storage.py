@@ -37,6 +37,7 @@ from tests.servers import RedisServer
 pytestmark = pytest.mark.anyio
 
 EVENTUALLY_SECONDS = 10.0
+MiB = 1024 * 1024
 
 
 @pytest.fixture
@@ -428,7 +429,7 @@ async def test_an_added_event_is_claimed_once_across_replicas_with_its_body_and_
     replicas: tuple[Storage, Storage],
 ) -> None:
     first, second = replicas
-    assert await first.add_event("evt_1", '{"n": 1}', limit=10) is True
+    assert await first.add_event("evt_1", '{"n": 1}', limit=10, max_bytes=MiB) is True
 
     claims = [await second.claim_events(5, lease=60.0), await first.claim_events(5, lease=60.0)]
 
@@ -439,7 +440,7 @@ async def test_an_added_event_is_claimed_once_across_replicas_with_its_body_and_
 async def test_concurrent_claims_hand_each_event_to_one_claimer(replicas: tuple[Storage, Storage]) -> None:
     first, second = replicas
     for n in range(20):
-        await first.add_event(f"evt_{n}", str(n), limit=100)
+        await first.add_event(f"evt_{n}", str(n), limit=100, max_bytes=MiB)
     claimed: list[PendingEvent] = []
 
     async def claim(storage: Storage) -> None:
@@ -453,7 +454,7 @@ async def test_concurrent_claims_hand_each_event_to_one_claimer(replicas: tuple[
 
 
 async def test_a_retried_event_is_due_again_after_its_delay_with_one_attempt_more(storage: Storage) -> None:
-    await storage.add_event("evt_1", "body", limit=10)
+    await storage.add_event("evt_1", "body", limit=10, max_bytes=MiB)
     await storage.claim_events(1, lease=60.0)
 
     await storage.retry_event("evt_1", 0.2)
@@ -471,7 +472,7 @@ async def test_a_retried_event_is_due_again_after_its_delay_with_one_attempt_mor
 
 async def test_a_claim_whose_lease_lapsed_is_due_again(replicas: tuple[Storage, Storage]) -> None:
     first, second = replicas
-    await first.add_event("evt_1", "body", limit=10)
+    await first.add_event("evt_1", "body", limit=10, max_bytes=MiB)
     assert len(await first.claim_events(1, lease=0.2)) == 1  # and the claimer died
 
     async def claimed() -> bool:
@@ -482,7 +483,7 @@ async def test_a_claim_whose_lease_lapsed_is_due_again(replicas: tuple[Storage, 
 
 async def test_a_deleted_event_is_never_claimed_again(replicas: tuple[Storage, Storage]) -> None:
     first, second = replicas
-    await first.add_event("evt_1", "body", limit=10)
+    await first.add_event("evt_1", "body", limit=10, max_bytes=MiB)
     await first.claim_events(1, lease=0.0)
 
     await second.delete_event("evt_1")
@@ -493,19 +494,30 @@ async def test_a_deleted_event_is_never_claimed_again(replicas: tuple[Storage, S
 
 
 async def test_the_outbox_refuses_events_beyond_its_limit_and_never_adds_one_twice(storage: Storage) -> None:
-    assert await storage.add_event("evt_1", "one", limit=2) is True
-    assert await storage.add_event("evt_1", "again", limit=2) is True
-    assert await storage.add_event("evt_2", "two", limit=2) is True
+    assert await storage.add_event("evt_1", "one", limit=2, max_bytes=MiB) is True
+    assert await storage.add_event("evt_1", "again", limit=2, max_bytes=MiB) is True
+    assert await storage.add_event("evt_2", "two", limit=2, max_bytes=MiB) is True
 
-    assert await storage.add_event("evt_3", "three", limit=2) is False
+    assert await storage.add_event("evt_3", "three", limit=2, max_bytes=MiB) is False
 
     claimed = await storage.claim_events(10, lease=60.0)
     assert [(event.event_id, event.body) for event in claimed] == [("evt_1", "one"), ("evt_2", "two")]
 
 
+async def test_the_outbox_refuses_an_event_its_byte_bound_has_no_room_for(storage: Storage) -> None:
+    answer = "答" * 100  # 300 bytes in UTF-8
+    assert await storage.add_event("evt_1", answer, limit=10, max_bytes=700) is True
+    assert await storage.add_event("evt_2", answer, limit=10, max_bytes=700) is True
+    assert await storage.add_event("evt_3", answer, limit=10, max_bytes=700) is False  # 900 > 700
+
+    await storage.delete_event("evt_1")  # its bytes are free again
+    assert await storage.add_event("evt_3", answer, limit=10, max_bytes=700) is True
+    assert {event.event_id for event in await storage.claim_events(10, lease=60.0)} == {"evt_2", "evt_3"}
+
+
 async def test_only_due_events_are_claimed(storage: Storage) -> None:
     for n in range(3):
-        await storage.add_event(f"evt_{n}", str(n), limit=10)
+        await storage.add_event(f"evt_{n}", str(n), limit=10, max_bytes=MiB)
     await storage.claim_events(3, lease=60.0)
     await storage.retry_event("evt_0", 60.0)
     await storage.retry_event("evt_2", 0.0)

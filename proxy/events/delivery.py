@@ -54,6 +54,7 @@ class DeliverySettings:
     retry_seconds: float
     max_attempts: int
     max_pending: int
+    max_pending_bytes: int
 
 
 def retry_delay(settings: DeliverySettings, attempts: int) -> float:
@@ -70,6 +71,7 @@ class RunEvents:
         self._storage = storage
         self._outcomes = metrics.events
         self._queued: deque[RunEnded] = deque()
+        self._queued_bytes = 0
         self._queue_woken = asyncio.Event()
         self._storing = anyio.Lock()  # the pump, or the flush at shutdown
         self._due = asyncio.Event()  # something may be due in the outbox, or a deliverer is free
@@ -91,10 +93,12 @@ class RunEvents:
 
     def ended(self, event: RunEnded) -> None:
         """A run ended. Never waits: the event is queued in memory, or dropped (and counted) if
-        `BFF_EVENTS_MAX_PENDING` are already queued here."""
-        if len(self._queued) >= self.settings.max_pending:
+        `BFF_EVENTS_MAX_PENDING` (or their bytes) are already queued here."""
+        queued = self._queued_bytes + event.size
+        if len(self._queued) >= self.settings.max_pending or queued > self.settings.max_pending_bytes:
             self._dropped(event.event_id, "too many events queued in memory")
             return
+        self._queued_bytes = queued
         self._queued.append(event)
         self._queue_woken.set()
 
@@ -110,7 +114,7 @@ class RunEvents:
                 self._queue_woken.set()
             except Exception:  # a bug: that event is lost, not the pump (nor, with it, the process)
                 logger.exception("run event not stored")
-                self._dropped(self._queued.popleft().event_id, "it could not be stored")
+                self._dropped(self._unqueue().event_id, "it could not be stored")
                 self._queue_woken.set()
 
     async def flush(self) -> None:
@@ -126,14 +130,21 @@ class RunEvents:
         async with self._storing:
             while self._queued:
                 await self._store(self._queued[0])
-                self._queued.popleft()  # only once stored: a storage error leaves it for the next try
+                self._unqueue()  # only once stored: a storage error leaves it for the next try
+
+    def _unqueue(self) -> RunEnded:
+        event = self._queued.popleft()
+        self._queued_bytes -= event.size
+        return event
 
     async def _store(self, event: RunEnded) -> None:
-        if await self._storage.add_event(event.event_id, event.body(time.time()), self.settings.max_pending):
+        settings = self.settings
+        body = event.body(time.time())
+        if await self._storage.add_event(event.event_id, body, settings.max_pending, settings.max_pending_bytes):
             self._outcomes.labels("queued").inc()
             self._due.set()
         else:
-            self._dropped(event.event_id, "the outbox is full")
+            self._dropped(event.event_id, "the outbox is full (BFF_EVENTS_MAX_PENDING or _BYTES)")
 
     async def deliver_forever(self) -> None:
         """Claim due events and deliver them, a few at a time, for the life of the process."""

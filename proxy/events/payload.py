@@ -28,6 +28,12 @@ class RunEnded:
     text: str | None  # None unless BFF_EVENTS_INCLUDE_TEXT
 
     @property
+    def size(self) -> int:
+        """About what the event weighs, in bytes, for the bounds on what waits: its text, at most
+        three bytes a character in UTF-8 (and JSON escapes the rest), and the fields around it."""
+        return 3 * len(self.text or "") + 1024
+
+    @property
     def event_id(self) -> str:
         """One event per run, so its id follows from the run's: a receiver can match it to the
         `X-Run-Id` its client saw."""
@@ -49,4 +55,6 @@ class RunEnded:
         }
         if self.text is not None:
             data["text"] = self.text
-        return json.dumps({"type": EVENT_TYPE, "timestamp": iso_time(now), "data": data}, separators=(",", ":"))
+        # UTF-8 as it is, not \u escapes: an answer in Chinese would otherwise weigh twice as much.
+        event = {"type": EVENT_TYPE, "timestamp": iso_time(now), "data": data}
+        return json.dumps(event, separators=(",", ":"), ensure_ascii=False)

@@ -158,9 +158,10 @@ class Storage(Protocol):
 
     # Outbox
 
-    async def add_event(self, event_id: str, body: str, limit: int) -> bool:
-        """Queue an event, due now; False (and nothing added) when `limit` events are already pending.
-        Adding an id already pending changes nothing."""
+    async def add_event(self, event_id: str, body: str, limit: int, max_bytes: int) -> bool:
+        """Queue an event, due now; False (and nothing added) when `limit` events are already pending,
+        or their bodies would come to more than `max_bytes` (UTF-8) with this one. Adding an id already
+        pending changes nothing."""
 
     async def claim_events(self, count: int, lease: float) -> list[PendingEvent]:
         """Up to `count` due events, oldest due first, each counted one attempt more and hidden from

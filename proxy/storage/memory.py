@@ -27,6 +27,7 @@ class _Counter:
 class _Event:
     body: str
     due: float  # monotonic
+    size: int  # the body's UTF-8 bytes
     attempts: int = 0
 
 
@@ -49,6 +50,7 @@ class MemoryStorage:
         # (due, id) of every pending event, and stale pairs left by retries and deletes: a pair counts
         # only while it matches its event's `due` (skipped when popped), so no claim scans the outbox.
         self._due: list[tuple[float, str]] = []
+        self._event_bytes = 0
         self._rankings: dict[str, _Ranking] = {}
         self._writes = 0
 
@@ -176,12 +178,14 @@ class MemoryStorage:
 
     # Outbox
 
-    async def add_event(self, event_id: str, body: str, limit: int) -> bool:
+    async def add_event(self, event_id: str, body: str, limit: int, max_bytes: int) -> bool:
         if event_id in self._events:
             return True
-        if len(self._events) >= limit:
+        size = len(body.encode())
+        if len(self._events) >= limit or self._event_bytes + size > max_bytes:
             return False
-        self._events[event_id] = _Event(body, time.monotonic())
+        self._event_bytes += size
+        self._events[event_id] = _Event(body, time.monotonic(), size)
         heapq.heappush(self._due, (self._events[event_id].due, event_id))
         return True
 
@@ -204,7 +208,9 @@ class MemoryStorage:
             self._schedule(event_id, event, time.monotonic() + delay)
 
     async def delete_event(self, event_id: str) -> None:
-        self._events.pop(event_id, None)
+        event = self._events.pop(event_id, None)
+        if event is not None:
+            self._event_bytes -= event.size
         if not self._events:
             self._due.clear()
 

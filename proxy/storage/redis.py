@@ -11,8 +11,9 @@ Keys (all under one prefix, `bff:` by default):
   back-channel logout (a session's key stays listed after a logout until it expires or is used);
 - `lease:<name>`: a sorted set of holders scored by the expiry of their lease (milliseconds);
 - `counter:<key>`: an integer;
-- `events:due`, `events:body`, `events:attempts`: the outbox, a sorted set of event ids scored by when
-  each is due (milliseconds, a claimed one's lease end), with the bodies and attempt counts in hashes.
+- `events:due`, `events:body`, `events:attempts`, `events:bytes`: the outbox, a sorted set of event ids
+  scored by when each is due (milliseconds, a claimed one's lease end), with the bodies and attempt
+  counts in hashes, and the bodies' total size (bounded: answers' text must not fill Redis).
 - `ranking:<name>`: a sorted set of totals by member (a day's output by user), added to in the same
   script as the counter it goes with, so a charge stays one round trip.
 
@@ -224,9 +225,11 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 ADD_EVENT = (
     OUTBOX_PRELUDE
     + """
--- ARGV: id, body, limit
+-- ARGV: id, body, limit, byte limit
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+if tonumber(redis.call('GET', KEYS[4]) or '0') + #ARGV[2] > tonumber(ARGV[4]) then return 0 end
+redis.call('INCRBY', KEYS[4], #ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 return 1
@@ -267,6 +270,8 @@ redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
 DELETE_EVENT = """
 -- ARGV: id
 redis.call('ZREM', KEYS[1], ARGV[1])
+local size = redis.call('HSTRLEN', KEYS[2], ARGV[1])
+if size > 0 then redis.call('DECRBY', KEYS[4], size) end
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 """
@@ -329,7 +334,7 @@ class RedisStorage:
         self._claim_events = register(CLAIM_EVENTS)
         self._retry_event = register(RETRY_EVENT)
         self._delete_event = register(DELETE_EVENT)
-        self._outbox = [self._key("events", "due"), self._key("events", "body"), self._key("events", "attempts")]
+        self._outbox = [self._key("events", name) for name in ("due", "body", "attempts", "bytes")]
 
     @property
     def client(self) -> redis.asyncio.Redis:
@@ -475,9 +480,9 @@ class RedisStorage:
 
     # Outbox
 
-    async def add_event(self, event_id: str, body: str, limit: int) -> bool:
+    async def add_event(self, event_id: str, body: str, limit: int, max_bytes: int) -> bool:
         with reachable():
-            return bool(await self._add_event(self._outbox, [event_id, body, limit]))
+            return bool(await self._add_event(self._outbox, [event_id, body, limit, max_bytes]))
 
     async def claim_events(self, count: int, lease: float) -> list[PendingEvent]:
         with reachable():
