@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, ClassVar, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
 from pydantic import MISSING, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
@@ -245,6 +245,10 @@ class Usage(BaseModel):
     """`GET /api/usage`: the signed-in user's output today, limits, stream slots and open answers."""
 
     day: str = Field(description="The UTC day counted, YYYY-MM-DD.")
+    counted_for: Literal["user", "address"] = Field(
+        description="address: a guest whose output, limits and slots are shared by every guest at its IP "
+        "address (BFF_GUEST_LIMITS=ip), so these figures include the other guests' use there."
+    )
     output_chars: OutputUsage
     limits: list[LimitUsage]
     streams: StreamUsage

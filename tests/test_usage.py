@@ -27,9 +27,11 @@ from tests.servers import (
     ServerProcess,
     browser,
     eventually,
+    guest_of,
     proxy_env,
     proxy_with,
     replicas_of,
+    start_proxy,
 )
 from tests.test_chat_protocols import chat_path, data_parts, sse_events, text_of
 from tests.test_replicas import same_browser, signed_in
@@ -127,6 +129,7 @@ def test_output_used_is_what_the_clients_read_on_either_replica_and_the_cli_rank
         eventually(lambda: used(ann) == read_by_ann, "ann's charges")
         eventually(lambda: used(bob) == read_by_bob, "bob's charges")
         assert used(ann_elsewhere) == read_by_ann
+        assert usage(ann)["counted_for"] == "user"  # guests limited per session here
         ann_id, bob_id = user_id_of(ann), user_id_of(bob)
 
     assert read_by_bob == len("café ✓ €") < len(raw)  # characters, not bytes
@@ -218,6 +221,20 @@ def test_with_a_budget_what_is_left_is_the_budget_less_what_was_read(
     assert output["limit"] == BUDGET
     assert output["left"] == BUDGET - read > 0
     assert datetime.fromisoformat(output["renews_at"]) == midnight
+
+
+def test_guests_who_share_an_address_are_told_their_figures_are_the_addresss(
+    emulator: ServerProcess, upstream: EmulatorControl
+) -> None:
+    server = start_proxy(emulator.url, BFF_GUEST_LIMITS="ip")
+    try:
+        with guest_of(server.url) as first, guest_of(server.url) as second:
+            read = len(text_read("data", first.post(chat_path("data"), json=chat_body("g1")).text))
+            eventually(lambda: used(second) == read, "the first guest's output, counted for the address")
+            assert usage(second)["counted_for"] == usage(first)["counted_for"] == "address"
+            assert usage(second)["runs"] == []  # the other guest's answers are not listed
+    finally:
+        server.stop()
 
 
 # The chat routes carry the X-RateLimit-* headers /stream and /api/token carry

@@ -32,6 +32,7 @@ async def usage_of(bff: Services, session: Session) -> Usage:
     limit = budget.daily_chars or None
     return Usage(
         day=day,
+        counted_for="address" if counted != session.user.id else "user",
         output_chars=OutputUsage(
             used=used,
             limit=limit,
