@@ -1,4 +1,4 @@
-"""workflow-bff's command line: serve | demo | check | emulator | secret | users (CONTRACT B9)."""
+"""workflow-bff's command line: serve | demo | check | emulator | secret | users | sessions | usage."""
 
 from __future__ import annotations
 

@@ -207,6 +207,9 @@ async def _no_receive() -> dict[str, object]:  # pragma: no cover - a plain Resp
 
 async def handle_api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
+    context = request_context()
+    if context.end is None:  # the summary line says why, unless the code that refused already did
+        context.end = f"refused:{exc.code}"
     return error_response(exc, text=errors_as_text(request.scope))
 
 

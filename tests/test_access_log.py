@@ -99,3 +99,11 @@ def test_session_events_are_counted_in_the_metrics(proxy: ServerProcess, anonymo
     anonymous.post("/auth/logout").raise_for_status()  # revoked
 
     assert [after - then for after, then in zip(counts(), before, strict=True)] == [1, 1, 2]
+
+
+def test_a_route_s_refusal_is_written_with_its_code(proxy: ServerProcess, anonymous: httpx.Client) -> None:
+    # Refused by the route (no session), not by a middleware: the line says why, not "complete".
+    request_id = f"access-{uuid.uuid4().hex[:12]}"
+    answer = anonymous.post(STREAM, json={"message": "x"}, headers={"X-Request-ID": request_id, "X-CSRF": "1"})
+    assert answer.status_code == 401
+    assert summary(proxy, request_id)["end"] == "refused:unauthenticated"
