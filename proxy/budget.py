@@ -15,8 +15,9 @@ the `mint` rate limit instead.
 Every user's output is counted, with a budget or without: `GET /api/usage` shows users their own
 today, and `python -m proxy usage` ranks them for the operator. Each charge also adds to the day's
 ranking (`output:<day>`, user by total) in the same storage operation, so counting costs one round
-trip per batch. Without a budget nothing waits on the count: a run's charges go in the background,
-one at a time, so a slow storage never slows an answer it has no budget to stop.
+trip per batch. Without a budget nothing waits on the count, and nothing needs it to the second: a
+run's charges go in the background, one at a time, in batches of `COUNT_BATCH_CHARS` and at its end
+(a batch every second for each of a thousand open answers kept Redis too busy to admit new ones).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ SETTLE_SECONDS = 5.0
 MAX_DEFERRED_USERS = 10_000
 # What a meter charges when it has no batch due: room for any read (see `Meter.room`).
 UNBOUNDED = 2**62
+# Without a budget, a run is counted every this many characters, and at its end.
+COUNT_BATCH_CHARS = 64 * 1024
 
 
 def spent() -> ApiError:
@@ -182,10 +185,10 @@ class Meter:
         """Count `chars`; True when a batch is due against a budget (`charge` it). Without a budget a
         due batch is charged in the background here, and the answer is always False."""
         self._uncharged += chars
-        if self._uncharged < BATCH_CHARS and time.monotonic() - self._charged_at < BATCH_SECONDS:
-            return False
         if self._budget.daily_chars:
-            return True
+            return self._uncharged >= BATCH_CHARS or time.monotonic() - self._charged_at >= BATCH_SECONDS
+        if self._uncharged < COUNT_BATCH_CHARS:
+            return False
         if self._counting is None or self._counting.done():
             # One charge at a time: while one is on its way, the characters wait for the next.
             chars, self._uncharged, self._charged_at = self._uncharged, 0, time.monotonic()

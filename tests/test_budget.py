@@ -20,7 +20,7 @@ import anyio.lowlevel
 import httpx
 import pytest
 
-from proxy.budget import BATCH_CHARS, OutputBudget
+from proxy.budget import BATCH_CHARS, COUNT_BATCH_CHARS, OutputBudget
 from proxy.metrics import Metrics
 from proxy.runs.ending import BUDGET_SPENT
 from proxy.storage import MemoryStorage, Ranking
@@ -166,18 +166,21 @@ async def test_without_a_budget_a_run_counts_in_the_background_one_charge_at_a_t
     meter = budget.meter("ann")
 
     assert meter.room() > 10**9  # no batch boundaries to cut the answer at
-    assert meter.add(BATCH_CHARS) is False  # due, but charged in the background: the relay goes on
+    assert meter.add(BATCH_CHARS) is False  # a budget's batch is nothing here: no storage work yet
+    await anyio.lowlevel.checkpoint()
+    assert storage.waiting == 0
+    assert meter.add(COUNT_BATCH_CHARS) is False  # due, but charged in the background: the relay goes on
     await wait_until(lambda: storage.waiting == 1)
-    assert meter.add(BATCH_CHARS) is False  # due again while the first is on its way: it waits for the next
+    assert meter.add(COUNT_BATCH_CHARS) is False  # due again while the first is on its way: it waits for the next
     assert meter.add(7) is False
     await anyio.lowlevel.checkpoint()
     assert storage.waiting == 1
 
     storage.go.set()
     assert await meter.charge() is False  # the last charge waits for the one on its way, then adds the rest
-    assert await budget.used("ann") == 2 * BATCH_CHARS + 7
+    assert await budget.used("ann") == BATCH_CHARS + 2 * COUNT_BATCH_CHARS + 7
     day = datetime.now(UTC).date().isoformat()
-    assert await storage.top_ranked(f"output:{day}", 10) == [("ann", 2 * BATCH_CHARS + 7)]
+    assert await storage.top_ranked(f"output:{day}", 10) == [("ann", BATCH_CHARS + 2 * COUNT_BATCH_CHARS + 7)]
 
 
 async def wait_until(check: Callable[[], bool]) -> None:
