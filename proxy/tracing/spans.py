@@ -132,15 +132,9 @@ class Tracing:
         return hmac.new(self._user_key, user_id.encode(), hashlib.sha256).hexdigest()[:PSEUDO_ID_CHARS]
 
     async def admission(self, pending: Awaitable[T]) -> T:
-        """The admission checks (budget, slot, rate limit) as one span, with the refusal's code."""
-        with self.tracer.start_as_current_span(
-            "bff.admission", record_exception=False, set_status_on_exception=False
-        ) as span:
-            try:
-                return await pending
-            except ApiError as error:
-                span.set_attribute("error.type", error.code)
-                raise
+        """The admission checks (budget, slot, rate limit) as one span, with the refusal's code (a
+        refusal is the checks working, not a failed span)."""
+        return await _spanned(self.tracer, "bff.admission", pending, failed=False)
 
     def run(self, request: RunRequest, meta: RunMeta) -> RunTrace:
         operation = "chat" if request.what.startswith("chat") else "invoke_workflow"
@@ -231,15 +225,7 @@ class RunTrace:
 
     async def mint(self, pending: Awaitable[T]) -> T:
         """A stream token, from the pool or minted (then its upstream request is a child span)."""
-        with self._tracer.start_as_current_span(
-            "bff.mint", record_exception=False, set_status_on_exception=False
-        ) as span:
-            try:
-                return await pending
-            except ApiError as error:
-                span.set_attribute("error.type", error.code)
-                span.set_status(Status(StatusCode.ERROR))
-                raise
+        return await _spanned(self._tracer, "bff.mint", pending, failed=True)
 
     async def upstream(self, pending: Awaitable[T]) -> T:
         """Ask the upstream (the stream request, or `/run`): the answer's span starts here, and ends
@@ -283,6 +269,19 @@ class RunTrace:
             if ending.error.status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
         span.end()
+
+
+async def _spanned(tracer: Tracer, name: str, pending: Awaitable[T], *, failed: bool) -> T:
+    """Await `pending` in a span of its own; an ApiError puts its code in `error.type`, and with
+    `failed` marks the span as an error."""
+    with tracer.start_as_current_span(name, record_exception=False, set_status_on_exception=False) as span:
+        try:
+            return await pending
+        except ApiError as error:
+            span.set_attribute("error.type", error.code)
+            if failed:
+                span.set_status(Status(StatusCode.ERROR))
+            raise
 
 
 class _WithinTraces(trace.TracerProvider):
