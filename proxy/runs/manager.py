@@ -8,6 +8,7 @@ budget does not also use up the user's rate; a refusal by the rate limit gives t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -145,7 +146,7 @@ class RunManager:
         be followed (a `/run` call has no log), oldest first. Guests who share an address's slots
         (BFF_GUEST_LIMITS=ip) are shown only their own runs."""
         holders = await self.slots.holders(session.limit_key)
-        found = [await self.logs.meta(run_id) for run_id in holders]
+        found = await asyncio.gather(*(self.logs.meta(run_id) for run_id in holders))
         mine = [meta for meta in found if meta is not None and meta.user_id == session.user.id]
         return len(holders), sorted(mine, key=lambda meta: meta.started_at)
 
