@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -243,6 +244,27 @@ def test_an_untrusted_callers_traceparent_is_ignored(traced: ServerProcess, rece
     answer = answer_span(receiver[1], run_id)
     assert answer.trace_id != CALLER_TRACE
     assert server_span(receiver[1], answer.trace_id).parent_id == ""
+
+
+def test_an_untrusted_websocket_handshake_cannot_pick_its_trace(
+    traced: ServerProcess, receiver: tuple[str, Received]
+) -> None:
+    host, port = traced.url.removeprefix("http://").split(":")
+    handshake = (
+        "GET /api/usage HTTP/1.1\r\n"
+        f"Host: {host}:{port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"traceparent: 00-{CALLER_TRACE}-{CALLER_SPAN}-01\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(handshake.encode())
+        assert connection.recv(4096).startswith(b"HTTP/1.1 403")
+    # Spans are exported in the order they end: once a later answer's span is in, the handshake's is too.
+    with guest_of(traced.url) as client:
+        run_id = chat(client).headers["x-run-id"]
+    answer_span(receiver[1], run_id)
+    assert not [span for span in receiver[1].spans if span.trace_id == CALLER_TRACE]
 
 
 def test_probes_and_scrapes_are_not_traced(traced: ServerProcess, receiver: tuple[str, Received]) -> None:

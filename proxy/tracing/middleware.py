@@ -48,7 +48,8 @@ class ServerSpanMiddleware:
         self.propagated = {name.lower().encode("latin-1") for name in get_global_textmap().fields}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self.tracing.trusts(scope.get("client")):
+        # A WebSocket handshake is traced too (and refused later): its headers are checked the same way.
+        if scope["type"] in ("http", "websocket") and not self.tracing.trusts(scope.get("client")):
             headers = [(name, value) for name, value in scope["headers"] if name not in self.propagated]
             if len(headers) != len(scope["headers"]):
                 scope = {**scope, "headers": headers}
