@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
+import redis.exceptions
 from pydantic import ValidationError
 
 from proxy.settings import Settings, describe_errors
@@ -41,10 +42,15 @@ async def shared_storage(settings: Settings, *, out_of_reach: str) -> AsyncItera
     inside the running server (`out_of_reach`) and what to do instead."""
     if storage_scheme(settings.storage_url) not in REDIS_SCHEMES:
         raise CommandError(f"BFF_STORAGE_URL is memory://: {out_of_reach}")
-    storage = open_storage(settings.storage_url)
+    try:
+        storage = open_storage(settings.storage_url)
+    except ValueError:  # redis-py's words may quote the URL, password and all
+        raise CommandError("BFF_STORAGE_URL: not a Redis URL this client can open (redis://host:port/db)") from None
     try:
         yield storage
     except StorageUnavailable as exc:
         raise CommandError(f"BFF_STORAGE_URL: {exc.message}") from None
+    except redis.exceptions.RedisError as exc:  # an option of the URL it refused on first use, say
+        raise CommandError(f"BFF_STORAGE_URL: Redis could not be used ({type(exc).__name__})") from None
     finally:
         await storage.close()

@@ -320,3 +320,19 @@ def test_the_operator_commands_name_a_bad_setting_without_quoting_it(command: tu
     assert "BFF_EVENTS_URL" in result.stderr and "BFF_EVENTS_SECRET" in result.stderr
     assert "LEAKED" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:pw-SECRET@localhost:notaport/0",
+        "redis://[::1",
+        "redis://localhost:6379/0?socket_timeout=abc",
+        "rediss://:pw-SECRET@localhost:6379/0?ssl_cert_reqs=bogus",
+    ],
+)
+def test_the_operator_commands_name_a_storage_url_they_cannot_use_in_one_line(url: str) -> None:
+    result = run_cli("usage", env={"BFF_STORAGE_URL": url})
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: BFF_STORAGE_URL:") and len(result.stderr.splitlines()) == 1
+    assert "SECRET" not in result.stderr and "Traceback" not in result.stderr
