@@ -52,6 +52,8 @@ UNREACHABLE = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.ReadOnlyError,  # a primary turned replica during a failover
+    redis.exceptions.OutOfMemoryError,  # full (maxmemory with noeviction): it takes no writes until freed
+    redis.exceptions.BusyLoadingError,  # restarting, still loading its data
     OSError,
     # The rate limits' storage (`limits`, over the same Redis) wraps whatever redis-py raised in one
     # type of its own, so it cannot say more (proxy/storage/__init__.py: `open_limits_storage`).
@@ -274,6 +276,9 @@ local size = redis.call('HSTRLEN', KEYS[2], ARGV[1])
 if size > 0 then redis.call('DECRBY', KEYS[4], size) end
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
+-- An empty outbox weighs nothing: whatever made the total drift (keys deleted by hand, an outbox
+-- written before the total was kept) ends here.
+if redis.call('ZCARD', KEYS[1]) == 0 then redis.call('DEL', KEYS[4]) end
 """
 
 
