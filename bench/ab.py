@@ -10,15 +10,15 @@ run and the medians, so a commit message can say what a change bought, measured 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import asyncio
+import contextlib
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 from bench import phases, servers
-from bench.profile import Profiler, summarize
+from bench.profile import Profiler
 from bench.run import Plan, Running, available
 
 COLUMNS = (("c10_cpu_us", "CPU/req c10 µs"), ("cpu_us", "CPU/req c200 µs"), ("ttfb_p50_ms", "TTFB p50 c200 ms"))

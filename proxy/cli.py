@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import gc
 import logging
 import math
 import os
@@ -141,6 +142,10 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+# Net allocations of container objects between collections of the youngest generation (CPython: 700).
+GC_YOUNG_THRESHOLD = 50_000
+
+
 def run_server(
     app: ASGIApp,
     sockets: list[socket.socket],
@@ -177,7 +182,22 @@ def run_server(
         metrics_host, metrics_port = sockets[1].getsockname()[:2]
         extra["metrics_url"] = f"http://{metrics_host}:{metrics_port}/metrics"
     logger.info("listening", extra=extra)
+    tune_garbage_collector()
     DrainingServer(config, drain).run(sockets=sockets)
+
+
+def tune_garbage_collector() -> None:
+    """Make the cycle collector cheap for a server (it cost a fifth of a relay's CPU).
+
+    A relay leaves no reference cycles (tests/test_garbage.py), so its objects are freed by reference
+    counting and the collector finds nothing; what it cost was walking live objects: those of the
+    requests in flight, every answer kept for resuming, and every module imported. Imported objects
+    are frozen out of its walks, and it walks seventy times less often. Cyclic garbage still made
+    elsewhere (an error's traceback, say) is collected, after at most `GC_YOUNG_THRESHOLD` allocations.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def serve(args: argparse.Namespace) -> None:

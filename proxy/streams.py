@@ -1,6 +1,6 @@
 """The runs going on in this process, by session and by user, so that logout can end them (R9).
 
-A run registers a `stop` callback for as long as it goes on. `POST /auth/logout` stops the runs of
+A run registers itself for as long as it goes on. `POST /auth/logout` stops the runs of
 that session and `POST /auth/logout-all` those of every session of the user. The registry is per
 process: a run on another replica learns of the logout when its stream slot is next renewed
 (`RunManager.keep_forever`, within a third of `BFF_STREAM_LEASE_SECONDS`).
@@ -8,18 +8,19 @@ process: a run on another replica learns of the logout when its stream slot is n
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-
-# Called with why the run must end: "revoked" (logout) or "shutdown" (the drain deadline passed).
-Stop = Callable[[str], None]
+from typing import Protocol
 
 
-@dataclass(eq=False)
-class RunningStream:
+class RunningStream(Protocol):
+    """A run, as the registry sees it. (The run itself, not an entry pointing back at it: an entry
+    holding `run.stop` made every finished run a reference cycle for the garbage collector.)"""
+
     session_key: str
     user_id: str
-    stop: Stop
+
+    def stop(self, reason: str) -> None:
+        """End the run: "revoked" (logout) or "shutdown" (the drain deadline passed)."""
 
 
 @dataclass

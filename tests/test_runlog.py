@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from proxy.storage.runlog import END, OPEN, TEXT, MemoryRunLogs, RunLogs, RunMeta
+from proxy.storage.runlog import END, OPEN, TEXT, Expiring, MemoryRunLogs, RunLogs, RunMeta
 from proxy.storage.runlog_redis import RedisRunLogs
 from tests.servers import RedisServer
 
@@ -207,3 +207,19 @@ def test_a_meta_written_by_a_newer_version_is_still_read() -> None:
         RunMeta.of({"run_id": "run_1"})  # one it needs is missing
     with pytest.raises(TypeError):
         RunMeta.of(["run_1"])
+
+
+def test_expiring_forgets_keys_nobody_reads_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("proxy.storage.runlog.time.monotonic", lambda: now[0])
+    kept: Expiring[int] = Expiring()
+    kept.put("short", 1, 10)
+    kept.put("long", 2, 100)
+    kept.put("renewed", 3, 10)
+    kept.put("renewed", 4, 100)  # written again: its first expiry no longer counts
+    now[0] += 50
+    kept.put("new", 5, 10)  # a write drops what is due, read or not
+    assert set(kept._items) == {"long", "renewed", "new"}
+    assert (kept.get("short"), kept.get("long"), kept.get("renewed")) == (None, 2, 4)
+    now[0] += 60
+    assert kept.get("long") is None and kept.get("new") is None

@@ -68,6 +68,9 @@ class DisconnectWatch:
     def __exit__(self, *exc_info: object) -> None:
         if self._task is not None:
             self._task.cancel()
+            # Let go of it: its CancelledError's traceback holds `_watch`'s frame, which holds this
+            # watch, so a watch that still held the task would leave a reference cycle per request.
+            self._task = None
 
     async def _watch(self) -> None:
         while (await self._receive())["type"] != "http.disconnect":

@@ -32,7 +32,6 @@ from proxy.sessions import Session
 from proxy.slots import Lease
 from proxy.storage import StorageUnavailable
 from proxy.storage.runlog import MAX_ENTRIES, OPEN_ENTRY, TEXT, ChunkLog, RunMeta, utf8_chars
-from proxy.streams import RunningStream
 from proxy.upstream import RunResult, UpstreamBody, UpstreamCut
 from proxy.workflows import Workflow
 
@@ -90,7 +89,8 @@ class Run:
         self.result: RunResult | None = None  # `/run` only
         self.done = asyncio.Event()
         self._runs = runs
-        self._entry = RunningStream(session.key, session.user.id, self.stop)
+        self.session_key = session.key  # for the registry that logout stops runs through
+        self.user_id = session.user.id
         self._stop_reason: str | None = None
         self._scope: anyio.CancelScope | None = None
         self._body: UpstreamBody | None = None
@@ -167,7 +167,7 @@ class Run:
 
     async def _life(self) -> None:
         runs = self._runs
-        runs.registry.add(self._entry)
+        runs.registry.add(self)
         if self.log is not None:  # the stream metrics count streams; `/run` has its request counts
             runs.metrics.open_streams.inc()
         runs.audit.record("relay.start", self.session.key, user_id=self.meta.user_id, relay=self.request.what)
@@ -277,7 +277,7 @@ class Run:
         self._cancel_grace()
         if self.trace is not None:
             self.trace.end(ending, stats.chars)
-        runs.registry.discard(self._entry)
+        runs.registry.discard(self)
         if self.log is not None:
             await self.log.close(ending.entry(), runs.resume_seconds)
         self.done.set()

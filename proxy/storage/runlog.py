@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import heapq
 import time
 from array import array
 from collections.abc import Callable
@@ -30,7 +31,6 @@ END = "e"
 Entry = tuple[str, bytes]
 # Control messages between replicas: "stop" a run, or a follower elsewhere is still "follow"ing it.
 ControlHandler = Callable[[str, str], None]
-PURGE_EVERY = 64
 V = TypeVar("V")
 # The most entries one run's log holds (a run that would write more ends as too large), so a stream of
 # one-byte chunks cannot make a log of millions of entries; Redis streams are capped at it too.
@@ -172,20 +172,25 @@ class RunLogs(Protocol):
 
 
 class Expiring(Generic[V]):
-    """Values by key, each forgotten at its own time (monotonic); expired ones are dropped when read,
-    and all of them every `PURGE_EVERY` writes, so keys nobody reads again cannot grow memory."""
+    """Values by key, each forgotten at its own time (monotonic). A heap of (time, key) orders the
+    forgetting, so a write drops only what is due (amortised O(log n)) and keys nobody reads again
+    cannot grow memory; a key written again leaves a stale heap entry, skipped when it comes due."""
 
     def __init__(self) -> None:
         self._items: dict[str, tuple[V, float]] = {}
-        self._writes = 0
+        self._due: list[tuple[float, str]] = []
 
     def put(self, key: str, value: V, seconds: float) -> None:
-        self._writes += 1
-        if self._writes % PURGE_EVERY == 0:
-            now = time.monotonic()
-            for stale in [k for k, (_, forget_at) in self._items.items() if forget_at <= now]:
-                del self._items[stale]
-        self._items[key] = (value, time.monotonic() + seconds)
+        now = time.monotonic()
+        due, items = self._due, self._items
+        while due and due[0][0] <= now:
+            _, stale = heapq.heappop(due)
+            found = items.get(stale)
+            if found is not None and found[1] <= now:
+                del items[stale]
+        forget_at = now + seconds
+        items[key] = (value, forget_at)
+        heapq.heappush(due, (forget_at, key))
 
     def get(self, key: str) -> V | None:
         found = self._items.get(key)
@@ -196,6 +201,7 @@ class Expiring(Generic[V]):
 
     def clear(self) -> None:
         self._items.clear()
+        self._due.clear()
 
 
 class MemoryRunLogs:
