@@ -19,7 +19,7 @@ import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.context import RequestContext, ServingRequest, request_context
-from proxy.logging import JsonFormatter
+from proxy.logging import BatchingStreamHandler, JsonFormatter
 from proxy.metrics import Metrics, MetricsMiddleware
 from proxy.middleware.access_log import AccessLogMiddleware
 from proxy.middleware.cors import CorsMiddleware
@@ -176,3 +176,37 @@ def test_an_inner_middleware_joins_the_context_an_outer_one_made() -> None:
     outer, inner = asyncio.run(nested())
 
     assert outer is inner
+
+
+def test_log_lines_of_one_loop_iteration_go_out_in_one_write() -> None:
+    class Stream:
+        def __init__(self) -> None:
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> None:
+            self.writes.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    stream = Stream()
+    handler = BatchingStreamHandler(stream)  # type: ignore[arg-type]
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("test.batching")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("before the loop")  # no loop: at once
+        assert stream.writes == ["before the loop\n"]
+
+        async def burst() -> list[str]:
+            log.warning("one")
+            log.warning("two")
+            held = list(stream.writes)
+            await asyncio.sleep(0)  # the iteration ends: the held lines go out
+            return held
+
+        assert asyncio.run(burst()) == ["before the loop\n"]
+        assert stream.writes == ["before the loop\n", "one\ntwo\n"]
+    finally:
+        log.removeHandler(handler)
