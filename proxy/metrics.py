@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Iterable
+from typing import Any, Self
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -52,6 +53,28 @@ def call_outcome(status: int) -> str:
     return "ok" if status < 400 else "4xx" if status < 500 else "5xx"
 
 
+class _Children:
+    """A labelled family whose children are looked up once per label values: prometheus_client's
+    `labels()` checks the values and takes a lock on every call, and a relay asks for seven."""
+
+    def labels(self, *values: Any, **by_name: Any) -> Self:
+        children: dict[tuple[Any, ...], Self] = self.__dict__.setdefault("_children", {})
+        child = None if by_name else children.get(values)
+        if child is None:
+            child = super().labels(*values, **by_name)  # type: ignore[misc]
+            if not by_name:
+                children[values] = child
+        return child
+
+
+class _Counter(_Children, Counter):
+    pass
+
+
+class _Histogram(_Children, Histogram):
+    pass
+
+
 class Metrics:
     """`rate_limits` and `stream_ends` are the label values of those families known at start-up (the
     configured limits' names, the run end reasons); a `refused:<code>` end is scraped once it happened."""
@@ -59,7 +82,7 @@ class Metrics:
     def __init__(self, *, rate_limits: Iterable[str] = (), stream_ends: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        self.requests = _Counter(
             "bff_requests",
             "HTTP requests by route template, method and status.",
             ["route", "method", "status"],
@@ -68,52 +91,54 @@ class Metrics:
         self.open_streams = Gauge(
             "bff_open_streams", "Relayed streams open right now.", registry=r, multiprocess_mode="livesum"
         )
-        self.first_byte = Histogram(
+        self.first_byte = _Histogram(
             "bff_stream_first_byte_seconds",
             "Time from request to the first relayed byte.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.duration = Histogram(
+        self.duration = _Histogram(
             "bff_stream_duration_seconds", "Duration of relayed streams.", buckets=LATENCY_BUCKETS, registry=r
         )
-        self.bytes_relayed = Counter("bff_relayed_bytes", "Bytes relayed to browsers.", registry=r)
-        self.chars_relayed = Counter("bff_relayed_chars", "Characters of generated text relayed.", registry=r)
-        self.stream_ends = Counter("bff_stream_ends", "Relayed streams by how they ended.", ["end"], registry=r)
-        self.disconnects = Counter(
+        self.bytes_relayed = _Counter("bff_relayed_bytes", "Bytes relayed to browsers.", registry=r)
+        self.chars_relayed = _Counter("bff_relayed_chars", "Characters of generated text relayed.", registry=r)
+        self.stream_ends = _Counter("bff_stream_ends", "Relayed streams by how they ended.", ["end"], registry=r)
+        self.disconnects = _Counter(
             "bff_client_disconnects", "Clients that left mid-relay, by stage.", ["stage"], registry=r
         )
-        self.upstream_errors = Counter(
+        self.upstream_errors = _Counter(
             "bff_upstream_errors",
             "Upstream failures by class (connect, timeout, 4xx, 5xx, cut, circuit_open).",
             ["kind"],
             registry=r,
         )
-        self.mints = Counter("bff_mints", "Upstream stream tokens minted, by outcome.", ["outcome"], registry=r)
-        self.rate_limited = Counter("bff_rate_limited", "Requests refused by a limit, by limit.", ["limit"], registry=r)
-        self.budget_charges = Counter(
+        self.mints = _Counter("bff_mints", "Upstream stream tokens minted, by outcome.", ["outcome"], registry=r)
+        self.rate_limited = _Counter(
+            "bff_rate_limited", "Requests refused by a limit, by limit.", ["limit"], registry=r
+        )
+        self.budget_charges = _Counter(
             "bff_budget_charged_chars",
             "Output budget charges the storage could not take at once: deferred, later settled, or dropped.",
             ["outcome"],
             registry=r,
         )
-        self.sessions = Counter("bff_session_events", "Session events (created, revoked, ...).", ["event"], registry=r)
-        self.events = Counter("bff_events", "Run-end webhook events by outcome.", ["outcome"], registry=r)
-        self.upstream_mint = Histogram(
+        self.sessions = _Counter("bff_session_events", "Session events (created, revoked, ...).", ["event"], registry=r)
+        self.events = _Counter("bff_events", "Run-end webhook events by outcome.", ["outcome"], registry=r)
+        self.upstream_mint = _Histogram(
             "bff_upstream_mint_seconds",
             "Time to mint a stream token, retries included, by outcome (ok, failed).",
             ["outcome"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.upstream_headers = Histogram(
+        self.upstream_headers = _Histogram(
             "bff_upstream_headers_seconds",
             "Time from an upstream request to its answer's headers, by operation and outcome.",
             ["operation", "outcome"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.upstream_first_chunk = Histogram(
+        self.upstream_first_chunk = _Histogram(
             "bff_upstream_first_chunk_seconds",
             "Time from an upstream request to its answer's first chunk (a /run answer: all of it).",
             ["operation", "outcome"],

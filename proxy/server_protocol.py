@@ -31,7 +31,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # One timer per connection, re-armed only when it fires early: a request moves the deadline
+        # (two float writes), not a timer (a call_later and a cancel, twice per request).
         self._guard: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None
         self._in_headers = True
         self._head_bytes = 0  # bytes received while the headers are incomplete
         self._header_bytes = 0  # the request line and the headers, as parsed
@@ -43,6 +46,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._guard is not None:
+            self._guard.cancel()
+            self._guard = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -67,7 +73,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # counted, and a reset would let the first read of every request through uncounted.
         super().on_message_begin()
         self._in_headers = True
-        if self._guard is None:  # a keep-alive connection's next request: its headers are due now
+        if self._deadline is None:  # a keep-alive connection's next request: its headers are due now
             self._arm(self.header_timeout)
 
     def on_headers_complete(self) -> None:
@@ -98,17 +104,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._guard = self.loop.call_later(seconds, self._too_slow)
-
-    def _disarm(self) -> None:
-        if self._guard is not None:
+        deadline = self._deadline = self.loop.time() + seconds
+        if self._guard is not None and self._guard.when() > deadline:  # due sooner than the timer
             self._guard.cancel()
             self._guard = None
+        if self._guard is None:
+            self._guard = self.loop.call_at(deadline, self._check)
 
-    def _too_slow(self) -> None:
+    def _disarm(self) -> None:
+        self._deadline = None
+
+    def _check(self) -> None:
         self._guard = None
-        if not self.transport.is_closing():
+        if self._deadline is None:
+            return
+        if self.loop.time() < self._deadline:  # the deadline moved on since the timer was set
+            self._guard = self.loop.call_at(self._deadline, self._check)
+        elif not self.transport.is_closing():
             self.transport.close()
 
 
