@@ -49,6 +49,11 @@ def request_context() -> RequestContext:
     return found if found is not None else RequestContext()
 
 
+def in_request() -> bool:
+    """Whether a request is being served (in this task, or one it started)."""
+    return _current.get() is not None
+
+
 class ServingRequest:
     """`with ServingRequest() as context:` the request's context for the length of the block: the one
     an outer middleware made, or a new one, current until the block ends.

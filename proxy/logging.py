@@ -13,7 +13,7 @@ import sys
 import time
 from typing import TextIO
 
-from proxy.context import request_context
+from proxy.context import in_request, request_context
 
 TOKEN_PATTERN = re.compile(r"pub_tok_[A-Za-z0-9_\-]+")
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
@@ -48,10 +48,10 @@ class JsonFormatter(logging.Formatter):
 
 
 class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A stream handler that, inside a running event loop, writes the lines of one loop iteration
-    together, at its end: one write for a burst of requests' lines, not a write (a system call) per
-    line. Outside a loop (start-up, the CLI, another thread) a line goes out at once, after any held
-    ones, so the order stays. `logging.shutdown` (at exit, and a worker's end) flushes what is held."""
+    """A stream handler that writes the lines requests log within one event-loop iteration together,
+    at its end: one write for a burst of requests' lines, not a write (a system call) per line. Any
+    other line (start-up, shutdown, the CLI, another thread) goes out at once, after those held, so the
+    order stays, and the last lines of a process that ends by re-raising its signal are not lost."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
@@ -63,10 +63,7 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+        loop = _running_loop() if in_request() else None
         if loop is not None and not self._held:
             loop.call_soon(self.flush)
         self._held.append(line)
@@ -85,6 +82,13 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             super().flush()
         finally:
             self.release()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def configure_logging(secrets: list[str], level: str = "INFO") -> None:

@@ -200,13 +200,17 @@ def test_log_lines_of_one_loop_iteration_go_out_in_one_write() -> None:
         assert stream.writes == ["before the loop\n"]
 
         async def burst() -> list[str]:
-            log.warning("one")
-            log.warning("two")
+            with ServingRequest():
+                log.warning("one")
+                log.warning("two")
             held = list(stream.writes)
             await asyncio.sleep(0)  # the iteration ends: the held lines go out
+            with ServingRequest():
+                log.warning("three")
+            log.warning("outside a request")  # at once, after what was held
             return held
 
         assert asyncio.run(burst()) == ["before the loop\n"]
-        assert stream.writes == ["before the loop\n", "one\ntwo\n"]
+        assert stream.writes == ["before the loop\n", "one\ntwo\n", "three\noutside a request\n"]
     finally:
         log.removeHandler(handler)
