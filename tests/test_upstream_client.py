@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import aiohttp
 import anyio
 import pytest
 from pydantic import SecretStr
@@ -188,18 +187,19 @@ async def test_the_words_before_a_cut_reach_the_reader_then_the_cut_is_raised() 
 async def test_a_failure_before_the_stream_opened_never_carries_its_unspent_token(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # aiohttp names the URL in some of its errors (a connect timeout), and a stream URL carries a
+    # A client's error may name the URL (aiohttp's connect timeout did), and a stream URL carries a
     # token that was never spent: neither the error nor anything chained to it may hold it.
-    async def times_out(method: str, url: str, **_: object) -> None:
-        raise aiohttp.ConnectionTimeoutError(f"Connection timeout to host {url}")
+    async def times_out(request: bytes, read_timeout: float | None) -> None:
+        target = request.split(b" ")[1].decode()
+        raise TimeoutError(f"Connection timeout to host http://upstream{target}")
 
     token = "pub_tok_" + "unspent"  # not in this file's source, which a traceback quotes
     async with upstream_answering(lambda method, target: json_answer(MINTED)) as (client, _):
-        monkeypatch.setattr(client._session, "request", times_out)
+        monkeypatch.setattr(client._pool, "request", times_out)
         with pytest.raises(ApiError) as refused:
             await client.open_stream("wf_tutor", token, {"message": "hi"})
 
     told = "".join(traceback.format_exception(refused.value))
     assert refused.value.code == "upstream_timeout"
-    assert "Connection timeout to host" in told  # aiohttp's words stay, for `python -m proxy check`
+    assert "Connection timeout to host" in told  # the client's words stay, for `python -m proxy check`
     assert token not in told

@@ -2,32 +2,18 @@
 may ask of it.
 
 Routes, runs and the token pool are written against `Upstream`, not against an HTTP library. Its one
-implementation is `HttpUpstream` (client.py: URLs, the API key, timeouts, mint retries), over one
-aiohttp session per process, created in the lifespan; what an upstream failure becomes is in
-errors.py, when to stop calling a failing upstream in breaker.py, and how an open answer is read in
-body.py. Unit tests give runs an in-process fake (tests/fake_upstream.py).
+implementation is `HttpUpstream` (client.py: URLs, the API key, timeouts, mint retries), over one pool
+of keep-alive connections per process (http1.py), created in the lifespan; what an upstream failure
+becomes is in errors.py, when to stop calling a failing upstream in breaker.py, and how an open answer
+is read in body.py. Unit tests give runs an in-process fake (tests/fake_upstream.py).
 
-Why aiohttp directly behind this interface, rather than httpx's API over an aiohttp transport: httpx
-kept honestly (public API only: `build_request`, no private cookie jar, answers read through
-`aiter_raw`) costs more than the shortcuts it would replace, and aiohttp alone costs less. Measured
-with `python -m bench --targets bff,bare-aiohttp --streams 200` (one repeat a run, the designs run in
-turn on a shared 2-core machine): medians, and the ratio to bare aiohttp in the same run with its
-range:
-
-                              before                  httpx, honestly         aiohttp (this)
-    CPU per relayed request   1,272 us  3.71x         1,508 us  4.14x         1,055 us  2.82x
-                              (3.24-4.18, 7 runs)     (3.61-4.83, 4 runs)     (2.72-3.45, 5 runs)
-    CPU per relayed chunk     64.1 us  1.57x          66.2 us  1.74x          65.0 us  1.47x
-                              (1.41-1.86)             (1.45-1.95)             (1.26-1.73)
-
-The chunk figures overlap within the machine's noise. The door alone shows the same order (a mint
-and a stream request, read and closed, in one process against the bench upstream, three runs each;
-before, httpx, aiohttp): 448-473, 630-646 and 257-271 us per request; 8.7-10.0, 9.4-10.9 and 7.4-8.7
-us per chunk. One private name of aiohttp is used, in body.py: `StreamReader._read_nowait`, to hand over the bytes
-that arrived just before a connection broke (aiohttp raises the error first, and its public
-`read_nowait` raises it too); tests/test_relay.py's and test_faults.py's cut tests fail without it.
-One HTTP library now serves the upstream; httpx is left for the JWKS fetch of jwt
-sign-in (proxy/auth/jwt.py).
+The HTTP client under it went httpx, then aiohttp (issue 7: httpx's API over an aiohttp transport cost
+more than aiohttp alone), then http1.py (issue 20): a pool of asyncio protocols with httptools' parser,
+writing each request in one go and reading answers chunk by chunk. Alternating runs of bench/ab.py (3
+rounds of 3000 relays, aiohttp against http1.py, everything else the same): CPU per relayed request
+901 -> 660 us at concurrency 10, 714 -> 585 us at concurrency 200; idle time to first byte 1.9 -> 1.8
+ms. aiohttp still delivers run events (proxy/events/), off the relay's path; httpx fetches jwt
+sign-in's JWKS (proxy/auth/jwt.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """`HttpUpstream`, the one implementation of `Upstream`: every call to the upstream workflow API.
 
 Everything that builds an upstream URL, sends the API key, sets a timeout or retries a mint lives
-here, over one aiohttp session per process (created in the lifespan). What a failure becomes is in
-errors.py; when to stop calling, in breaker.py.
+here, over one pool of keep-alive connections per process (http1.py, created in the lifespan). What a
+failure becomes is in errors.py; when to stop calling, in breaker.py.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
-import aiohttp
 from pydantic import SecretStr
 
 from proxy.context import request_context
@@ -36,6 +36,7 @@ from proxy.upstream.errors import (
     transport_failure,
     transport_words,
 )
+from proxy.upstream.http1 import Answer, Http1Pool
 
 if TYPE_CHECKING:
     from proxy.tracing.spans import Tracing
@@ -60,16 +61,14 @@ TEMPLATES = {
 }
 # Identity encoding: the relay forwards raw bytes and must not forward a compressed body.
 HEADERS = {"Accept-Encoding": "identity", "User-Agent": "workflow-bff"}
-
-
-def _timeout(read: float | None) -> aiohttp.ClientTimeout:
-    """`read` is the longest silence while an answer is read; the whole of it has no bound here."""
-    return aiohttp.ClientTimeout(total=None, connect=POOL_WAIT_SECONDS, sock_connect=CONNECT_SECONDS, sock_read=read)
+# What may not be in a header value: it would end the header and start another (request splitting).
+HEADER_BREAKS = re.compile(r"[\r\n\0]")
 
 
 class HttpUpstream:
-    """The upstream over HTTP. Create it inside the running event loop (the lifespan), as aiohttp
-    requires, and `aclose()` it at shutdown."""
+    """The upstream over HTTP. Create it inside the running event loop (the lifespan), and `aclose()`
+    it at shutdown. Read timeouts are the longest silence while an answer is read (None: no bound
+    here, the run's deadline bounds it)."""
 
     def __init__(
         self,
@@ -84,89 +83,93 @@ class HttpUpstream:
         self._base_url = base_url.rstrip("/")
         self._tracing = tracing
         parts = urlsplit(self._base_url)
-        self._server = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+        tls = parts.scheme == "https"
+        self._server = (parts.hostname or "", parts.port or (443 if tls else 80))
+        self._path = parts.path  # a base URL may have a path the API's paths go under
+        host = self._server[0] if ":" not in self._server[0] else f"[{self._server[0]}]"
+        # The request's fixed lines. One client serves every user: no cookie the upstream sets is kept,
+        # nor ever sent (this client has no cookie jar).
+        fixed = {"Host": host if parts.port is None else f"{host}:{parts.port}", **HEADERS}
+        self._fixed_head = "".join(f"{name}: {value}\r\n" for name, value in fixed.items())
         self._api_key = api_key
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=POOL_CONNECTIONS, keepalive_timeout=KEEPALIVE_SECONDS),
-            headers=HEADERS,
-            # One session serves every user: a cookie the upstream sets must never be kept, nor go out
-            # again, to anyone.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            trust_env=False,
+        self._pool = Http1Pool(
+            *self._server,
+            tls=tls,
+            limit=POOL_CONNECTIONS,
+            keepalive_seconds=KEEPALIVE_SECONDS,
+            connect_seconds=CONNECT_SECONDS,
+            pool_wait_seconds=POOL_WAIT_SECONDS,
         )
         # A model can think for minutes before its first token: a `/run` answer may be silent as long
-        # as a stream may last.
-        self._run_timeout = _timeout(read=max_stream_seconds)
-        self._mint_timeout = _timeout(read=MINT_READ_SECONDS)
-        # A stream's duration and its silences are bounded by the run's deadline. A read timeout as
-        # well would only re-arm a timer on every chunk (aiohttp's `_reschedule_timeout`).
-        self._stream_timeout = _timeout(read=None)
+        # as a stream may last. A stream's duration and its silences are bounded by the run's deadline.
+        self._run_timeout = max_stream_seconds
+        self._mint_timeout = MINT_READ_SECONDS
+        self._stream_timeout = None
         self._metrics = metrics or Metrics()
         self.breaker = breaker or CircuitBreaker()
         # After an upstream 429 on minting, mints wait out its Retry-After here instead of adding load.
         self._mint_paused_until = 0.0
 
     async def aclose(self) -> None:
-        await self._session.close()
+        await self._pool.aclose()
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._api_key.get_secret_value()}"}
 
-    def _run_url(self, workflow_id: str) -> str:
-        return f"{self._base_url}/api/v1/run/{quote(workflow_id, safe='')}"
+    @staticmethod
+    def _run_target(workflow_id: str) -> str:
+        return f"/api/v1/run/{quote(workflow_id, safe='')}"
+
+    @staticmethod
+    def _stream_target(workflow_id: str, token: str) -> str:
+        return f"/api/v1/run/{quote(workflow_id, safe='')}/stream?token={quote(token, safe='')}"
 
     def stream_url(self, workflow_id: str, token: str) -> str:
-        return f"{self._run_url(workflow_id)}/stream?token={quote(token, safe='')}"
+        return self._base_url + self._stream_target(workflow_id, token)
 
     async def _send(
         self,
         method: str,
-        url: str,
+        target: str,
         operation: str,
         headers: dict[str, str],
-        timeouts: aiohttp.ClientTimeout,
+        read_timeout: float | None,
         *,
         body: dict[str, str] | None = None,
         read: int | None = None,
-    ) -> tuple[aiohttp.ClientResponse, bytes]:
+    ) -> tuple[Answer, bytes]:
         """One upstream call, through the circuit breaker; transport failures become ApiErrors.
 
         With `read`, the answer is read (at most that many bytes, an error's at most 4 KB: never a
         body whole, whatever its size) and closed; without, it is returned open, to be streamed.
         With tracing on, the call is a client span, and its context goes along in `traceparent`."""
         if self._tracing is None:
-            return await self._call(method, url, operation, headers, timeouts, body=body, read=read)
+            return await self._call(method, target, operation, headers, read_timeout, body=body, read=read)
         with self._tracing.upstream_call(method, TEMPLATES[operation], self._server) as call:
             headers = {**headers, **call.headers}
-            response, answer = await self._call(method, url, operation, headers, timeouts, body=body, read=read)
+            response, answer = await self._call(method, target, operation, headers, read_timeout, body=body, read=read)
             call.answered(response.status)
             return response, answer
 
     async def _call(
         self,
         method: str,
-        url: str,
+        target: str,
         operation: str,
         headers: dict[str, str],
-        timeouts: aiohttp.ClientTimeout,
+        read_timeout: float | None,
         *,
         body: dict[str, str] | None,
         read: int | None,
-    ) -> tuple[aiohttp.ClientResponse, bytes]:
-        content = None
-        if body is not None:
-            content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-            headers = {**headers, "Content-Type": "application/json"}
+    ) -> tuple[Answer, bytes]:
+        request = self._request(method, target, headers, body)
         if (refusal := self.breaker.refusal()) is not None:
             self._metrics.upstream_errors.labels("circuit_open").inc()
             raise refusal
         started = time.monotonic()
         with self.breaker.guard():
             try:
-                response = await self._session.request(
-                    method, url, headers=headers, data=content, allow_redirects=False, timeout=timeouts
-                )
+                response = await self._pool.request(request, read_timeout)
                 headers_seconds = time.monotonic() - started
                 answer = b""
                 if read is not None:
@@ -181,8 +184,8 @@ class HttpUpstream:
                 self._metrics.upstream_errors.labels(kind).inc()
                 self._metrics.upstream_headers.labels(operation, kind).observe(time.monotonic() - started)
                 request_context().upstream_answered(None, kind)
-                # Chained to our failure, whose words have no token in them; never to aiohttp's, which
-                # may hold the stream URL (`from None` would also hide the words `check` shows).
+                # Chained to our failure, whose words have no token in them; never to the original,
+                # which may hold the stream URL (`from None` would also hide the words `check` shows).
                 raise transport_error(failure, operation) from failure
             status = response.status
             # The last upstream call of a request is the one its summary line reports.
@@ -199,13 +202,27 @@ class HttpUpstream:
                 self.breaker.success()
             return response, answer
 
+    def _request(self, method: str, target: str, headers: dict[str, str], body: dict[str, str] | None) -> bytes:
+        """The whole request, head and body, as it goes on the wire."""
+        lines = [f"{method} {self._path}{target} HTTP/1.1\r\n", self._fixed_head]
+        for name, value in headers.items():
+            if HEADER_BREAKS.search(value):
+                raise ValueError(f"header {name}: line breaks are not allowed")
+            lines.append(f"{name}: {value}\r\n")
+        content = b""
+        if body is not None:
+            content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+            lines.append(f"Content-Type: application/json\r\nContent-Length: {len(content)}\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1") + content
+
     async def mint_token(self, ttl: int, *, request_id: str | None = None) -> MintedToken:
         """GET /api/v1/token. Retried on connect errors and 5xx: an unused token costs nothing."""
         paused = self._mint_paused_until - time.monotonic()
         if paused > 0:
             self._metrics.mints.labels("paused").inc()
             raise rate_limited(str(math.ceil(paused)))
-        url = f"{self._base_url}/api/v1/token?ttl={int(ttl)}"
+        target = f"/api/v1/token?ttl={int(ttl)}"
         headers = {**self._auth(), **_request_id_header(request_id)}
         started = time.monotonic()
         for attempt in range(1, MINT_ATTEMPTS + 1):
@@ -214,7 +231,7 @@ class HttpUpstream:
             asked_at = time.time()
             try:
                 response, content = await self._send(
-                    "GET", url, "mint", headers, self._mint_timeout, read=MINT_ANSWER_LIMIT
+                    "GET", target, "mint", headers, self._mint_timeout, read=MINT_ANSWER_LIMIT
                 )
             except ApiError as error:
                 if not retry or error.code == UPSTREAM_UNAVAILABLE.code:
@@ -255,7 +272,7 @@ class HttpUpstream:
         """
         response, _ = await self._send(
             "POST",
-            self.stream_url(workflow_id, token),
+            self._stream_target(workflow_id, token),
             "stream",
             _request_id_header(request_id),
             self._stream_timeout,
@@ -281,7 +298,7 @@ class HttpUpstream:
         started = time.monotonic()
         response, content = await self._send(
             "POST",
-            self._run_url(workflow_id),
+            self._run_target(workflow_id),
             "run",
             {**self._auth(), **_request_id_header(request_id)},
             self._run_timeout,
@@ -310,11 +327,11 @@ async def _backoff(attempt: int) -> None:
     await asyncio.sleep(MINT_BACKOFF_SECONDS * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
 
 
-async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
+async def _read_limited(response: Answer, limit: int) -> bytes:
     """At most `limit` bytes of the answer (what is beyond is not read)."""
     chunks: list[bytes] = []
     size = 0
-    while size < limit and (chunk := await response.content.readany()):
+    while size < limit and (chunk := await response.read_chunk()):
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)[:limit]

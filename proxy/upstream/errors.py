@@ -11,8 +11,6 @@ import logging
 import re
 from collections.abc import Mapping
 
-import aiohttp
-
 from proxy.errors import (
     UPSTREAM_AUTH_FAILED,
     UPSTREAM_ERROR,
@@ -31,15 +29,15 @@ UNREACHABLE = "The upstream service could not be reached."
 UNEXPECTED = "The upstream service sent an unexpected answer."
 RETRY_AFTER_SECONDS = re.compile(r"[0-9]{1,9}")
 MAX_RETRY_AFTER_SECONDS = 3600
-# What aiohttp raises when the upstream cannot be reached or breaks off: a `ClientError` (refused,
-# reset, unresolvable, malformed), or a `TimeoutError` (its own timeouts are one too).
-TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
+# What the client (http1.py) raises when the upstream cannot be reached or breaks off: an `OSError`
+# (refused, reset, unresolvable, TLS, closed early, malformed: `ConnectionError`s), or a `TimeoutError`.
+TRANSPORT_ERRORS = (OSError, TimeoutError)
 URL_QUERY = re.compile(r"\?[^\s'\"]*")
 
 
 class UpstreamFailure(Exception):
-    """The upstream could not be reached or did not answer in time: aiohttp's words, without a URL's
-    query, and the name of aiohttp's exception (`source`), for the log and `python -m proxy check`."""
+    """The upstream could not be reached or did not answer in time: the client's words, without a URL's
+    query, and the name of its exception (`source`), for the log and `python -m proxy check`."""
 
     def __init__(self, exc: BaseException) -> None:
         super().__init__(transport_words(exc))
@@ -55,14 +53,14 @@ class UpstreamTimeout(UpstreamFailure, TimeoutError):
 
 
 def transport_words(exc: BaseException) -> str:
-    """What aiohttp says of a failure. Its words may name the URL, and a stream URL carries a stream
-    token that was not spent yet: the query is cut off."""
+    """What the client says of a failure. Words may name a URL, and a stream URL carries a stream token
+    that was not spent yet: the query is cut off."""
     return URL_QUERY.sub("", str(exc)) or type(exc).__name__
 
 
 def transport_failure(exc: BaseException) -> UpstreamConnectError | UpstreamTimeout:
-    """aiohttp's exception as one of ours. Which of the two it is decides the status the browser sees:
-    a refused connection is a 502, a timeout a 504. aiohttp's own exception is not chained to it."""
+    """The client's exception as one of ours. Which of the two it is decides the status the browser
+    sees: a refused connection is a 502, a timeout a 504. The client's own exception is not chained."""
     return UpstreamTimeout(exc) if isinstance(exc, TimeoutError) else UpstreamConnectError(exc)
 
 
