@@ -41,7 +41,7 @@ CATEGORIES = {
     "relay": "relay (the run, its chunk log, the response)",
     "logging": "logging (access log, audit, JSON lines)",
     "metrics": "metrics (Prometheus)",
-    "storage": "storage on its own (Redis client, log flusher)",
+    "storage": "storage where the caller is out of sight (a Redis call in a task of its own, the log flusher)",
     "loop": "event loop (asyncio, uvloop)",
     "other": "other",
 }
@@ -109,6 +109,10 @@ FALLBACKS = {
     "anyio": "loop",
     "selectors": "loop",
 }
+# The frames every stack starts with (`<frozen runpy>`, the CLI, uvicorn's server, the event loop running a
+# callback): they say nothing about what the callback is doing, and uvicorn's would claim it for HTTP.
+ENTRY = ("proxy.__main__", "proxy.cli", "uvicorn.main", "uvicorn.server", "uvicorn._compat",
+         "asyncio.runners", "asyncio.base_events", "asyncio.events")  # fmt: skip
 # The door to the upstream serves both upstream requests: under a mint frame, it is the mint's.
 MINT_FRAMES = tuple(prefix for prefix, part in CLAIMS.items() if part == "mint")
 
@@ -192,6 +196,12 @@ def _match(frame: str, table: dict[str, str]) -> str | None:
 
 def category(frames: list[str]) -> str:
     """The part of a relay one sample's stack (root first) belongs to: see the module's docstring."""
+    entry = 0
+    while entry < len(frames) and (frames[entry].startswith("<") or any(_starts(frames[entry], p) for p in ENTRY)):
+        entry += 1
+    frames = frames[entry:]
+    if not frames:
+        return "loop"
     for depth in range(len(frames) - 1, -1, -1):
         part = _match(frames[depth], CLAIMS)
         if part == "upstream" and any(_starts(frame, mint) for frame in frames[:depth] for mint in MINT_FRAMES):
