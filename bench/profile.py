@@ -96,13 +96,16 @@ CLAIMS = {
     "prometheus_client": "metrics",
     "proxy.metrics": "metrics",
 }
-# What a stack with no claimed frame is.
+# What a stack with no claimed frame is: its deepest frame of ours, or else its deepest library frame.
+OWN_FALLBACKS = {
+    "proxy.storage.runlog": "relay",
+    "proxy.storage.runlog_redis": "relay",
+    "proxy.storage": "storage",
+}
 FALLBACKS = {
     "aiohttp": "upstream",
     "yarl": "upstream",
     "multidict": "upstream",
-    "proxy.storage.runlog": "relay",
-    "proxy.storage": "storage",
     "redis": "storage",
     "asyncio": "loop",
     "uvloop": "loop",
@@ -208,9 +211,10 @@ def category(frames: list[str]) -> str:
             return "mint"
         if part is not None:
             return part
-    for frame in reversed(frames):
-        if (part := _match(frame, FALLBACKS)) is not None:
-            return part
+    for table in (OWN_FALLBACKS, FALLBACKS):
+        for frame in reversed(frames):
+            if (part := _match(frame, table)) is not None:
+                return part
     return "other"
 
 
