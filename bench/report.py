@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bench.phases import Failure
 from bench.servers import BFF_BENCH_ENV, BFF_POOL_SIZE
@@ -304,7 +304,9 @@ def markdown(
     results: dict[str, TargetResults],
     failures: list[Failure],
     seconds: float,
+    baseline: dict[str, Any] | None = None,
 ) -> str:
+    """The page; `baseline` is bench/baseline-issue20.json unless given."""
     names = ran(plan, results)
     header = "| | " + " | ".join(TITLES[name] for name in names) + " |"
     rule = "|---|" + "---:|" * len(names)
@@ -358,6 +360,10 @@ def markdown(
             "repeats differ more than usual; compare targets within a repeat before comparing runs."
         )
     out[-2:-2] = [line for warning in warnings for line in (warning, "")]
+    from bench import report_cost
+    from bench.baseline import load as load_baseline
+
+    out += report_cost.sections(plan, results, load_baseline() if baseline is None else baseline)
     if "bff" in names:
         others = ([REDIS] if REDIS in names else []) + list(FLOORS)
         out += [

@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import phases
+from bench import phases, redis_trips
 from bench.load import Endpoint, Exchange, expected_chunks
 from bench.phases import Level, Metrics, StreamShape, Target
-from bench.profile import Profiler, summarize
+from bench.profile import Profiler, categorise, py_spy, summarize
 from bench.servers import (
     BFF_BENCH_ENV,
     BFF_POOL_SIZE,
@@ -88,6 +88,9 @@ class Plan:
     worker_counts: tuple[int, ...] = (1, 2)  # `serve --workers N` sharing a redis-server
     pool_requests: int = 100  # idle streams per target against an upstream `pool_rtt_ms` away; 0: no pool phase
     pool_rtt_ms: float = 50.0
+    trip_relays: int = 5  # idle relays whose Redis commands are counted (bff-redis); 0: no such phase
+    profile_requests: int = 2000  # requests at `concurrency` under py-spy (bff, bff-redis); 0: no profile
+    profile_rate: int = 1000  # py-spy samples per second during them
 
 
 QUICK = {
@@ -109,9 +112,13 @@ QUICK = {
     "request_timeout": 20.0,
     "pool_requests": 5,
     "pool_rtt_ms": 5.0,
+    "trip_relays": 1,
+    "profile_requests": 60,
 }
 # The token pool phase: what pre-minted tokens save a relay when the upstream is far away.
 POOL_TARGETS = ("direct", "bff", "bff-pool")
+# The targets whose relay is profiled (where each microsecond goes) after their measured phases.
+PROFILED = ("bff", "bff-redis")
 # What a phase that went wrong raises; it becomes a failure of the run, and the run goes on.
 MEASURE_ERRORS = (RuntimeError, OSError, TimeoutError, AssertionError, ValueError)
 R = TypeVar("R")
@@ -124,6 +131,9 @@ class TargetResults:
     capacity: list[Level] = field(default_factory=list)
     workers: list[Metrics] = field(default_factory=list)  # one row per worker count and repeat
     pool: list[Metrics] = field(default_factory=list)  # one row per repeat of the token pool phase
+    profile: list[dict[str, int]] = field(default_factory=list)  # py-spy samples by part of a relay, per repeat
+    profile_skipped: str | None = None  # why there is no profile
+    redis_commands: dict[str, list[str]] = field(default_factory=dict)  # one relay's, admission and the rest
     skipped: str | None = None
 
     def add_distribution(self, name: str, values: list[float]) -> None:
@@ -256,15 +266,41 @@ async def measure(
             "other_cpu_pct": pct_of_cores(elsewhere, started),
             "steal_pct": pct_of_cores(machine_steal_ns() - steal_before, started),
         }
+        # After every measured phase: MONITOR slows redis-server down, and py-spy takes CPU.
+        trips: Metrics = {}
+        if name == "bff-redis" and plan.trip_relays:
+            trips, results.redis_commands = await phases.bounded(
+                redis_trips.per_relay(target, plan.trip_relays, plan.request_timeout), bound
+            )
+        if name in PROFILED and plan.profile_requests:
+            path = (profiles or workdir) / f"profile-{name}-relay.txt"
+            samples = await phases.bounded(profile_relays(target, plan, path), bound)
+            if samples:
+                results.profile.append(samples)
+            else:
+                results.profile_skipped = (
+                    "py-spy is not installed (pip install -e '.[bench]')"
+                    if py_spy() is None
+                    else "py-spy took no samples (may it attach to another process? ptrace)"
+                )
         for server in (target.upstream_server, target.proxy, target.storage):
             if server is not None and not server.alive():
                 target.failures.append(phases.Failure(name, "server", "-", f"{server.name} exited"))
-    metrics = {**idle, **token, **low, **load, **streams, **held, **machine}
+    metrics = {**idle, **token, **low, **load, **streams, **held, **machine, **trips}
     results.repeats.append(metrics)
     results.add_distribution("idle_ttfb_ms", idle_ttfb)
     for key, values in {**distributions, **held_distributions}.items():
         results.add_distribution(key, values)
     return target.failures
+
+
+async def profile_relays(target: Target, plan: Plan, path: Path) -> dict[str, int]:
+    """`plan.profile_requests` one-chunk relays at `plan.concurrency` under py-spy (into `path`): its
+    samples by part of a relay. Not a measurement: py-spy shares the cores with everything else."""
+    assert target.proxy is not None
+    with Profiler(target.proxy.process.pid, path, plan.profile_rate):
+        await phases.requests(target, plan.profile_requests, plan.concurrency, plan.request_timeout, "profile")
+    return categorise(path)
 
 
 def pct_of_cores(cpu_ns: float, since: float) -> float:
@@ -428,6 +464,8 @@ def plan_from(args: argparse.Namespace) -> Plan:
         plan = replace(plan, worker_counts=())
     if args.no_pool:
         plan = replace(plan, pool_requests=0)
+    if args.no_relay_profile:
+        plan = replace(plan, profile_requests=0)
     if args.capacity_levels:
         plan = replace(plan, capacity_levels=tuple(int(n) for n in args.capacity_levels.split(",")))
     if args.rtt_ms:
@@ -519,6 +557,9 @@ def save(
                 "capacity": [asdict(level) for level in result.capacity],
                 "workers": result.workers,
                 "pool": result.pool,
+                "profile": result.profile,
+                "profile_skipped": result.profile_skipped,
+                "redis_commands": result.redis_commands,
                 "distributions": result.distributions,
             }
             for name, result in results.items()
@@ -540,6 +581,9 @@ def load(path: Path) -> tuple[Plan, dict[str, str], dict[str, TargetResults], li
             capacity=[Level(**level) for level in saved["capacity"]],
             workers=saved.get("workers", []),
             pool=saved.get("pool", []),
+            profile=saved.get("profile", []),
+            profile_skipped=saved.get("profile_skipped"),
+            redis_commands=saved.get("redis_commands", {}),
             skipped=saved["skipped"],
         )
         for name, saved in data["targets"].items()
@@ -566,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-capacity", action="store_true", help="skip the streams-per-worker search")
     parser.add_argument("--no-workers", action="store_true", help="skip throughput against --workers 1 and 2")
     parser.add_argument("--no-pool", action="store_true", help="skip the token pool phase (upstream 50 ms away)")
+    parser.add_argument(
+        "--no-relay-profile", action="store_true", help="skip py-spying workflow-bff's relays after its phases"
+    )
     parser.add_argument("--capacity-levels", help="stream counts to try, e.g. 500,1000,2000,4000")
     parser.add_argument("--rtt-ms", type=float, help="emulated upstream round trip before mint answers and first bytes")
     parser.add_argument("--out", type=Path, help="directory for results.json, PERFORMANCE.md and the plot")
