@@ -11,7 +11,7 @@ upstream request, logging, metrics), and `per_request` turns those shares into Â
 A sample belongs to the deepest frame of its stack that some part claims (a JSON encoder called by the
 log formatter is logging; a Redis call made by the session check is the session). Library and storage
 frames that serve whoever calls them claim nothing themselves; only a stack with no claimed frame at
-all falls back to what its frames are (the event loop, aiohttp's protocol callbacks, a flusher task).
+all falls back to what its frames are (the event loop, the upstream client's protocol callbacks, a flusher task).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ CATEGORIES = {
     "session": "session (cookie signature, session record)",
     "admission": "admission (budget, stream slot, rate limit, the run's log opened)",
     "mint": "mint (the token request upstream)",
-    "upstream": "upstream request (aiohttp, the stream request)",
+    "upstream": "upstream request (the HTTP client, proxy/upstream/http1.py; the stream request)",
     "relay": "relay (the run, its chunk log, the response)",
     "logging": "logging (access log, audit, JSON lines)",
     "metrics": "metrics (Prometheus)",
