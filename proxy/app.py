@@ -172,14 +172,16 @@ def create_app(settings: Settings, *, extra_routes: list[BaseRoute] | None = Non
             if tracing is not None:
                 await tracing.shutdown()  # the last spans are exported before the process ends
 
+    # The relays first: a request is matched against the routes in order, one regular expression each,
+    # and no two of these paths overlap, so the order only decides how many a relay is tried against.
     routes: list[BaseRoute] = [
+        *workflow_routes(settings.modes),
+        *chat_routes(settings.modes),
+        *run_routes(settings.modes),
         *ops_routes(),
         metrics_route(metrics),
         openapi_route(),
         *auth_routes(authenticators, oidc),
-        *workflow_routes(settings.modes),
-        *chat_routes(settings.modes),
-        *run_routes(settings.modes),
         *usage_routes(),
         *(extra_routes or []),
         index_route(),
