@@ -32,7 +32,9 @@ async def measure(name: str, workdir: Path, requests: int, idle: int, profile: P
         if idle:
             metrics, _ = await phases.idle_ttfb(target, idle, 20, 60.0)
             out[IDLE[0]] = float(metrics.get("idle_ttfb_p50_ms") or 0.0)
-        low = await phases.requests(target, requests // 2, 10, 60.0, "c10")
+        low_profile = profile.with_name(profile.name.replace("profile-", "profile-c10-")) if profile else None
+        with Profiler(target.proxy.process.pid, low_profile) if low_profile else contextlib.nullcontext():
+            low = await phases.requests(target, requests // 2, 10, 60.0, "c10")
         with Profiler(target.proxy.process.pid, profile) if profile else contextlib.nullcontext():
             load = await phases.requests(target, requests, 200, 60.0, "")
         if target.failures:
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default="bff", help="comma list: bff, bff-redis, bare-aiohttp")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=3000, help="requests at concurrency 200 per run")
-    parser.add_argument("--profile", type=Path, help="py-spy each run at concurrency 200 into this directory")
+    parser.add_argument("--profile", type=Path, help="py-spy each run (at concurrency 10 and 200) into this directory")
     parser.add_argument("--idle", type=int, default=0, help="also idle time to first byte over this many")
     args = parser.parse_args(argv)
     new_root = servers.ROOT
