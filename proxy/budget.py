@@ -82,7 +82,8 @@ class OutputBudget:
         self._deferred: dict[tuple[str, str], int] = {}
 
     @staticmethod
-    def _key(user_id: str, day: str) -> str:
+    def key(user_id: str, day: str) -> str:
+        """The counter of the user's output on `day`."""
         return f"output:{user_id}:{day}"
 
     async def ensure_left(self, user_id: str) -> None:
@@ -91,7 +92,7 @@ class OutputBudget:
 
     async def used(self, user_id: str) -> int:
         """Today's output of `user_id` as every replica charged it, budget or not."""
-        return await self._storage.get_counter(self._key(user_id, today()))
+        return await self._storage.get_counter(self.key(user_id, today()))
 
     def meter(self, user_id: str) -> Meter:
         """What a run charges through, batch by batch."""
@@ -105,7 +106,7 @@ class OutputBudget:
         day = today()
         try:
             return await self._storage.incr(
-                self._key(user_id, day), chars, ttl=COUNTER_TTL_SECONDS, ranking=Ranking(ranking_name(day), user_id)
+                self.key(user_id, day), chars, ttl=COUNTER_TTL_SECONDS, ranking=Ranking(ranking_name(day), user_id)
             )
         except StorageUnavailable:
             self._defer(user_id, day, chars)
@@ -121,7 +122,7 @@ class OutputBudget:
             return
         day = today()
         total = await self._storage.incr_up_to(
-            self._key(user_id, day),
+            self.key(user_id, day),
             chars,
             self.daily_chars,
             ttl=COUNTER_TTL_SECONDS,
@@ -151,7 +152,7 @@ class OutputBudget:
             user_id, day = key
             try:
                 await self._storage.incr(
-                    self._key(user_id, day), chars, ttl=COUNTER_TTL_SECONDS, ranking=Ranking(ranking_name(day), user_id)
+                    self.key(user_id, day), chars, ttl=COUNTER_TTL_SECONDS, ranking=Ranking(ranking_name(day), user_id)
                 )
             except StorageUnavailable:
                 return  # still down: try again next round

@@ -25,6 +25,9 @@ from proxy.errors import RATE_LIMITED, ApiError
 from proxy.metrics import Metrics
 from proxy.storage import reachable
 
+# The first identifier of every limit's key in the limits storage (`RateLimitItem.key_for`).
+NAMESPACE = "bff"
+
 
 @dataclass(frozen=True)
 class Window:
@@ -55,6 +58,14 @@ class RateLimiter:
         """The configured limits, as the user wrote them (for GET /auth/session)."""
         return {name: ", ".join(str(item) for item in items) for name, items in sorted(self._limits.items())}
 
+    def checks(self, name: str, workflow: str | None = None) -> list[tuple[str, RateLimitItem]]:
+        """The limits a request counts against, in order, each with its scope: those of `name`, then
+        the workflow's own."""
+        checks = [(name, item) for item in self._limits.get(name, [])]
+        if workflow is not None:
+            checks += [(f"{name}:{workflow}", item) for item in self._per_workflow.get(workflow, [])]
+        return checks
+
     async def check(self, name: str, key: str, *, workflow: str | None = None) -> dict[str, str]:
         """Count one request against limit `name` (and the workflow's own limit) for `key`, a user id
         or, before sign-in, a client IP.
@@ -63,24 +74,20 @@ class RateLimiter:
         when a limit is spent, and 503 when the limit storage cannot be reached: limits fail closed, or
         an outage would let one user burn the account's credits.
         """
-        checks = [(name, item) for item in self._limits.get(name, [])]
-        if workflow is not None:
-            checks += [(f"{name}:{workflow}", item) for item in self._per_workflow.get(workflow, [])]
+        checks = self.checks(name, workflow)
         with reachable():
             # Test every limit before counting against any: a request refused by one limit must not
             # use up the others. A single limit needs no test: its hit counts only when it allows.
+            # (proxy/storage/admission_redis.py does the same in one Lua script.)
             for scope, item in checks if len(checks) > 1 else []:
-                if not await self._strategy.test(item, "bff", scope, key):
+                if not await self._strategy.test(item, NAMESPACE, scope, key):
                     raise await self._refusal(name, scope, item, key)
-            headers: dict[str, str] = {}
-            tightest = math.inf
+            counted = []
             for scope, item in checks:
-                if not await self._strategy.hit(item, "bff", scope, key):  # lost a race with another request
+                if not await self._strategy.hit(item, NAMESPACE, scope, key):  # lost a race with another request
                     raise await self._refusal(name, scope, item, key)
-                stats = await self._strategy.get_window_stats(item, "bff", scope, key)
-                if stats.remaining < tightest:
-                    tightest, headers = stats.remaining, self._headers(item, stats)
-        return headers
+                counted.append((item, await self._strategy.get_window_stats(item, NAMESPACE, scope, key)))
+        return self.headers(counted)
 
     async def windows(self, names: Sequence[str], key: str) -> list[Window]:
         """What is left of each limit of `names` for `key`, and of each workflow's own relay limit,
@@ -95,16 +102,30 @@ class RateLimiter:
                     for alias, items in sorted(self._per_workflow.items()):
                         scopes += [(f"{name}:{alias}", alias, item) for item in items]
                 for scope, workflow, item in scopes:
-                    stats = await self._strategy.get_window_stats(item, "bff", scope, key)
+                    stats = await self._strategy.get_window_stats(item, NAMESPACE, scope, key)
                     found.append(Window(name, workflow, str(item), max(0, stats.remaining), stats.reset_time))
         return found
 
     async def _refusal(self, name: str, scope: str, item: RateLimitItem, key: str) -> ApiError:
-        stats = await self._strategy.get_window_stats(item, "bff", scope, key)
+        return self.refusal(name, item, await self._strategy.get_window_stats(item, NAMESPACE, scope, key))
+
+    def refusal(self, name: str, item: RateLimitItem, stats: WindowStats) -> ApiError:
+        """The 429 of a request that `item` (one of limit `name`'s) refused, its window now `stats`."""
         self._metrics.rate_limited.labels(name).inc()
         retry_after = max(1, math.ceil(stats.reset_time - time.time()))
         message = f"Too many requests; try again in {retry_after} seconds."
         return RATE_LIMITED.error(message, retry_after=retry_after, headers=self._headers(item, stats))
+
+    @classmethod
+    def headers(cls, counted: Sequence[tuple[RateLimitItem, WindowStats]]) -> dict[str, str]:
+        """The X-RateLimit-* headers of the tightest of the limits a request was counted against (the
+        first of equals), each with its window after the count."""
+        headers: dict[str, str] = {}
+        tightest = math.inf
+        for item, stats in counted:
+            if stats.remaining < tightest:
+                tightest, headers = stats.remaining, cls._headers(item, stats)
+        return headers
 
     @staticmethod
     def _headers(item: RateLimitItem, stats: WindowStats) -> dict[str, str]:

@@ -57,6 +57,10 @@ class User:
 class IdpRefresh(Protocol):
     """Keeps an OpenID Connect session's provider tokens fresh (proxy/auth/refresh.py)."""
 
+    # Due `margin` seconds before the IdP's access token expires (a relay's one-round-trip admission
+    # checks the same in Redis: proxy/storage/admission_redis.py).
+    margin: float
+
     def due(self, record: SessionRecord, now: float) -> bool: ...
 
     async def fresh(self, record: SessionRecord) -> SessionRecord | None:
@@ -200,13 +204,33 @@ class SessionManager:
                 await self._revoke(record, reason="idp_refresh_failed", connection=connection)
                 return None
             record = refreshed
-        if touch and now - record.last_seen >= min(TOUCH_GRAIN_SECONDS, self.idle_seconds / 4):
+        if touch and now - record.last_seen >= self.touch_after:
             # A touch never recreates a session that a logout (perhaps on another replica) just ended.
             if not await self._storage.touch_session(record.key, now):
                 return None
             record = dataclasses.replace(record, last_seen=now)
+        return self.opened(record, revocations_seen, self._limit_key(record, connection))
+
+    def opened(self, record: SessionRecord, revocations_seen: int, limit_key: str) -> Session:
+        """The session of a record found valid (and touched when due), by `current` or by a relay's
+        one-round-trip admission (proxy/runs/manager.py)."""
         request_context().user_hash = self.audit.user_hash(record.user_id)  # for the request's summary line
-        return Session(record, self.idle_seconds, revocations_seen, self._limit_key(record, connection))
+        return Session(record, self.idle_seconds, revocations_seen, limit_key)
+
+    @property
+    def touch_after(self) -> float:
+        """How long after its last touch a session is touched again."""
+        return min(TOUCH_GRAIN_SECONDS, self.idle_seconds / 4)
+
+    def signed_key(self, connection: HTTPConnection) -> str | None:
+        """The storage key of the session id the request's cookie carries, if its signature holds; no
+        storage is asked, so a forged or stale cookie costs nothing."""
+        session_id = self._session_id(connection)
+        return None if session_id is None else session_key(session_id)
+
+    def guest_limit_key(self, connection: HTTPConnection) -> str | None:
+        """Whom a guest's limits count against when not their user: their client IP's (see Session)."""
+        return f"ip:{client_ip(connection)}" if self.guests_share_ip else None
 
     def _limit_key(self, record: SessionRecord, connection: HTTPConnection) -> str:
         if record.kind == "guest" and self.guests_share_ip:

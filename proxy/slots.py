@@ -9,7 +9,7 @@ import secrets
 
 import anyio
 
-from proxy.errors import TOO_MANY_STREAMS
+from proxy.errors import TOO_MANY_STREAMS, ApiError
 from proxy.storage import Storage, StorageUnavailable
 
 logger = logging.getLogger("proxy.limits")
@@ -37,19 +37,33 @@ class StreamSlots:
         self.lease_seconds = lease_seconds
 
     async def acquire(self, user_id: str, holder: str | None = None) -> Lease:
-        name = f"streams:{user_id}"
+        name = self.name(user_id)
         holder = holder or secrets.token_hex(8)
         if not await self.storage.acquire_lease(name, holder, self.limit, self.lease_seconds):
-            message = f"At most {self.limit} answers can stream at once; wait for one to finish."
-            raise TOO_MANY_STREAMS.error(message, retry_after=RETRY_AFTER_SECONDS)
+            raise self.refusal()
         return Lease(self, name, holder)
 
+    @staticmethod
+    def name(user_id: str) -> str:
+        """The lease pool of the user's slots."""
+        return f"streams:{user_id}"
+
+    def refusal(self) -> ApiError:
+        """The 429 of a request that found every slot of its user held."""
+        message = f"At most {self.limit} answers can stream at once; wait for one to finish."
+        return TOO_MANY_STREAMS.error(message, retry_after=RETRY_AFTER_SECONDS)
+
+    def taken(self, user_id: str, holder: str) -> Lease:
+        """The lease of a slot that `holder` took in storage by other means (one script that admits a
+        relay at once: proxy/storage/admission_redis.py)."""
+        return Lease(self, self.name(user_id), holder)
+
     async def open(self, user_id: str) -> int:
-        return await self.storage.count_leases(f"streams:{user_id}")
+        return await self.storage.count_leases(self.name(user_id))
 
     async def holders(self, user_id: str) -> list[str]:
         """Who holds the user's slots: the ids of their runs."""
-        return await self.storage.lease_holders(f"streams:{user_id}")
+        return await self.storage.lease_holders(self.name(user_id))
 
 
 class Lease:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 
 import httpx
@@ -199,6 +201,43 @@ def test_the_concurrent_stream_cap_holds_across_replicas(
         assert admitted.text == EXPECTED
         upstream.release()
         assert EXPECTED.encode().endswith(b"".join(bodies[1]))  # the other held stream, undisturbed
+
+
+def test_a_burst_on_both_replicas_at_once_is_admitted_exactly_up_to_the_cap_and_counted_exactly(
+    redis_server: RedisServer, replicas: tuple[ServerProcess, ServerProcess], upstream: EmulatorControl
+) -> None:
+    first, second = replicas
+    upstream.fault(op="stream", workflow="wf_tutor", hold_after=1, times=CAP)
+    release = threading.Event()
+
+    def attempt(client: httpx.Client) -> str:
+        with client.stream("POST", STREAM, json=INPUTS) as response:
+            if response.status_code != 200:
+                response.read()
+                return str(response.json()["error"]["code"])
+            body = response.iter_raw()
+            assert next(body)
+            release.wait(EVENTUALLY_SECONDS)  # held open until every other attempt has its answer
+            b"".join(body)
+            return "admitted"
+
+    with (
+        signed_in(first) as on_first,
+        same_browser(second, on_first) as on_second,
+        ThreadPoolExecutor(3 * CAP) as pool,
+    ):
+        attempts = [pool.submit(attempt, client) for client in [on_first, on_second] * (3 * CAP // 2)]
+        eventually(lambda: sum(a.done() for a in attempts) == len(attempts) - CAP, "every refusal answered")
+        assert held_slots(redis_server, user_id_of(on_first)) == CAP
+        release.set()
+        upstream.release()
+        outcomes = sorted(a.result() for a in attempts)
+        no_longer_held = eventually(lambda: held_slots(redis_server, user_id_of(on_first)) == 0, "slots back")
+        relay = next(limit for limit in on_first.get("/api/usage").json()["limits"] if limit["name"] == "relay")
+
+    assert no_longer_held
+    assert outcomes == ["admitted"] * CAP + ["too_many_streams"] * (len(attempts) - CAP)
+    assert relay["remaining"] == RELAYS_PER_MINUTE - CAP  # the refused ones counted nothing
 
 
 def test_a_killed_replica_gives_its_stream_slots_back_within_the_lease(

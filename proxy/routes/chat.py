@@ -42,17 +42,22 @@ def _protocol(request: Request, default: str = "ui") -> str:
     return protocol
 
 
-async def chat(request: Request) -> Response:
+async def _chat_request(request: Request) -> RunRequest:
+    """The workflow the path names (404), the protocol asked for and the chat's prompt (400)."""
     bff = services(request)
-    session = await bff.sessions.require(request)
     workflow = bff.workflows.get(request.path_params["alias"])
     protocol = _protocol(request)
     prompt = parse_chat_request(await read_json(request), accepts_images=workflow.image_input is not None)
     inputs = chat_inputs(prompt, workflow, bff.settings.max_input_chars)
-    what = f"chat:{workflow.alias}:{protocol}"
+    return RunRequest(workflow, inputs, f"chat:{workflow.alias}:{protocol}", chat_id=prompt.chat_id)
+
+
+async def chat(request: Request) -> Response:
+    bff = services(request)
     # The user's limits are checked last, so a request refused for bad input costs nothing against them.
-    run = await bff.runs.start(session, RunRequest(workflow, inputs, what, chat_id=prompt.chat_id))
-    return RunStream(bff.runs, run.meta, ENCODERS[protocol](run.meta), headers=run.headers, what=what)
+    run = await bff.runs.open(request, lambda: _chat_request(request))
+    encoder = ENCODERS[_protocol(request)](run.meta)
+    return RunStream(bff.runs, run.meta, encoder, headers=run.headers, what=run.request.what)
 
 
 async def _resume(request: Request, chat_id: str, protocol: str, nothing: Response) -> Response:

@@ -17,9 +17,7 @@ from proxy.models import RunResult, Token, TokenRequest
 from proxy.protocols import TextEncoder
 from proxy.routes.auth import iso
 from proxy.runs import DisconnectWatch, RunRequest, RunStream
-from proxy.services import Services, services
-from proxy.sessions import Session
-from proxy.workflows import Workflow
+from proxy.services import services
 
 
 async def mint(request: Request) -> Response:
@@ -51,25 +49,25 @@ async def mint(request: Request) -> Response:
     return JSONResponse(token.model_dump(), headers={"Cache-Control": "no-store", **limit_headers})
 
 
-async def _workflow_and_inputs(request: Request) -> tuple[Services, Session, Workflow, dict[str, str]]:
+async def _run_request(request: Request, kind: str, *, streamed: bool) -> RunRequest:
+    """The workflow the path names (404) with its inputs from the body (400)."""
     bff = services(request)
-    session = await bff.sessions.require(request)
     workflow = bff.workflows.get(request.path_params["alias"])
     body = await read_json(request)
-    return bff, session, workflow, workflow.build_inputs(body, bff.settings.max_input_chars)
+    inputs = workflow.build_inputs(body, bff.settings.max_input_chars)
+    return RunRequest(workflow, inputs, f"{kind}:{workflow.alias}", streamed=streamed)
 
 
 async def stream(request: Request) -> Response:
-    bff, session, workflow, inputs = await _workflow_and_inputs(request)
-    what = f"stream:{workflow.alias}"
-    run = await bff.runs.start(session, RunRequest(workflow, inputs, what))
-    return RunStream(bff.runs, run.meta, TextEncoder(), headers=run.headers, what=what)
+    bff = services(request)
+    run = await bff.runs.open(request, lambda: _run_request(request, "stream", streamed=True))
+    return RunStream(bff.runs, run.meta, TextEncoder(), headers=run.headers, what=run.request.what)
 
 
 async def run(request: Request) -> Response:
-    bff, session, workflow, inputs = await _workflow_and_inputs(request)
-    what = f"run:{workflow.alias}"
-    run = await bff.runs.start(session, RunRequest(workflow, inputs, what, streamed=False))
+    bff = services(request)
+    run = await bff.runs.open(request, lambda: _run_request(request, "run", streamed=False))
+    what = run.request.what
     # A client that leaves cancels the upstream run: there is no log to come back to.
     with DisconnectWatch(request.receive, lambda: run.stop("client_gone")):
         await run.done.wait()

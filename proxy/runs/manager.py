@@ -4,6 +4,11 @@ the renewals that keep their slots (and notice a logout elsewhere).
 Admission, in order: the user's output budget is not spent (read only), a stream slot is free, the
 rate limit allows it. The rate limit is counted last, so a request refused for a full slot or a spent
 budget does not also use up the user's rate; a refusal by the rate limit gives the slot back.
+
+With Redis storage a relay's session and admission take one round trip (`open`): one script
+(proxy/storage/admission_redis.py) checks the session, touches it when due, and runs those checks in
+that order, atomically; whatever needs Python's judgement (a session that ended, IdP tokens to
+refresh) takes the step-by-step way instead.
 """
 
 from __future__ import annotations
@@ -12,20 +17,25 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
+from limits import RateLimitItem
+from starlette.requests import HTTPConnection
 
 from proxy.audit import AuditLog
-from proxy.budget import OutputBudget
+from proxy.budget import OutputBudget, spent, today
 from proxy.events import RunEvents
 from proxy.metrics import Metrics
-from proxy.rate_limiter import RateLimiter
+from proxy.rate_limiter import NAMESPACE, RateLimiter
 from proxy.runs.run import Run, RunRequest
 from proxy.sessions import Session, SessionManager
 from proxy.slots import Lease, StreamSlots
-from proxy.storage import Storage, StorageUnavailable
+from proxy.storage import LIMITS_KEY_PREFIX, RedisStorage, Storage, StorageUnavailable
+from proxy.storage.admission_redis import AdmissionAsk, Around, RedisAdmission, WindowAsk
+from proxy.storage.redis import milliseconds
 from proxy.storage.runlog import ChunkLog, RunLogs, RunMeta
 from proxy.token_pool import TokenSource
 from proxy.upstream import Upstream
@@ -95,6 +105,73 @@ class RunManager:
         self.followers: set[RunStream] = set()
         # A follower elsewhere says it is there this often, and counts for twice as long.
         self.follow_seconds = min(FOLLOW_SECONDS, max(settings.grace_seconds / 2, 0.5))
+        # Memory storage keeps the step-by-step way: in process, it has no round trips to save.
+        self.at_once = RedisAdmission(storage, LIMITS_KEY_PREFIX) if isinstance(storage, RedisStorage) else None
+
+    async def open(self, connection: HTTPConnection, parse: Callable[[], Awaitable[RunRequest]]) -> Run:
+        """The request's session, then its own checks (`parse`: the workflow, the body), then admission,
+        as `sessions.require` followed by `start` would, but with Redis in one round trip where it can.
+        Raises the `ApiError` of the first check it fails."""
+        if self.at_once is None:
+            session = await self.sessions.require(connection)
+            return await self.start(session, await parse())
+        key = self.sessions.signed_key(connection)
+        if key is None:  # no cookie, or a forged or stale one: no storage asked
+            raise self.sessions.unauthenticated(connection)
+        try:
+            request = await parse()
+        except Exception:
+            # Its session was looked up first: a session that has ended answers 401 before the
+            # request's own 400 or 404, and a valid one is touched when due.
+            await self.sessions.require(connection)
+            raise
+        admitting = self._admit_at_once(self.at_once, connection, key, request)
+        admitted = await (admitting if self.tracing is None else self.tracing.admission(admitting))
+        session, (meta, lease, headers, log) = admitted
+        run = self.live[meta.run_id] = Run(self, session, request, meta, lease, headers, log)
+        return run
+
+    async def _admit_at_once(
+        self, at_once: RedisAdmission, connection: HTTPConnection, key: str, request: RunRequest
+    ) -> tuple[Session, tuple[RunMeta, Lease, dict[str, str], ChunkLog | None]]:
+        sessions, alias = self.sessions, request.workflow.alias
+        revocations_seen = self.registry.revocations  # before the lookup: a logout during it counts
+        run_id = new_run_id()
+        checks = self.limiter.checks("relay", alias)
+        day = today()
+        answer = await at_once.admit(
+            AdmissionAsk(
+                session_key=key,
+                now=time.time(),
+                idle_seconds=sessions.idle_seconds,
+                touch_after=sessions.touch_after,
+                refresh_margin=None if sessions.idp_refresh is None else sessions.idp_refresh.margin,
+                guest_key=sessions.guest_limit_key(connection),
+                daily_chars=self.budget.daily_chars,
+                counter=Around.of(lambda counted: self.budget.key(counted, day)),
+                lease=Around.of(self.slots.name),
+                holder=run_id,
+                cap=self.slots.limit,
+                lease_ms=milliseconds(self.slots.lease_seconds),
+                windows=[_window(scope, item) for scope, item in checks],
+            )
+        )
+        if answer.outcome == "python":
+            session = await sessions.require(connection)
+            return session, await self._admit(session, request)
+        if answer.record is None:  # "none": no such session
+            raise sessions.unauthenticated(connection)
+        session = sessions.opened(answer.record, revocations_seen, answer.limit_key)
+        if answer.outcome == "budget":
+            raise spent()
+        if answer.outcome == "slot":
+            raise self.slots.refusal()
+        if answer.outcome == "rate":
+            _, item = checks[answer.refused_by]
+            raise self.limiter.refusal("relay", item, answer.windows[0])
+        lease = self.slots.taken(answer.limit_key, run_id)
+        headers = RateLimiter.headers([(item, stats) for (_, item), stats in zip(checks, answer.windows, strict=True)])
+        return session, await self._opened(session, request, run_id, lease, headers)
 
     async def start(self, session: Session, request: RunRequest) -> Run:
         """Admit and start a run; raises the `ApiError` of the first check it fails."""
@@ -108,12 +185,24 @@ class RunManager:
     async def _admit(
         self, session: Session, request: RunRequest
     ) -> tuple[RunMeta, Lease, dict[str, str], ChunkLog | None]:
-        user_id, alias, counted = session.user.id, request.workflow.alias, session.limit_key
+        alias, counted = request.workflow.alias, session.limit_key
         await self.budget.ensure_left(counted)
-        run_id = "run_" + secrets.token_urlsafe(16)
+        run_id = new_run_id()
         lease = await self.slots.acquire(counted, holder=run_id)
         try:
             headers = await self.limiter.check("relay", counted, workflow=alias)
+        except BaseException:
+            await lease.release()
+            raise
+        return await self._opened(session, request, run_id, lease, headers)
+
+    async def _opened(
+        self, session: Session, request: RunRequest, run_id: str, lease: Lease, headers: dict[str, str]
+    ) -> tuple[RunMeta, Lease, dict[str, str], ChunkLog | None]:
+        """An admitted run's meta and log (a new message in a chat first ends the chat's previous
+        answer); the slot is given back if they cannot be made."""
+        user_id, alias = session.user.id, request.workflow.alias
+        try:
             log = None
             # A chat id too long to be one of ours is no chat: the answer is still followable by run id.
             chat_id = request.chat_id if request.chat_id and len(request.chat_id) <= MAX_CHAT_ID_CHARS else None
@@ -234,6 +323,15 @@ class RunManager:
         if stats.end.startswith("client_gone"):
             stage = "before_first_byte" if stats.first_byte_at is None else "after_first_byte"
             metrics.disconnects.labels(stage).inc()
+
+
+def _window(scope: str, item: RateLimitItem) -> WindowAsk:
+    """A moving-window limit to count a relay against, keyed as `RateLimiter.check` keys it."""
+    return WindowAsk(Around.of(lambda counted: item.key_for(NAMESPACE, scope, counted)), item.amount, item.get_expiry())
+
+
+def new_run_id() -> str:
+    return "run_" + secrets.token_urlsafe(16)
 
 
 async def _renew(run: Run) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -318,6 +318,26 @@ def connection_pool(url: str, **options: Any) -> redis.asyncio.BlockingConnectio
     )
 
 
+def session_record(key: str, fields: Mapping[Any, Any]) -> SessionRecord | None:
+    """The record stored as the hash `fields`, or None when it is missing or not written by us."""
+    try:
+        return SessionRecord(
+            key=key,
+            user_id=str(fields["user_id"]),
+            kind=str(fields["kind"]),
+            created_at=float(fields["created_at"]),
+            last_seen=float(fields["last_seen"]),
+            expires_at=float(fields["expires_at"]),
+            display_name=str(fields.get("display_name", "")),
+            idp_sid_hash=str(fields.get("idp_sid_hash", "")),
+            idp_sub_hash=str(fields.get("idp_sub_hash", "")),
+            idp_expires_at=float(fields.get("idp_expires_at", 0.0)),
+            idp_tokens=str(fields.get("idp_tokens", "")),
+        )
+    except (KeyError, ValueError):
+        return None
+
+
 class RedisStorage:
     def __init__(self, url: str, *, key_prefix: str = KEY_PREFIX) -> None:
         self._client = redis.asyncio.Redis(connection_pool=connection_pool(url, decode_responses=True))
@@ -339,7 +359,7 @@ class RedisStorage:
         self._claim_events = register(CLAIM_EVENTS)
         self._retry_event = register(RETRY_EVENT)
         self._delete_event = register(DELETE_EVENT)
-        self._outbox = [self._key("events", name) for name in ("due", "body", "attempts", "bytes")]
+        self._outbox = [self.key("events", name) for name in ("due", "body", "attempts", "bytes")]
 
     @property
     def client(self) -> redis.asyncio.Redis:
@@ -350,29 +370,14 @@ class RedisStorage:
 
     async def get_session(self, key: str) -> SessionRecord | None:
         with reachable():
-            fields = await self._client.hgetall(self._key("session", key))
-        try:
-            record = SessionRecord(
-                key=key,
-                user_id=str(fields["user_id"]),
-                kind=str(fields["kind"]),
-                created_at=float(fields["created_at"]),
-                last_seen=float(fields["last_seen"]),
-                expires_at=float(fields["expires_at"]),
-                display_name=str(fields.get("display_name", "")),
-                idp_sid_hash=str(fields.get("idp_sid_hash", "")),
-                idp_sub_hash=str(fields.get("idp_sub_hash", "")),
-                idp_expires_at=float(fields.get("idp_expires_at", 0.0)),
-                idp_tokens=str(fields.get("idp_tokens", "")),
-            )
-        except (KeyError, ValueError):  # missing, or not written by us: no session either way
-            return None
+            fields = await self._client.hgetall(self.key("session", key))
+        record = session_record(key, fields)
         # Redis expires the key on its own clock; this replica's clock decides too, as with memory.
-        return record if record.expires_at > time.time() else None
+        return record if record is not None and record.expires_at > time.time() else None
 
     async def save_session(self, record: SessionRecord) -> None:
-        keys = [self._key("session", record.key), self._key("user", record.user_id)]
-        keys += [self._key(*index.split(":", 1)) for index in record.indexes()]
+        keys = [self.key("session", record.key), self.key("user", record.user_id)]
+        keys += [self.key(*index.split(":", 1)) for index in record.indexes()]
         # Floats as `repr`, which round-trips exactly; the expiry also in milliseconds, for PEXPIREAT.
         fields: dict[str, str] = {
             "user_id": record.user_id,
@@ -393,33 +398,33 @@ class RedisStorage:
 
     async def touch_session(self, key: str, last_seen: float) -> bool:
         with reachable():
-            return bool(await self._touch_session([self._key("session", key)], [repr(last_seen)]))
+            return bool(await self._touch_session([self.key("session", key)], [repr(last_seen)]))
 
     async def delete_session(self, key: str) -> None:
         with reachable():
-            await self._delete_session([self._key("session", key)], [self._key("user", ""), key])
+            await self._delete_session([self.key("session", key)], [self.key("user", ""), key])
 
     async def delete_user_sessions(self, user_id: str) -> list[str]:
         with reachable():
-            removed = await self._delete_user_sessions([self._key("user", user_id)], [self._key("session", "")])
+            removed = await self._delete_user_sessions([self.key("user", user_id)], [self.key("session", "")])
         return sorted(str(member) for member in removed)
 
     async def delete_indexed_sessions(self, index: str) -> list[tuple[str, str]]:
         kind, name = index.split(":", 1)
         with reachable():
             removed = await self._delete_indexed_sessions(
-                [self._key(kind, name)], [self._key("session", ""), self._key("user", "")]
+                [self.key(kind, name)], [self.key("session", ""), self.key("user", "")]
             )
         pairs = [(str(removed[i]), str(removed[i + 1])) for i in range(0, len(removed), 2)]
         return sorted(pairs)
 
     async def update_idp_tokens(self, key: str, sealed: str, expires_at: float) -> bool:
         with reachable():
-            return bool(await self._update_idp_tokens([self._key("session", key)], [sealed, repr(expires_at)]))
+            return bool(await self._update_idp_tokens([self.key("session", key)], [sealed, repr(expires_at)]))
 
     async def user_sessions(self, user_id: str) -> list[SessionRecord]:
         with reachable():
-            keys = await self._client.zrange(self._key("user", user_id), 0, -1)
+            keys = await self._client.zrange(self.key("user", user_id), 0, -1)
         found = [await self.get_session(str(key)) for key in keys]
         return sorted((record for record in found if record is not None), key=lambda r: r.created_at)
 
@@ -427,24 +432,24 @@ class RedisStorage:
 
     async def acquire_lease(self, name: str, holder: str, limit: int, ttl: float) -> bool:
         with reachable():
-            taken = await self._acquire_lease([self._key("lease", name)], [holder, limit, milliseconds(ttl)])
+            taken = await self._acquire_lease([self.key("lease", name)], [holder, limit, milliseconds(ttl)])
         return bool(taken)
 
     async def renew_lease(self, name: str, holder: str, ttl: float) -> bool:
         with reachable():
-            return bool(await self._renew_lease([self._key("lease", name)], [holder, milliseconds(ttl)]))
+            return bool(await self._renew_lease([self.key("lease", name)], [holder, milliseconds(ttl)]))
 
     async def release_lease(self, name: str, holder: str) -> None:
         with reachable():
-            await self._client.zrem(self._key("lease", name), holder)
+            await self._client.zrem(self.key("lease", name), holder)
 
     async def count_leases(self, name: str) -> int:
         with reachable():
-            return int(await self._count_leases([self._key("lease", name)]))
+            return int(await self._count_leases([self.key("lease", name)]))
 
     async def lease_holders(self, name: str) -> list[str]:
         with reachable():
-            holders = await self._lease_holders([self._key("lease", name)])
+            holders = await self._lease_holders([self.key("lease", name)])
         return [str(holder) for holder in holders]
 
     # Counters
@@ -464,24 +469,24 @@ class RedisStorage:
 
     async def get_counter(self, key: str) -> int:
         with reachable():
-            value = await self._client.get(self._key("counter", key))
+            value = await self._client.get(self.key("counter", key))
         return int(value) if value is not None else 0
 
     async def top_ranked(self, name: str, count: int) -> list[tuple[str, int]]:
         if count <= 0:
             return []
         with reachable():
-            found = await self._client.zrevrange(self._key("ranking", name), 0, count - 1, withscores=True)
+            found = await self._client.zrevrange(self.key("ranking", name), 0, count - 1, withscores=True)
         return [(str(pair[0]), int(pair[1])) for pair in found]
 
     def _counter_args(
         self, key: str, values: list[str | int], ranking: Ranking | None
     ) -> tuple[list[str], list[str | int]]:
         """A counter script's keys and arguments: the ranking's key and member at the end, if any."""
-        keys = [self._key("counter", key)]
+        keys = [self.key("counter", key)]
         if ranking is None:
             return keys, values
-        return [*keys, self._key("ranking", ranking.name)], [*values, ranking.member]
+        return [*keys, self.key("ranking", ranking.name)], [*values, ranking.member]
 
     # Outbox
 
@@ -515,5 +520,6 @@ class RedisStorage:
     async def close(self) -> None:
         await self._client.aclose()
 
-    def _key(self, kind: str, name: str) -> str:
+    def key(self, kind: str, name: str) -> str:
+        """The Redis key of `name`, one of `kind` (session, lease, counter, ...)."""
         return f"{self._prefix}{kind}:{name}"
