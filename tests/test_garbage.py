@@ -19,14 +19,20 @@ import uvicorn
 from proxy.app import create_app
 from proxy.cli import bind
 from proxy.settings import Settings
-from tests.servers import ServerProcess, eventually, guest_of, proxy_env
+from tests.servers import RedisServer, ServerProcess, eventually, guest_of, proxy_env
 
 RELAYS = 12
 
 
-@pytest.fixture
-def in_process_proxy(emulator: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    for name, value in proxy_env(emulator.url).items():
+@pytest.fixture(params=["memory", "redis"])
+def in_process_proxy(
+    request: pytest.FixtureRequest, emulator: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    storage = {}
+    if request.param == "redis":  # the one-script admission and the run log's writer
+        redis_server: RedisServer = request.getfixturevalue("redis_server")
+        storage = {"BFF_STORAGE_URL": redis_server.url}
+    for name, value in proxy_env(emulator.url, **storage).items():
         monkeypatch.setenv(name, value)
     app = create_app(Settings())
     sock = bind("127.0.0.1", 0)
