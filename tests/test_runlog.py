@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import anyio
 import pytest
+import redis.asyncio
 
 from proxy.storage.runlog import END, OPEN, TEXT, Expiring, MemoryRunLogs, RunLogs, RunMeta
 from proxy.storage.runlog_redis import RedisRunLogs
@@ -114,11 +115,12 @@ async def test_the_meta_names_the_owner_and_the_chat_points_at_its_latest_run(
 ) -> None:
     producer, reader = replicas
     first = await producer.create(meta(), ttl=60)
+    await producer.written()  # a run is created with its first write
     assert await reader.meta(first.meta.run_id) == first.meta
     assert await reader.chat_run("guest:a", "tutor", "chat-1") == first.meta.run_id
 
     second = await producer.create(meta(), ttl=60)
-    await first.close(ending("replaced"), keep_seconds=60)
+    await first.close(ending("replaced"), keep_seconds=60)  # the writer writes both, in order
     assert await reader.chat_run("guest:a", "tutor", "chat-1") == second.meta.run_id
     # The index is per user and per workflow: the same chat id elsewhere is another chat.
     assert await reader.chat_run("guest:b", "tutor", "chat-1") is None
@@ -223,3 +225,32 @@ def test_expiring_forgets_keys_nobody_reads_again(monkeypatch: pytest.MonkeyPatc
     assert (kept.get("short"), kept.get("long"), kept.get("renewed")) == (None, 2, 4)
     now[0] += 60
     assert kept.get("long") is None and kept.get("new") is None
+
+
+async def test_a_short_run_is_created_written_and_closed_in_one_round_trip(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its creation and its close ride the writer's pipeline with its entries (before: a MULTI for the
+    # creation, the writer's pipeline, and a script for the close: three round trips).
+    sent: list[int] = []
+    original = redis.asyncio.client.Pipeline.execute
+
+    async def counted(self: redis.asyncio.client.Pipeline, raise_on_error: bool = True) -> list[object]:
+        sent.append(len(self.command_stack))
+        return await original(self, raise_on_error)
+
+    monkeypatch.setattr(redis.asyncio.client.Pipeline, "execute", counted)
+    prefix = f"test-{uuid.uuid4().hex}:"
+    producer = RedisRunLogs(redis_server.url, key_prefix=prefix)
+    reader = RedisRunLogs(redis_server.url, key_prefix=prefix)
+    try:
+        log = await producer.create(meta(chat_id=None), ttl=60)
+        log.append((OPEN, b""))
+        log.append((TEXT, b"owls"))
+        await log.close(ending(), keep_seconds=60)
+        assert len(sent) == 1
+        assert await reader.meta(log.meta.run_id) == log.meta
+        assert await read_all(reader, log.meta.run_id) == [(OPEN, b""), (TEXT, b"owls"), ending()]
+    finally:
+        await producer.close()
+        await reader.close()

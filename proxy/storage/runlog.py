@@ -147,7 +147,12 @@ class ChunkLog:
 
 class RunLogs(Protocol):
     async def create(self, meta: RunMeta, *, ttl: float) -> ChunkLog:
-        """A new log for a run starting now; if the run has a chat, it becomes that chat's run."""
+        """A new log for a run starting now; if the run has a chat, it becomes that chat's run. Other
+        replicas see it once it is `written` (Redis: with the writer's next write, well before the
+        response's first byte, which waits on the upstream)."""
+
+    async def written(self) -> None:
+        """Until what this replica has written so far can be read by every replica."""
 
     async def meta(self, run_id: str) -> RunMeta | None:
         """Whose run it is, while its log is kept; None for an unknown or forgotten run."""
@@ -211,6 +216,9 @@ class MemoryRunLogs:
         self._logs: Expiring[ChunkLog] = Expiring()
         self._chats: Expiring[str] = Expiring()
         self._handler: ControlHandler | None = None
+
+    async def written(self) -> None:
+        pass  # one process: nothing is on its way
 
     async def create(self, meta: RunMeta, *, ttl: float) -> ChunkLog:
         log = _MemoryChunkLog(meta, self)

@@ -5,9 +5,11 @@ wait on Redis, and mirrors every entry into a stream with an explicit id `0-<n>`
 position): a reader elsewhere asks `XREAD BLOCK … 0-<after>` for everything past what it has, and a
 missing id means entries were lost, which it reports as the end of the run rather than skip them.
 
-Entries reach Redis from one writer per replica, which sends whatever has piled up since its last
-write, from every run, in one pipeline: a busy replica makes fewer, larger writes instead of falling
-behind.
+Everything a run writes reaches Redis from one writer per replica, which sends whatever has piled up
+since its last write, from every run, in one pipeline: a busy replica makes fewer, larger writes
+instead of falling behind. A run's creation (its meta, `runalive`, its chat's pointer) and its close
+go the same way, with its first and last entries, so starting and ending a run add no round trip of
+their own. Until the writer has written them, this replica answers for its runs from memory.
 
 Keys (under the storage prefix, `bff:`):
 - `run:<id>`: the run's `RunMeta` as JSON;
@@ -25,6 +27,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio
@@ -48,11 +51,11 @@ RECONNECT_SECONDS = 1.0
 READ_COUNT = 10_000
 
 CLOSE = """
--- KEYS: meta, log, alive, chat (or ""). ARGV: keep ms, run id
+-- KEYS: meta, log, alive, chat. ARGV: keep ms, run id. The chat's pointer only while it is this run's.
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[3])
-if KEYS[4] ~= '' and redis.call('GET', KEYS[4]) == ARGV[2] then redis.call('PEXPIRE', KEYS[4], ARGV[1]) end
+if redis.call('GET', KEYS[4]) == ARGV[2] then redis.call('PEXPIRE', KEYS[4], ARGV[1]) end
 """
 
 
@@ -71,31 +74,25 @@ class RedisRunLogs:
         self.alive_seconds = alive_seconds
         # This replica's own runs' logs, read here without Redis while they are kept.
         self._local: Expiring[RedisChunkLog] = Expiring()
-        self._pending: list[tuple[RedisChunkLog, int, Entry]] = []
+        self._pending: list[_Write] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._close = self._client.register_script(CLOSE)
 
     def key(self, kind: str, name: str) -> str:
         return f"{self._prefix}{kind}:{name}"
 
     async def create(self, meta: RunMeta, *, ttl: float) -> ChunkLog:
-        ttl_ms = milliseconds(ttl)
-        run_id = meta.run_id
-        with reachable():
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.set(self.key("run", run_id), json.dumps(meta.__dict__), px=ttl_ms)
-                pipe.set(self.key("runalive", run_id), b"1", px=milliseconds(self.alive_seconds))
-                if meta.chat_id is not None:
-                    pipe.set(self._chat(meta.user_id, meta.alias, meta.chat_id), run_id, px=ttl_ms)
-                await pipe.execute()
-        log = RedisChunkLog(meta, self, ttl_ms)
-        self._local.put(run_id, log, ttl)
+        log = RedisChunkLog(meta, self, milliseconds(ttl))
+        self._local.put(meta.run_id, log, ttl)
+        self._queue(_Write(log, CREATE))
         return log
 
     def _chat(self, user_id: str, alias: str, chat_id: str) -> str:
         return self.key("chat", chat_key(user_id, alias, chat_id))
 
     async def meta(self, run_id: str) -> RunMeta | None:
+        local = self._local.get(run_id)
+        if local is not None:  # this replica's own run: perhaps not written yet
+            return local.meta
         with reachable():
             raw = await self._client.get(self.key("run", run_id))
         if raw is None:
@@ -107,6 +104,7 @@ class RedisRunLogs:
             return None
 
     async def chat_run(self, user_id: str, alias: str, chat_id: str) -> str | None:
+        await self.written()  # a chat's latest run may be this replica's, still on its way
         with reachable():
             raw = await self._client.get(self._chat(user_id, alias, chat_id))
         if raw is None:
@@ -172,8 +170,8 @@ class RedisRunLogs:
         await self._client.aclose()
         await self._blocking.aclose()
 
-    def enqueue(self, log: RedisChunkLog, position: int, entry: Entry) -> None:
-        self._pending.append((log, position, entry))
+    def _queue(self, write: _Write) -> None:
+        self._pending.append(write)
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
@@ -187,35 +185,55 @@ class RedisRunLogs:
                     await self._write(batch)
                 except Exception:  # a reader elsewhere sees the gap as a lost run; this replica goes on
                     logger.warning("run log entries not mirrored to storage", extra={"entries": len(batch)})
-                for log, position, _ in batch:
-                    log.mirrored = position
+                for write in batch:
+                    if write.kind == ENTRY:
+                        write.log.mirrored = write.position
         finally:
             self._flusher = None
 
-    async def _write(self, batch: list[tuple[RedisChunkLog, int, Entry]]) -> None:
+    async def _write(self, batch: list[_Write]) -> None:
         with reachable():
             async with self._client.pipeline(transaction=False) as pipe:
-                for log, position, (kind, value) in batch:
-                    key = self.key("runlog", log.meta.run_id)
-                    pipe.xadd(key, {"k": kind, "v": value}, id=f"0-{position}", maxlen=MAX_ENTRIES + 2)
-                    if position == 1:  # the first entry made the stream
-                        pipe.pexpire(key, log.ttl_ms)
+                for write in batch:
+                    log, meta = write.log, write.log.meta
+                    if write.kind == CREATE:
+                        pipe.set(self.key("run", meta.run_id), json.dumps(meta.__dict__), px=log.ttl_ms)
+                        pipe.set(self.key("runalive", meta.run_id), b"1", px=milliseconds(self.alive_seconds))
+                        if meta.chat_id is not None:
+                            pipe.set(self._chat(meta.user_id, meta.alias, meta.chat_id), meta.run_id, px=log.ttl_ms)
+                    elif write.kind == ENTRY:
+                        assert write.entry is not None
+                        kind, value = write.entry
+                        key = self.key("runlog", meta.run_id)
+                        pipe.xadd(key, {"k": kind, "v": value}, id=f"0-{write.position}", maxlen=MAX_ENTRIES + 2)
+                        if write.position == 1:  # the first entry made the stream
+                            pipe.pexpire(key, log.ttl_ms)
+                    elif meta.chat_id is None:
+                        pipe.pexpire(self.key("run", meta.run_id), write.position)
+                        pipe.pexpire(self.key("runlog", meta.run_id), write.position)
+                        pipe.delete(self.key("runalive", meta.run_id))
+                    else:  # EVAL, not a registered script: one in a pipeline costs a SCRIPT EXISTS first
+                        keys = [self.key(kind, meta.run_id) for kind in ("run", "runlog", "runalive")]
+                        keys.append(self._chat(meta.user_id, meta.alias, meta.chat_id))
+                        pipe.eval(CLOSE, len(keys), *keys, write.position, meta.run_id)
                 await pipe.execute()
+
+    async def written(self) -> None:
+        """Until what is pending now was written (or given up on)."""
+        while self._flusher is not None:
+            await asyncio.shield(self._flusher)
 
     async def mirrored(self, log: RedisChunkLog) -> None:
         """Until every entry of `log` so far was written (or given up on)."""
         while log.mirrored < len(log) and self._flusher is not None:
             await asyncio.shield(self._flusher)
 
-    async def finish(self, meta: RunMeta, keep_seconds: float) -> None:
-        chat = self._chat(meta.user_id, meta.alias, meta.chat_id) if meta.chat_id is not None else ""
-        run_id = meta.run_id
-        keys = [self.key("run", run_id), self.key("runlog", run_id), self.key("runalive", run_id), chat]
-        with reachable():
-            await self._close(keys, [milliseconds(keep_seconds), run_id])
-        log = self._local.get(run_id)
-        if log is not None:
-            self._local.put(run_id, log, keep_seconds)
+    async def finish(self, log: RedisChunkLog, ending: Entry, keep_seconds: float) -> None:
+        """The run's last entry, then its keys kept `keep_seconds` more, in the writer's next write."""
+        log.append(ending)
+        self._queue(_Write(log, CLOSE_RUN, milliseconds(keep_seconds)))
+        await self.written()
+        self._local.put(log.meta.run_id, log, keep_seconds)
 
 
 class RedisChunkLog(ChunkLog):
@@ -229,15 +247,22 @@ class RedisChunkLog(ChunkLog):
 
     def append(self, entry: Entry) -> None:
         super().append(entry)
-        self._logs.enqueue(self, len(self), entry)
+        self._logs._queue(_Write(self, ENTRY, len(self), entry))
 
     async def close(self, ending: Entry, keep_seconds: float) -> None:
-        self.append(ending)
-        await self._logs.mirrored(self)
-        try:
-            await self._logs.finish(self.meta, keep_seconds)
-        except Exception:
-            logger.warning("run log end not stored; it expires by itself")
+        await self._logs.finish(self, ending, keep_seconds)
+
+
+# What the writer writes: a run's creation, one of its entries, or its close.
+CREATE, ENTRY, CLOSE_RUN = "create", "entry", "close"
+
+
+@dataclass(slots=True)
+class _Write:
+    log: RedisChunkLog
+    kind: str
+    position: int = 0  # an entry's position in its log; a close's keep time in milliseconds
+    entry: Entry | None = None
 
 
 def _entries(found: Any, after: int) -> list[Entry]:
