@@ -88,8 +88,11 @@ local lease = ARGV[9] .. key .. ARGV[10]
 local holder, cap, ttl = ARGV[11], tonumber(ARGV[12]), tonumber(ARGV[13])
 local t = redis.call('TIME')
 local ms = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZREMRANGEBYSCORE', lease, '-inf', ms)
-if not redis.call('ZSCORE', lease, holder) and redis.call('ZCARD', lease) >= cap then
+-- Read only (the lapsed leases are dropped once the slot is taken): a script's first write decides
+-- whether a full Redis (maxmemory, noeviction) refuses it, and a ZREMRANGEBYSCORE first would let
+-- every write after it through; the first write must be one that could grow memory.
+local mine = tonumber(redis.call('ZSCORE', lease, holder) or '0')
+if mine <= ms and redis.call('ZCOUNT', lease, '(' .. ms, '+inf') >= cap then
   return {'slot', key, fields}
 end
 
@@ -139,6 +142,7 @@ for i, limit in ipairs(limits) do
 end
 
 redis.call('ZADD', lease, ms + ttl, holder)
+redis.call('ZREMRANGEBYSCORE', lease, '-inf', ms)
 local last = redis.call('ZRANGE', lease, -1, -1, 'WITHSCORES')
 if last[2] then redis.call('PEXPIREAT', lease, last[2]) end
 return {'admitted', key, fields, windows}
