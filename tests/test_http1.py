@@ -658,3 +658,16 @@ async def test_over_tls_a_certificate_that_is_not_the_upstreams_is_a_bad_gateway
         assert pool_of(upstream_client).in_use == 0
 
     assert bare.seen == []
+
+
+@pytest.mark.anyio
+async def test_over_tls_an_answer_that_ends_where_its_connection_does_is_read_whole(
+    certificates: Certificates,
+) -> None:
+    served = always(Answer(CLOSE_DELIMITED + b"Owls hunt at night.", "cut"))
+    async with upstream(served, server_tls=certificates.server, client_tls=certificates.client) as (client, bare):
+        assert await open_and_read(client) == b"Owls hunt at night."
+        bare.answer = always(chunked_answer(b"Owls"))
+        assert await open_and_read(client) == b"Owls"
+
+    assert [request.connection for request in bare.seen] == [1, 2]
