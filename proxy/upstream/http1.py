@@ -11,6 +11,10 @@ answer is the connection itself, read until it ends (`Answer`).
 Errors are the standard ones, which errors.py maps: `TimeoutError` (connect, pool wait, or a read
 timeout: 504) and `ConnectionError` (refused, reset, closed before the answer ended, or an answer that
 is not HTTP: 502). Bytes that arrived before a connection broke are read first; the error comes after.
+
+What an upstream sends is not trusted to be well formed: informational (1xx) answers are skipped, an
+answer's head is bounded, and anything after an answer's end (a second answer nobody asked for) drops
+the connection instead of being read as the next request's answer or as part of this one.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ import httptools
 
 # Stop reading from the socket while this much of an answer waits for its reader (backpressure).
 HIGH_WATER_BYTES = 256 * 1024
+# The parser holds a header line until it ends: past this many bytes that it made nothing of (a head,
+# or a trailer, that never ends), the answer is malformed rather than memory to grow without bound.
+STALLED_BYTES = 64 * 1024
+# Repeated headers are joined, each join a copy: a bound on the lines keeps a flood of them linear.
+MAX_HEADERS = 256
 
 
 class ConnectionLost(ConnectionError):
@@ -45,6 +54,7 @@ class _Connection(asyncio.Protocol):
         "closed",
         "complete",
         "error",
+        "header_lines",
         "headers",
         "headers_done",
         "idle_since",
@@ -53,6 +63,7 @@ class _Connection(asyncio.Protocol):
         "parser",
         "paused",
         "pool",
+        "stalled",
         "status",
         "transport",
         "waiter",
@@ -64,19 +75,21 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[None] | None = None
         self.closed = False
-        self.in_use = False
+        self.in_use = True  # made for a request, whose it is from the start
         self.idle_since = 0.0
         self._reset()
 
     def _reset(self) -> None:
         self.status = 0
         self.headers: dict[str, str] = {}
+        self.header_lines = 0
         self.headers_done = False
         self.complete = False
         self.keep_alive = False
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.paused = False
+        self.stalled = 0
         self.error: BaseException | None = None
 
     # asyncio.Protocol
@@ -88,11 +101,22 @@ class _Connection(asyncio.Protocol):
         if not self.in_use:  # an idle connection has nothing to be told: it is not one to reuse
             self.close()
             return
+        buffered, headers_done = self.buffered, self.headers_done
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(MalformedAnswer(f"malformed answer: {exc}"))
-            self.close()
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:  # Upgrade (101) is not one
+            # A check of ours in a callback comes wrapped: its words say more than the wrapper's.
+            cause = exc.__context__
+            self._malformed(
+                cause if isinstance(cause, MalformedAnswer) else MalformedAnswer(f"malformed answer: {exc!r}")
+            )
+            return
+        if self.buffered == buffered and self.headers_done == headers_done and not self.complete:
+            self.stalled += len(data)
+            if self.stalled > STALLED_BYTES:
+                self._malformed(MalformedAnswer(f"no answer's head, nor body, in {self.stalled} bytes"))
+        else:
+            self.stalled = 0
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -112,13 +136,26 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self.complete:  # we send one request at a time: a second answer is one nobody asked for
+            raise MalformedAnswer("the upstream sent more after the end of its answer")
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.headers_done:  # a trailer: nothing here reads one
+            return
+        self.header_lines += 1
+        if self.header_lines > MAX_HEADERS:
+            raise MalformedAnswer(f"more than {MAX_HEADERS} header lines")
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if status < 200:  # 100 Continue, 103 Early Hints: informational, the answer comes after it
+            self.headers = {}
+            return
+        self.status = status
         self.headers_done = True
         self._wake()
 
@@ -131,6 +168,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if not self.headers_done:  # the end of an informational answer
+            return
         self.complete = True
         self.keep_alive = self.parser.should_keep_alive()  # only known until the parser moves on
         self._wake()
@@ -138,12 +177,19 @@ class _Connection(asyncio.Protocol):
     # for the pool and the answer
 
     def _ends_at_close(self) -> bool:
-        return "content-length" not in self.headers and "chunked" not in self.headers.get("transfer-encoding", "")
+        # Header values are case-insensitive: a "Chunked" answer cut short must not pass for whole.
+        return (
+            "content-length" not in self.headers and "chunked" not in self.headers.get("transfer-encoding", "").lower()
+        )
 
     def _fail(self, error: BaseException) -> None:
         if self.error is None:
             self.error = error
         self._wake()
+
+    def _malformed(self, error: MalformedAnswer) -> None:
+        self._fail(error)
+        self.close()
 
     def _wake(self) -> None:
         waiter, self.waiter = self.waiter, None
@@ -183,6 +229,8 @@ class _Connection(asyncio.Protocol):
         )
 
     def close(self) -> None:
+        # Closed from now on, not from when the loop calls connection_lost: no request may take it.
+        self.closed = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -191,12 +239,13 @@ class Answer:
     """An upstream's answer: status and headers (names in lower case), then its body, read as it comes.
     Read it to its end and `release()` it, or `close()` it: the connection is the answer's until then."""
 
-    __slots__ = ("_connection", "_pool", "_read_timeout", "headers", "status")
+    __slots__ = ("_connection", "_done", "_pool", "_read_timeout", "headers", "status")
 
     def __init__(self, pool: Http1Pool, connection: _Connection, read_timeout: float | None) -> None:
         self._pool = pool
         self._connection = connection
         self._read_timeout = read_timeout
+        self._done = False
         self.status = connection.status
         self.headers = connection.headers
 
@@ -222,12 +271,17 @@ class Answer:
 
     def release(self) -> None:
         """Done with it: the connection goes back to the pool if the answer was read to its end."""
-        self._pool.give_back(self._connection)
+        # Once only: by a second call, the connection may be serving another request.
+        if not self._done:
+            self._done = True
+            self._pool.give_back(self._connection)
 
     def close(self) -> None:
         """Done with it midway: the connection goes, or the next request would read the rest."""
-        self._connection.close()
-        self._pool.give_back(self._connection)
+        if not self._done:
+            self._done = True
+            self._connection.close()
+            self._pool.give_back(self._connection)
 
 
 class Http1Pool:
@@ -267,28 +321,34 @@ class Http1Pool:
             raise
         return Answer(self, connection, read_timeout)
 
+    @property
+    def in_use(self) -> int:
+        """Connections lent out or being made."""
+        return self._in_use
+
     async def _connection(self) -> _Connection:
-        now = time.monotonic()
-        while self._idle:
-            connection = self._idle.pop()
-            if not connection.closed and now - connection.idle_since < self._keepalive:
-                self._lend(connection)
-                return connection
-            connection.close()
-        if self._in_use >= self._limit:
-            try:
-                async with asyncio.timeout(self._pool_wait_seconds):
-                    while self._in_use >= self._limit and not self._idle:
-                        waiter = asyncio.get_running_loop().create_future()
-                        self._waiters.append(waiter)
-                        await waiter
-            except TimeoutError:
-                raise TimeoutError(f"no free connection within {self._pool_wait_seconds:g} s") from None
-            return await self._connection()
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None  # once it waits: the pool wait bounds waiting and connecting
+        while True:
+            now = time.monotonic()
+            while self._idle:
+                connection = self._idle.pop()
+                if not connection.closed and now - connection.idle_since < self._keepalive:
+                    self._lend(connection)
+                    return connection
+                connection.close()
+            if self._in_use < self._limit:
+                break
+            if deadline is None:
+                deadline = loop.time() + self._pool_wait_seconds
+            await self._wait_for_room(loop, deadline)
+        connect_seconds = (
+            self._connect_seconds if deadline is None else min(self._connect_seconds, deadline - loop.time())
+        )
         self._in_use += 1  # holds the place while connecting
         try:
-            async with asyncio.timeout(self._connect_seconds):
-                _, connection = await asyncio.get_running_loop().create_connection(
+            async with asyncio.timeout(connect_seconds):
+                _, connection = await loop.create_connection(
                     lambda: _Connection(self),
                     self.host,
                     self.port,
@@ -301,8 +361,21 @@ class Http1Pool:
             if isinstance(exc, TimeoutError):
                 raise TimeoutError(f"connecting to {self.host}:{self.port} timed out") from None
             raise
-        connection.in_use = True
         return connection
+
+    async def _wait_for_room(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """Until a connection is given back (then the caller looks again: another may have been quicker)."""
+        waiter = loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._wake_one()  # woken, but cancelled or out of time first: the room is the next one's
+            if isinstance(exc, TimeoutError):
+                raise TimeoutError(f"no free connection within {self._pool_wait_seconds:g} s") from None
+            raise
 
     def _lend(self, connection: _Connection) -> None:
         connection.in_use = True
