@@ -16,6 +16,7 @@ from typing import TextIO
 from proxy.context import in_request, request_context
 
 TOKEN_PATTERN = re.compile(r"pub_tok_[A-Za-z0-9_\-]+")
+PIPE_BUF = 4096  # Linux's: the largest write to a pipe that is atomic
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
 
 
@@ -76,12 +77,31 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             if self._held:
                 lines, self._held = self._held, []
                 try:
-                    self.stream.write("\n".join(lines) + "\n")
+                    for piece in _atomic_pieces(lines):
+                        self.stream.write(piece)
                 except Exception:  # a closed or broken stream: what logging itself does is say so
                     self.handleError(logging.makeLogRecord({"msg": lines[0]}))
             super().flush()
         finally:
             self.release()
+
+
+def _atomic_pieces(lines: list[str]) -> list[str]:
+    """The lines, newline-ended, in writes of at most `PIPE_BUF` bytes each (a longer line alone): one
+    write of up to that many bytes to a pipe is never interleaved with another process's, so the
+    workers of `serve --workers N` sharing one stderr never splice each other's lines."""
+    pieces: list[str] = []
+    piece: list[str] = []
+    size = 0
+    for line in lines:
+        length = (len(line) if line.isascii() else len(line.encode())) + 1
+        if piece and size + length > PIPE_BUF:
+            pieces.append("".join(piece))
+            piece, size = [], 0
+        piece.append(line + "\n")
+        size += length
+    pieces.append("".join(piece))
+    return pieces
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

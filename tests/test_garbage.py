@@ -9,17 +9,19 @@ the collector can be asked what a few real relays left over.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import uvicorn
 
 from proxy.app import create_app
 from proxy.cli import bind
 from proxy.settings import Settings
-from tests.servers import RedisServer, ServerProcess, eventually, guest_of, proxy_env
+from tests.servers import EmulatorControl, RedisServer, ServerProcess, eventually, guest_of, proxy_env
 
 RELAYS = 12
 
@@ -56,7 +58,8 @@ def cyclic_garbage_of_proxy() -> list[str]:
         gc.garbage.clear()
 
 
-def test_relays_leave_no_reference_cycles(in_process_proxy: str) -> None:
+def test_relays_leave_no_reference_cycles(in_process_proxy: str, emulator: ServerProcess) -> None:
+    emulator_url = emulator.url
     with guest_of(in_process_proxy) as client:
         client.post("/api/workflows/tutor/stream", json={"topic": "warm up"}).raise_for_status()
         gc.collect()
@@ -65,6 +68,18 @@ def test_relays_leave_no_reference_cycles(in_process_proxy: str) -> None:
             assert streamed.status_code == 200 and streamed.text
             ran = client.post("/api/workflows/tutor/run", json={"topic": f"cycles {index}"})
             assert ran.status_code == 200 and ran.json()["result"]
+        # The ways a run ends early: the upstream refuses the stream, or breaks off mid-answer (its
+        # connection closed: a TLS or plain connection and its parser must be freed all the same).
+        upstream = EmulatorControl(emulator_url)
+        upstream.fault(op="stream", status=500, times=2)
+        for _ in range(2):
+            assert client.post("/api/workflows/tutor/stream", json={"topic": "refused"}).status_code == 502
+        upstream.fault(op="stream", cut_after=1, times=2)
+        for _ in range(2):  # plain text may not say so in-band: then the response breaks off too
+            with contextlib.suppress(httpx.RemoteProtocolError):
+                client.post("/api/workflows/tutor/stream", json={"topic": "cut"})
+        assert len(upstream.requests("stream")) >= 4
+        upstream.reset()
         # A stream's run ends (and lets go of its objects) just after its last byte went out.
         eventually(lambda: client.get("/api/usage").json()["streams"]["in_use"] == 0, "the runs to end")
     assert cyclic_garbage_of_proxy() == []

@@ -19,7 +19,7 @@ import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.context import RequestContext, ServingRequest, request_context
-from proxy.logging import BatchingStreamHandler, JsonFormatter
+from proxy.logging import PIPE_BUF, BatchingStreamHandler, JsonFormatter, _atomic_pieces
 from proxy.metrics import Metrics, MetricsMiddleware
 from proxy.middleware.access_log import AccessLogMiddleware
 from proxy.middleware.cors import CorsMiddleware
@@ -214,3 +214,14 @@ def test_log_lines_of_one_loop_iteration_go_out_in_one_write() -> None:
         assert stream.writes == ["before the loop\n", "one\ntwo\n", "three\noutside a request\n"]
     finally:
         log.removeHandler(handler)
+
+
+def test_held_log_lines_go_out_in_writes_a_pipe_keeps_whole() -> None:
+    # Workers share one stderr: a write of up to PIPE_BUF bytes is never interleaved with another's.
+    lines = [f"line {n} " + "é" * (n * 37 % 700) for n in range(60)] + ["long " + "x" * 9000]
+    pieces = _atomic_pieces(lines)
+    assert "".join(pieces) == "".join(line + "\n" for line in lines)
+    assert all(piece.endswith("\n") for piece in pieces)
+    assert all(len(piece.encode()) <= PIPE_BUF for piece in pieces[:-1])
+    assert pieces[-1] == "long " + "x" * 9000 + "\n"  # a longer line goes alone
+    assert len(pieces) < len(lines)  # and the rest together, as far as they fit

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
@@ -254,3 +255,33 @@ async def test_a_short_run_is_created_written_and_closed_in_one_round_trip(
     finally:
         await producer.close()
         await reader.close()
+
+
+async def test_waiting_for_the_writer_ends_with_the_batch_it_waited_for(redis_server: RedisServer) -> None:
+    # Under load the one writer never runs dry: new entries arrive during every write. A caller (a
+    # run's close, a chat's lookup) waits for what was queued before it asked, not for the writer
+    # to run dry.
+    producer = RedisRunLogs(redis_server.url, key_prefix=f"test-{uuid.uuid4().hex}:")
+    busy = await producer.create(meta(chat_id=None), ttl=60)
+    batches: list[int] = []
+    write = producer._write
+    keep_busy = True
+
+    async def write_and_more(batch: list[Any]) -> None:
+        batches.append(len(batch))
+        if keep_busy:
+            busy.append((TEXT, b"more"))  # another run's chunk, while this batch is on its way
+        await write(batch)
+
+    producer._write = write_and_more  # type: ignore[method-assign]
+    try:
+        log = await producer.create(meta(chat_id=None), ttl=60)
+        with anyio.fail_after(WAIT):
+            await producer.written()
+            await log.close(ending(), keep_seconds=60)
+        assert len(batches) <= 4  # what was queued, then the close and what came in meanwhile
+    finally:
+        keep_busy = False
+        with anyio.fail_after(WAIT):
+            await producer.written()
+        await producer.close()

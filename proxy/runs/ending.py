@@ -90,6 +90,10 @@ class Ending:
 
     @classmethod
     def refused(cls, error: ApiError) -> Ending:
+        # Kept without where it was raised: its traceback (and its cause's) holds the frames that
+        # raised it, and through them the run that keeps this ending, a cycle for the collector.
+        error = error.with_traceback(None)
+        error.__cause__ = error.__context__ = None
         return cls(f"refused:{error.code}", error, error.message)
 
     def entry(self) -> Entry:

@@ -167,6 +167,9 @@ class RunManager:
         if answer.outcome == "slot":
             raise self.slots.refusal()
         if answer.outcome == "rate":
+            # The script took no slot; but if it ran twice (redis-py retries once when an answer is
+            # lost), the first run may have: give back whatever this holder holds.
+            await self.slots.taken(answer.limit_key, run_id).release()
             _, item = checks[answer.refused_by]
             raise self.limiter.refusal("relay", item, answer.windows[0])
         lease = self.slots.taken(answer.limit_key, run_id)

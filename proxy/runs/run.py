@@ -232,6 +232,9 @@ class Run:
                     await self._body.aclose()
 
     async def _relay(self, body: UpstreamBody, log: ChunkLog) -> Ending:
+        # Before the answer's headers go out (its run id with them): any replica can find the run by
+        # then, to stop or resume it. Written long since, but for a Redis slower than the upstream.
+        await log.shared()
         log.append(OPEN_ENTRY)
         stats, max_bytes, meter = self.stats, self._runs.max_bytes, self._meter
         unyielded = 0

@@ -114,6 +114,9 @@ class ChunkLog:
             if not waiter.done():
                 waiter.set_result(None)
 
+    async def shared(self) -> None:
+        """Until every replica can find this run (in one process: at once)."""
+
     async def close(self, ending: Entry, keep_seconds: float) -> None:
         """Write the `END` entry; the log stays readable for `keep_seconds`."""
         self.append(ending)

@@ -76,6 +76,11 @@ class RedisRunLogs:
         self._local: Expiring[RedisChunkLog] = Expiring()
         self._pending: list[_Write] = []
         self._flusher: asyncio.Task[None] | None = None
+        # Writes queued so far, and of those the ones written (or given up on): a caller waits for the
+        # batches holding what was queued before it asked, never for a writer busy for ever after.
+        self._queued = 0
+        self._done = 0
+        self._progress: asyncio.Event | None = None
 
     def key(self, kind: str, name: str) -> str:
         return f"{self._prefix}{kind}:{name}"
@@ -83,7 +88,8 @@ class RedisRunLogs:
     async def create(self, meta: RunMeta, *, ttl: float) -> ChunkLog:
         log = RedisChunkLog(meta, self, milliseconds(ttl))
         self._local.put(meta.run_id, log, ttl)
-        self._queue(_Write(log, CREATE))
+        self.enqueue(_Write(log, CREATE))
+        log.created = self._queued
         return log
 
     def _chat(self, user_id: str, alias: str, chat_id: str) -> str:
@@ -170,8 +176,9 @@ class RedisRunLogs:
         await self._client.aclose()
         await self._blocking.aclose()
 
-    def _queue(self, write: _Write) -> None:
+    def enqueue(self, write: _Write) -> None:
         self._pending.append(write)
+        self._queued += 1
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
@@ -185,9 +192,10 @@ class RedisRunLogs:
                     await self._write(batch)
                 except Exception:  # a reader elsewhere sees the gap as a lost run; this replica goes on
                     logger.warning("run log entries not mirrored to storage", extra={"entries": len(batch)})
-                for write in batch:
-                    if write.kind == ENTRY:
-                        write.log.mirrored = write.position
+                self._done += len(batch)
+                if self._progress is not None:
+                    self._progress.set()
+                    self._progress = None
         finally:
             self._flusher = None
 
@@ -219,19 +227,20 @@ class RedisRunLogs:
                 await pipe.execute()
 
     async def written(self) -> None:
-        """Until what is pending now was written (or given up on)."""
-        while self._flusher is not None:
-            await asyncio.shield(self._flusher)
+        """Until what was queued before this call was written (or given up on)."""
+        await self.until(self._queued)
 
-    async def mirrored(self, log: RedisChunkLog) -> None:
-        """Until every entry of `log` so far was written (or given up on)."""
-        while log.mirrored < len(log) and self._flusher is not None:
-            await asyncio.shield(self._flusher)
+    async def until(self, queued: int) -> None:
+        """Until the first `queued` writes were written (or given up on)."""
+        while self._done < queued:
+            if self._progress is None:
+                self._progress = asyncio.Event()
+            await self._progress.wait()
 
     async def finish(self, log: RedisChunkLog, ending: Entry, keep_seconds: float) -> None:
         """The run's last entry, then its keys kept `keep_seconds` more, in the writer's next write."""
         log.append(ending)
-        self._queue(_Write(log, CLOSE_RUN, milliseconds(keep_seconds)))
+        self.enqueue(_Write(log, CLOSE_RUN, milliseconds(keep_seconds)))
         await self.written()
         self._local.put(log.meta.run_id, log, keep_seconds)
 
@@ -243,11 +252,14 @@ class RedisChunkLog(ChunkLog):
         super().__init__(meta)
         self._logs = logs
         self.ttl_ms = ttl_ms
-        self.mirrored = 0  # entries written to Redis so far
+        self.created = 0  # the writer's count of writes once its creation was queued
+
+    async def shared(self) -> None:
+        await self._logs.until(self.created)
 
     def append(self, entry: Entry) -> None:
         super().append(entry)
-        self._logs._queue(_Write(self, ENTRY, len(self), entry))
+        self._logs.enqueue(_Write(self, ENTRY, len(self), entry))
 
     async def close(self, ending: Entry, keep_seconds: float) -> None:
         await self._logs.finish(self, ending, keep_seconds)

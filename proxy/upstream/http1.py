@@ -127,6 +127,9 @@ class _Connection(asyncio.Protocol):
                 self._fail(exc or ConnectionLost("the upstream closed the connection before the answer ended"))
         self.pool.forget(self)
         self._wake()
+        # The parser holds this protocol to call it back: a cycle, freed by the cycle collector alone
+        # (with a TLS connection's buffers), which `serve` runs rarely. Nothing is parsed from here on.
+        del self.parser
 
     def pause_writing(self) -> None:  # a request is one small write: nothing waits on the buffer
         pass
@@ -333,7 +336,9 @@ class Http1Pool:
             now = time.monotonic()
             while self._idle:
                 connection = self._idle.pop()
-                if not connection.closed and now - connection.idle_since < self._keepalive:
+                transport = connection.transport
+                usable = transport is not None and not transport.is_closing()  # closed, or being closed
+                if usable and not connection.closed and now - connection.idle_since < self._keepalive:
                     self._lend(connection)
                     return connection
                 connection.close()
