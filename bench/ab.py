@@ -3,8 +3,11 @@
 Each round starts every target afresh (its own upstream, and redis-server for bff-redis), once with
 the proxy from `--old` (a checkout, e.g. `git worktree add --detach ../old HEAD~1`) and once from this
 one, in alternating order, and measures the `requests` phase of `make bench` at concurrency 10 and
-200 (CPU per relayed request, time to first byte p50) and the idle time to first byte. It prints each
-run and the medians, so a commit message can say what a change bought, measured side by side.
+200 (CPU per relayed request, time to first byte p50), and with `--idle N` the idle time to first
+byte. It prints each run and the medians, so a commit message can say what a change bought, measured
+side by side. Both trees run on this interpreter and its packages (a dependency change is measured
+by installing it into a tree of its own: `pip install --target DIR`). Needs what `make bench` needs:
+Node for the bench's upstream, redis-server for bff-redis, py-spy for `--profile`.
 """
 
 from __future__ import annotations
@@ -51,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
     parser.add_argument("--old", type=Path, required=True, help="the checkout to compare this one with")
     parser.add_argument("--targets", default="bff", help="comma list: bff, bff-redis, bare-aiohttp")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=3000, help="requests at concurrency 200 per run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each tree (default 3)")
+    parser.add_argument("--requests", type=int, default=3000, help="requests at concurrency 200 per run (default 3000)")
     parser.add_argument("--profile", type=Path, help="py-spy each run (at concurrency 10 and 200) into this directory")
-    parser.add_argument("--idle", type=int, default=0, help="also idle time to first byte over this many")
+    parser.add_argument(
+        "--idle", type=int, default=0, help="also idle time to first byte, over this many requests (default 0: not)"
+    )
     args = parser.parse_args(argv)
     new_root = servers.ROOT
     results: dict[tuple[str, str], list[dict[str, float]]] = {}

@@ -332,7 +332,7 @@ def markdown(
         "log (everything waiting in one send when it is behind).",
         "- **workflow-bff, Redis**: the same with `BFF_STORAGE_URL` at a local redis-server started for it: "
         "sessions and limits live there, and every run's log, still kept in memory for its own response, is "
-        "mirrored to a Redis stream by one flusher per run (so other replicas can follow it). The proxy's CPU "
+        "mirrored to a Redis stream by one writer per replica (so other replicas can follow it). The proxy's CPU "
         "and memory are its own; redis-server's CPU is shown apart.",
         "",
         f"Medians of {plan.repeats} repeat(s), smallest–largest in small print. Every target starts afresh for "

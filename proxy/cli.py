@@ -188,13 +188,14 @@ def run_server(
 
 
 def tune_garbage_collector() -> None:
-    """Make the cycle collector cheap for a server (it cost a fifth of a relay's CPU).
+    """Make the cycle collector cheap for a server (it took about a quarter of a relay's CPU).
 
     A relay leaves no reference cycles (tests/test_garbage.py), so its objects are freed by reference
     counting and the collector finds nothing; what it cost was walking live objects: those of the
-    requests in flight, every answer kept for resuming, and every module imported. Imported objects
-    are frozen out of its walks, and it walks some fourteen times less often. Cyclic garbage still made
-    elsewhere (an error's traceback, say) is collected, after at most `GC_YOUNG_THRESHOLD` allocations.
+    requests in flight, every answer kept for resuming, and everything alive at start-up. Those are
+    frozen out of its walks, and the youngest generation is collected after `GC_YOUNG_THRESHOLD` net
+    allocations of container objects, some fourteen times less often. Cyclic garbage still made
+    elsewhere (an error's traceback, say) is collected with its generation, later than before.
     """
     gc.collect()
     gc.freeze()
