@@ -16,8 +16,11 @@ class RunningStream(Protocol):
     """A run, as the registry sees it. (The run itself, not an entry pointing back at it: an entry
     holding `run.stop` made every finished run a reference cycle for the garbage collector.)"""
 
-    session_key: str
-    user_id: str
+    @property
+    def session_key(self) -> str: ...
+
+    @property
+    def user_id(self) -> str: ...
 
     def stop(self, reason: str) -> None:
         """End the run: "revoked" (logout) or "shutdown" (the drain deadline passed)."""

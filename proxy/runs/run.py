@@ -89,8 +89,6 @@ class Run:
         self.result: RunResult | None = None  # `/run` only
         self.done = asyncio.Event()
         self._runs = runs
-        self.session_key = session.key  # for the registry that logout stops runs through
-        self.user_id = session.user.id
         self._stop_reason: str | None = None
         self._scope: anyio.CancelScope | None = None
         self._body: UpstreamBody | None = None
@@ -102,6 +100,16 @@ class Run:
         self._meter = runs.budget.meter(session.limit_key) if log is not None else None
         self.trace: RunTrace | None = runs.tracing.run(request, meta) if runs.tracing is not None else None
         self._task = asyncio.get_running_loop().create_task(self._life())
+
+    # For the registry that logout stops runs through (proxy/streams.py)
+
+    @property
+    def session_key(self) -> str:
+        return self.session.key
+
+    @property
+    def user_id(self) -> str:
+        return self.session.user.id
 
     # Followers and the grace period
 

@@ -144,25 +144,16 @@ class HttpUpstream:
         body whole, whatever its size) and closed; without, it is returned open, to be streamed.
         With tracing on, the call is a client span, and its context goes along in `traceparent`."""
         if self._tracing is None:
-            return await self._call(method, target, operation, headers, read_timeout, body=body, read=read)
+            return await self._call(self._request(method, target, headers, body), operation, read_timeout, read)
         with self._tracing.upstream_call(method, TEMPLATES[operation], self._server) as call:
-            headers = {**headers, **call.headers}
-            response, answer = await self._call(method, target, operation, headers, read_timeout, body=body, read=read)
+            request = self._request(method, target, {**headers, **call.headers}, body)
+            response, answer = await self._call(request, operation, read_timeout, read)
             call.answered(response.status)
             return response, answer
 
     async def _call(
-        self,
-        method: str,
-        target: str,
-        operation: str,
-        headers: dict[str, str],
-        read_timeout: float | None,
-        *,
-        body: dict[str, str] | None,
-        read: int | None,
+        self, request: bytes, operation: str, read_timeout: float | None, read: int | None
     ) -> tuple[Answer, bytes]:
-        request = self._request(method, target, headers, body)
         if (refusal := self.breaker.refusal()) is not None:
             self._metrics.upstream_errors.labels("circuit_open").inc()
             raise refusal
